@@ -1,0 +1,431 @@
+//! The event bus: every state change is published here, once, in order.
+//!
+//! A [`Bus`] numbers events with a monotonic `seq`, keeps the most recent ones in a bounded
+//! journal so that `GET /v1/events?since=SEQ` can replay what a client missed, and fans them out
+//! over a `tokio::sync::broadcast` channel. Publishing never waits for a subscriber: a slow one
+//! lags, is told how many events it missed, and carries on — an election is never blocked by a
+//! reader.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use serde::Serialize;
+use tokio::sync::broadcast;
+
+/// How many events the journal keeps for replay by default.
+pub const DEFAULT_JOURNAL: usize = 4096;
+
+/// One published event.
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    /// Monotonic sequence number, starting at 1.
+    pub seq: u64,
+    /// Wall-clock time of publication, RFC 3339 with milliseconds.
+    pub time: String,
+    /// What happened; serialized as `type` plus the variant's fields.
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+impl Event {
+    /// The snake_case event type, as in `type`.
+    pub fn type_name(&self) -> &'static str {
+        self.kind.type_name()
+    }
+}
+
+/// Everything the daemon announces. Field names are part of the public contract.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EventKind {
+    /// A provider is starting the tunnel.
+    TunnelStarting {
+        /// Service name.
+        service: String,
+        /// Tunnel name.
+        tunnel: String,
+    },
+    /// Probes passed `rise` times: the tunnel can carry traffic.
+    TunnelUp {
+        /// Service name.
+        service: String,
+        /// Tunnel name.
+        tunnel: String,
+        /// Where it leads.
+        endpoint: String,
+    },
+    /// The tunnel stopped carrying traffic.
+    TunnelDown {
+        /// Service name.
+        service: String,
+        /// Tunnel name.
+        tunnel: String,
+        /// Why.
+        reason: String,
+        /// True for a hard signal (child exit, disconnect, failed start): acted on at once.
+        hard: bool,
+    },
+    /// The supervisor will start the tunnel again after a backoff.
+    TunnelRestarting {
+        /// Service name.
+        service: String,
+        /// Tunnel name.
+        tunnel: String,
+        /// Consecutive restart attempt, from 1.
+        attempt: u32,
+        /// Backoff before the attempt, in milliseconds.
+        delay_ms: u64,
+    },
+    /// A probe failed after a success (the first failure of a streak).
+    ProbeFailed {
+        /// Service name.
+        service: String,
+        /// Tunnel name.
+        tunnel: String,
+        /// What failed.
+        reason: String,
+    },
+    /// A probe succeeded after a failure streak.
+    ProbeRecovered {
+        /// Service name.
+        service: String,
+        /// Tunnel name.
+        tunnel: String,
+        /// Failures in the streak that ended.
+        failures: u32,
+    },
+    /// The service's primary changed.
+    PrimaryChanged {
+        /// Service name.
+        service: String,
+        /// Previous primary.
+        from: Option<String>,
+        /// New primary.
+        to: Option<String>,
+        /// Why, e.g. `primary_down (hard: killed by signal 9)`, `failback`, `pinned`.
+        reason: String,
+    },
+    /// No tunnel of the service qualifies; `fallback` is what traffic is sent to meanwhile.
+    NoHealthyTunnel {
+        /// Service name.
+        service: String,
+        /// The last primary kept as a degraded fallback, if any.
+        fallback: Option<String>,
+    },
+    /// The configuration was reloaded.
+    ConfigReloaded {
+        /// Added `service` or `service/tunnel` names.
+        added: Vec<String>,
+        /// Removed names.
+        removed: Vec<String>,
+        /// Changed names.
+        changed: Vec<String>,
+    },
+    /// The daemon is shutting down.
+    DaemonStopping {},
+}
+
+impl EventKind {
+    /// The snake_case event type.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            EventKind::TunnelStarting { .. } => "tunnel_starting",
+            EventKind::TunnelUp { .. } => "tunnel_up",
+            EventKind::TunnelDown { .. } => "tunnel_down",
+            EventKind::TunnelRestarting { .. } => "tunnel_restarting",
+            EventKind::ProbeFailed { .. } => "probe_failed",
+            EventKind::ProbeRecovered { .. } => "probe_recovered",
+            EventKind::PrimaryChanged { .. } => "primary_changed",
+            EventKind::NoHealthyTunnel { .. } => "no_healthy_tunnel",
+            EventKind::ConfigReloaded { .. } => "config_reloaded",
+            EventKind::DaemonStopping {} => "daemon_stopping",
+        }
+    }
+
+    /// The service the event concerns, if any.
+    pub fn service(&self) -> Option<&str> {
+        match self {
+            EventKind::TunnelStarting { service, .. }
+            | EventKind::TunnelUp { service, .. }
+            | EventKind::TunnelDown { service, .. }
+            | EventKind::TunnelRestarting { service, .. }
+            | EventKind::ProbeFailed { service, .. }
+            | EventKind::ProbeRecovered { service, .. }
+            | EventKind::PrimaryChanged { service, .. }
+            | EventKind::NoHealthyTunnel { service, .. } => Some(service),
+            EventKind::ConfigReloaded { .. } | EventKind::DaemonStopping {} => None,
+        }
+    }
+
+    /// The tunnel the event concerns, if any.
+    pub fn tunnel(&self) -> Option<&str> {
+        match self {
+            EventKind::TunnelStarting { tunnel, .. }
+            | EventKind::TunnelUp { tunnel, .. }
+            | EventKind::TunnelDown { tunnel, .. }
+            | EventKind::TunnelRestarting { tunnel, .. }
+            | EventKind::ProbeFailed { tunnel, .. }
+            | EventKind::ProbeRecovered { tunnel, .. } => Some(tunnel),
+            _ => None,
+        }
+    }
+}
+
+/// Every event type name, for validating hook `on:` lists and documentation.
+pub const EVENT_TYPES: &[&str] = &[
+    "tunnel_starting",
+    "tunnel_up",
+    "tunnel_down",
+    "tunnel_restarting",
+    "probe_failed",
+    "probe_recovered",
+    "primary_changed",
+    "no_healthy_tunnel",
+    "router_connection_dropped",
+    "router_reconnected",
+    "router_rebooted",
+    "router_provisioned",
+    "router_provision_failed",
+    "router_drift_detected",
+    "router_verified",
+    "config_reloaded",
+    "daemon_stopping",
+];
+
+struct Journal {
+    next_seq: u64,
+    ring: VecDeque<Arc<Event>>,
+    capacity: usize,
+}
+
+/// The broadcast bus with its replay journal. Cheap to share behind an `Arc`.
+pub struct Bus {
+    journal: Mutex<Journal>,
+    tx: broadcast::Sender<Arc<Event>>,
+    dropped: AtomicU64,
+}
+
+impl std::fmt::Debug for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bus")
+            .field("last_seq", &self.last_seq())
+            .finish()
+    }
+}
+
+impl Bus {
+    /// A bus whose journal keeps `journal` events and whose subscribers may fall `journal`
+    /// events behind before they lag.
+    pub fn new(journal: usize) -> Arc<Bus> {
+        let capacity = journal.max(16);
+        let (tx, _) = broadcast::channel(capacity);
+        Arc::new(Bus {
+            journal: Mutex::new(Journal {
+                next_seq: 1,
+                ring: VecDeque::with_capacity(capacity),
+                capacity,
+            }),
+            tx,
+            dropped: AtomicU64::new(0),
+        })
+    }
+
+    /// Numbers, journals, logs and broadcasts an event.
+    pub fn publish(&self, kind: EventKind) -> Arc<Event> {
+        let mut journal = self.lock();
+        let event = Arc::new(Event {
+            seq: journal.next_seq,
+            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            kind,
+        });
+        journal.next_seq += 1;
+        if journal.ring.len() == journal.capacity {
+            journal.ring.pop_front();
+        }
+        journal.ring.push_back(event.clone());
+        // Sent under the journal lock so that broadcast order equals seq order.
+        let _ = self.tx.send(event.clone());
+        drop(journal);
+        log_event(&event);
+        event
+    }
+
+    /// Sequence number of the last published event (0 before the first).
+    pub fn last_seq(&self) -> u64 {
+        self.lock().next_seq - 1
+    }
+
+    /// Events lost by lagging subscribers, summed over all of them.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// A live subscription starting after the current last event.
+    pub fn subscribe(self: &Arc<Self>) -> Subscription {
+        Subscription {
+            rx: self.tx.subscribe(),
+            bus: self.clone(),
+        }
+    }
+
+    /// Atomically: the journaled events with `seq > since`, and a subscription that continues
+    /// right after them, so nothing is missed or seen twice. If the journal no longer holds
+    /// `since + 1`, the replay starts at the oldest event kept and `missed` says how many are gone.
+    pub fn replay(self: &Arc<Self>, since: u64) -> Replay {
+        let journal = self.lock();
+        let events: Vec<Arc<Event>> = journal
+            .ring
+            .iter()
+            .filter(|e| e.seq > since)
+            .cloned()
+            .collect();
+        let first_kept = journal.ring.front().map(|e| e.seq).unwrap_or(journal.next_seq);
+        let missed = first_kept.saturating_sub(since + 1);
+        let subscription = Subscription {
+            rx: self.tx.subscribe(),
+            bus: self.clone(),
+        };
+        drop(journal);
+        Replay {
+            events,
+            missed,
+            subscription,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Journal> {
+        // A panic while holding this lock cannot leave the journal inconsistent (every update is
+        // a single push/pop), so a poisoned lock is still safe to use.
+        self.journal.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// What [`Bus::replay`] returns.
+pub struct Replay {
+    /// Journaled events after `since`, oldest first.
+    pub events: Vec<Arc<Event>>,
+    /// Events after `since` that the journal no longer holds.
+    pub missed: u64,
+    /// Continues right after `events`.
+    pub subscription: Subscription,
+}
+
+/// One item from a [`Subscription`].
+#[derive(Debug, Clone)]
+pub enum Delivery {
+    /// The next event.
+    Event(Arc<Event>),
+    /// The subscriber fell behind; this many events were skipped.
+    Lagged(u64),
+}
+
+/// A live feed of events.
+pub struct Subscription {
+    rx: broadcast::Receiver<Arc<Event>>,
+    bus: Arc<Bus>,
+}
+
+impl Subscription {
+    /// The next event, a lag notice, or `None` once the bus is gone.
+    pub async fn next(&mut self) -> Option<Delivery> {
+        match self.rx.recv().await {
+            Ok(event) => Some(Delivery::Event(event)),
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                self.bus.dropped.fetch_add(n, Ordering::Relaxed);
+                Some(Delivery::Lagged(n))
+            }
+            Err(broadcast::error::RecvError::Closed) => None,
+        }
+    }
+}
+
+fn log_event(event: &Event) {
+    let json = serde_json::to_string(&event.kind).unwrap_or_default();
+    match &event.kind {
+        EventKind::TunnelDown { .. }
+        | EventKind::NoHealthyTunnel { .. }
+        | EventKind::ProbeFailed { .. } => {
+            tracing::warn!(target: "tunnelkeeper::event", seq = event.seq, "{json}")
+        }
+        _ => tracing::info!(target: "tunnelkeeper::event", seq = event.seq, "{json}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn starting(n: u32) -> EventKind {
+        EventKind::TunnelStarting {
+            service: "s".into(),
+            tunnel: format!("t{n}"),
+        }
+    }
+
+    #[test]
+    fn serializes_type_and_fields_flat() {
+        let bus = Bus::new(16);
+        let e = bus.publish(EventKind::PrimaryChanged {
+            service: "s".into(),
+            from: None,
+            to: Some("a".into()),
+            reason: "initial".into(),
+        });
+        let v: serde_json::Value = serde_json::to_value(&*e).unwrap();
+        assert_eq!(v["type"], "primary_changed");
+        assert_eq!(v["seq"], 1);
+        assert_eq!(v["to"], "a");
+        assert!(v["from"].is_null());
+        assert!(v["time"].as_str().unwrap().ends_with('Z'));
+    }
+
+    #[test]
+    fn replay_returns_events_after_since_and_counts_what_the_journal_dropped() {
+        let bus = Bus::new(16);
+        for n in 0..20 {
+            bus.publish(starting(n));
+        }
+        assert_eq!(bus.last_seq(), 20);
+        let r = bus.replay(10);
+        let seqs: Vec<u64> = r.events.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, (11..=20).collect::<Vec<_>>());
+        assert_eq!(r.missed, 0);
+        let r = bus.replay(0);
+        assert_eq!(r.events.first().unwrap().seq, 5);
+        assert_eq!(r.missed, 4);
+    }
+
+    #[tokio::test]
+    async fn replay_then_live_has_no_gap_and_no_duplicate() {
+        let bus = Bus::new(64);
+        bus.publish(starting(1));
+        let mut r = bus.replay(0);
+        bus.publish(starting(2));
+        assert_eq!(r.events.len(), 1);
+        match r.subscription.next().await {
+            Some(Delivery::Event(e)) => assert_eq!(e.seq, 2),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_slow_subscriber_lags_and_never_blocks_the_publisher() {
+        let bus = Bus::new(16);
+        let mut slow = bus.subscribe();
+        // Far more than the channel holds: publish must not block or fail.
+        for n in 0..100 {
+            bus.publish(starting(n));
+        }
+        match slow.next().await {
+            Some(Delivery::Lagged(n)) => assert_eq!(n, 84),
+            other => panic!("expected a lag notice, got {other:?}"),
+        }
+        assert_eq!(bus.dropped(), 84);
+        match slow.next().await {
+            Some(Delivery::Event(e)) => assert_eq!(e.seq, 85),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! The command-line edge: turns subcommands into library calls, errors into messages and exit
+//! codes (0 ok, 1 runtime error, 2 usage or config error), and sets up logging.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::control::client::Client;
+use crate::status::{DaemonStatus, TunnelState};
+
+/// Default configuration file.
+pub const DEFAULT_CONFIG: &str = "/etc/tunnelkeeper/config.yaml";
+
+/// Exit code: success.
+pub const EXIT_OK: u8 = 0;
+/// Exit code: runtime error.
+pub const EXIT_RUNTIME: u8 = 1;
+/// Exit code: usage or configuration error.
+pub const EXIT_CONFIG: u8 = 2;
+
+/// How the CLI finds the control socket: `--socket`, `$TUNNELKEEPER_SOCKET`, the
+/// `daemon.control_socket` of `--config` (or of the default config if it exists), or the
+/// built-in default.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SocketArgs {
+    /// Control socket path.
+    #[arg(long, env = "TUNNELKEEPER_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// Configuration file whose `daemon.control_socket` to use.
+    #[arg(short, long)]
+    pub config: Option<PathBuf>,
+}
+
+impl SocketArgs {
+    fn client(&self) -> Result<Client, u8> {
+        if let Some(s) = &self.socket {
+            return Ok(Client::new(s));
+        }
+        let config = match &self.config {
+            Some(c) => Some(c.clone()),
+            None => Some(PathBuf::from(DEFAULT_CONFIG)).filter(|p| p.exists()),
+        };
+        match config {
+            Some(path) => match crate::config::load(&path) {
+                Ok(c) => Ok(Client::new(c.daemon.control_socket)),
+                Err(e) => {
+                    eprintln!("{e}");
+                    Err(EXIT_CONFIG)
+                }
+            },
+            None => Ok(Client::new(crate::config::spec::default::CONTROL_SOCKET)),
+        }
+    }
+}
+
+/// Sets up tracing: `RUST_LOG`-style filtering (default `info`), and no ANSI colours or
+/// timestamps when journald captures the output (`JOURNAL_STREAM` set) since it adds its own.
+pub fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.with_ansi(false).without_time().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, u8> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("error: cannot start the async runtime: {e}");
+            EXIT_RUNTIME
+        })
+}
+
+/// `tunnelkeeper check -c FILE`
+pub fn check(path: &Path) -> u8 {
+    match crate::config::load(path) {
+        Ok(config) => {
+            let tunnels: usize = config.services.iter().map(|s| s.tunnels.len()).sum();
+            println!(
+                "{}: ok ({} services, {} tunnels)",
+                path.display(),
+                config.services.len(),
+                tunnels
+            );
+            EXIT_OK
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            EXIT_CONFIG
+        }
+    }
+}
+
+/// `tunnelkeeper run -c FILE`
+pub fn run(path: &Path) -> u8 {
+    init_logging();
+    let config = match crate::config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return EXIT_CONFIG;
+        }
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    match rt.block_on(crate::daemon::run(config, shutdown_signal())) {
+        Ok(()) => EXIT_OK,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            EXIT_RUNTIME
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+    }
+}
+
+/// `tunnelkeeper status [--json]`
+pub fn status(socket: &SocketArgs, json: bool) -> u8 {
+    let client = match socket.client() {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let result = rt.block_on(async {
+        if json {
+            let v = client.status_json().await?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            print!("{}", render_status(&client.status().await?));
+        }
+        Ok::<(), anyhow::Error>(())
+    });
+    report(result)
+}
+
+/// The readable status table of `tunnelkeeper status`.
+pub fn render_status(status: &DaemonStatus) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let d = &status.daemon;
+    let _ = writeln!(
+        out,
+        "tunnelkeeper {} (pid {}, up {}s, config {}, last event #{})",
+        d.version, d.pid, d.uptime_s, d.config, d.last_seq
+    );
+    for s in &status.services {
+        let _ = writeln!(
+            out,
+            "\nservice {}  primary: {}{}  mode: {}  reason: {}{}",
+            s.name,
+            s.primary.as_deref().unwrap_or("-"),
+            if s.degraded { " (degraded)" } else { "" },
+            s.mode,
+            s.reason,
+            s.pin
+                .as_deref()
+                .map(|p| format!("  pinned: {p}"))
+                .unwrap_or_default()
+        );
+        let _ = writeln!(
+            out,
+            "  {:<1} {:<14} {:<9} {:>5} {:<10} {:>9} {:<24} {:>8} {:>7}  {}",
+            "", "TUNNEL", "PROVIDER", "PRIO", "STATE", "LATENCY", "ENDPOINT", "RESTARTS", "PID", "REASON"
+        );
+        for t in &s.tunnels {
+            let mark = if s.primary.as_deref() == Some(t.name.as_str()) {
+                "*"
+            } else {
+                ""
+            };
+            let state = format!("{:?}", t.state).to_lowercase();
+            let latency = t
+                .latency_ms
+                .filter(|_| t.state != TunnelState::Stopped)
+                .map(|ms| format!("{ms:.1}ms"))
+                .unwrap_or_else(|| "-".into());
+            let _ = writeln!(
+                out,
+                "  {:<1} {:<14} {:<9} {:>5} {:<10} {:>9} {:<24} {:>8} {:>7}  {}",
+                mark,
+                t.name,
+                t.provider,
+                t.priority,
+                state,
+                latency,
+                t.endpoint.as_deref().unwrap_or("-"),
+                t.restarts,
+                t.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                t.reason.as_deref().unwrap_or("")
+            );
+        }
+    }
+    out
+}
+
+/// `tunnelkeeper events [-f] [--since N] [--json]`
+pub fn events(socket: &SocketArgs, follow: bool, since: u64, json: bool) -> u8 {
+    let client = match socket.client() {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let result = rt.block_on(client.events(since, follow, |line| {
+        let mut out = std::io::stdout().lock();
+        if json {
+            writeln!(out, "{line}")?;
+        } else {
+            writeln!(out, "{}", render_event_line(line))?;
+        }
+        out.flush()?;
+        Ok(())
+    }));
+    report(result)
+}
+
+/// One readable line for an NDJSON event: `#seq time type key=value ...`.
+pub fn render_event_line(line: &str) -> String {
+    let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(line) else {
+        return line.to_string();
+    };
+    let get = |k: &str| map.get(k).map(plain).unwrap_or_default();
+    let mut text = format!("#{} {} {}", get("seq"), get("time"), get("type"));
+    for (k, v) in &map {
+        if !matches!(k.as_str(), "seq" | "time" | "type") && !v.is_null() {
+            text.push_str(&format!(" {k}={}", plain(v)));
+        }
+    }
+    text
+}
+
+fn plain(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// `tunnelkeeper demo`
+pub fn demo(quick: bool) -> u8 {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    report(rt.block_on(crate::demo::run(quick)))
+}
+
+/// `tunnelkeeper relay --to ADDR`
+pub fn relay(listen: std::net::SocketAddr, to: std::net::SocketAddr) -> u8 {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    report(rt.block_on(crate::relay::run(listen, to)))
+}
+
+fn report(result: anyhow::Result<()>) -> u8 {
+    match result {
+        Ok(()) => EXIT_OK,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            EXIT_RUNTIME
+        }
+    }
+}

@@ -1,0 +1,334 @@
+//! The YAML model, exactly as operators write it.
+//!
+//! Every struct rejects unknown keys, and every field that may be left out is an `Option` (or
+//! defaults to empty) so that layering (`defaults` → service → tunnel) can tell "not set" from
+//! "set to the default". Turning this model into the resolved specs the daemon runs on is the
+//! job of [`super::validate`]; nothing here checks meaning.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::election::{Failback, Mode};
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Schema version; only `1` exists.
+    pub version: u32,
+    /// Daemon-wide settings.
+    #[serde(default)]
+    pub daemon: DaemonSection,
+    /// Name resolution for `direct` addresses and `dns` probes.
+    #[serde(default)]
+    pub dns: DnsSection,
+    /// Settings every service and tunnel inherits unless it overrides them.
+    #[serde(default)]
+    pub defaults: DefaultsSection,
+    /// SSH-managed hosts watched for reboots (router recovery).
+    #[serde(default)]
+    pub routers: Vec<RouterSection>,
+    /// The services kept reachable.
+    #[serde(default)]
+    pub services: Vec<ServiceSection>,
+}
+
+/// `daemon:`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonSection {
+    /// Path of the control socket.
+    pub control_socket: Option<PathBuf>,
+    /// Where persistent state (pins, boot ids) lives.
+    pub state_dir: Option<PathBuf>,
+    /// Extra principals allowed read-only queries: `uid:N`, `gid:N`, `user:NAME`, `group:NAME`.
+    #[serde(default)]
+    pub readers: Vec<String>,
+    /// TCP address for Prometheus metrics.
+    pub metrics_listen: Option<String>,
+    /// How long shutdown waits for children and connections.
+    #[serde(default, with = "humantime_serde")]
+    pub shutdown_grace: Option<Duration>,
+}
+
+/// `dns:`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsSection {
+    /// Nameserver IPs; empty means the system resolver configuration.
+    #[serde(default)]
+    pub nameservers: Vec<String>,
+}
+
+/// `defaults:`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DefaultsSection {
+    /// Probe settings.
+    #[serde(default)]
+    pub probe: ProbeSection,
+    /// Election settings.
+    #[serde(default)]
+    pub failover: FailoverSection,
+    /// Restart backoff settings.
+    #[serde(default)]
+    pub restart: RestartSection,
+}
+
+/// `probe:` at any level. Unset fields inherit from the level above.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeSection {
+    /// Time between probes.
+    #[serde(default, with = "humantime_serde")]
+    pub interval: Option<Duration>,
+    /// Limit for one probe (must not exceed `interval`).
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    /// Consecutive successes that mark a tunnel up.
+    pub rise: Option<u32>,
+    /// Consecutive failures that mark a tunnel down.
+    pub fall: Option<u32>,
+    /// Bytes written on the dialled stream before reading.
+    pub send: Option<String>,
+    /// Prefix the reply (or the banner) must start with.
+    pub expect: Option<String>,
+    /// Extra check: TCP connect to `host:port`.
+    pub tcp: Option<String>,
+    /// Extra check: HTTP GET of a URL.
+    pub http: Option<String>,
+    /// Expected HTTP status for `http` (default: any 2xx).
+    pub status: Option<u16>,
+    /// Extra check: run argv, exit 0 passes.
+    pub exec: Option<Vec<String>>,
+    /// Extra check: the name must resolve.
+    pub dns: Option<String>,
+}
+
+/// `failover:` in `defaults` or a service.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverSection {
+    /// `priority` or `latency`.
+    pub mode: Option<Mode>,
+    /// Latency mode: how much better a challenger must be.
+    #[serde(default, with = "humantime_serde")]
+    pub tolerance: Option<Duration>,
+    /// Above this smoothed latency a tunnel is degraded.
+    #[serde(default, with = "humantime_serde")]
+    pub max_latency: Option<Duration>,
+    /// `auto` or `manual`.
+    pub failback: Option<Failback>,
+    /// How long a better tunnel must stay up before it takes over.
+    #[serde(default, with = "humantime_serde")]
+    pub failback_hold: Option<Duration>,
+}
+
+/// `restart:` in `defaults`, a service or a tunnel.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestartSection {
+    /// First backoff delay.
+    #[serde(default, with = "humantime_serde")]
+    pub initial: Option<Duration>,
+    /// Backoff cap.
+    #[serde(default, with = "humantime_serde")]
+    pub max: Option<Duration>,
+    /// Growth factor per attempt.
+    pub multiplier: Option<f64>,
+    /// Random spread, as a fraction of the delay (0..1).
+    pub jitter: Option<f64>,
+}
+
+/// One entry of `routers:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouterSection {
+    /// Unique router name, referenced by `via_router`.
+    pub name: String,
+    /// How to reach it.
+    pub ssh: SshSection,
+    /// Prints the current boot id.
+    pub boot_id_command: Option<String>,
+    /// How often the boot id is re-read.
+    #[serde(default, with = "humantime_serde")]
+    pub check_interval: Option<Duration>,
+    /// Commands re-applied after a reboot or drift.
+    #[serde(default)]
+    pub provision: Vec<String>,
+    /// State checks.
+    #[serde(default)]
+    pub verify: Vec<VerifySection>,
+    /// How often `verify` runs.
+    #[serde(default, with = "humantime_serde")]
+    pub verify_interval: Option<Duration>,
+}
+
+/// A router `verify` check.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifySection {
+    /// Check name, shown in events.
+    pub name: String,
+    /// Command run on the router.
+    pub command: String,
+    /// Expected trimmed stdout; without it exit 0 passes.
+    pub expect: Option<String>,
+}
+
+/// SSH connection settings (routers and, later, ssh tunnels).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SshSection {
+    /// Host name or address.
+    pub host: String,
+    /// Port (default 22).
+    pub port: Option<u16>,
+    /// Login user.
+    pub user: Option<String>,
+    /// Private key file.
+    pub identity_file: Option<PathBuf>,
+    /// known_hosts file for strict host-key checking.
+    pub known_hosts: Option<PathBuf>,
+}
+
+/// One entry of `services:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSection {
+    /// Unique service name.
+    pub name: String,
+    /// Local failover listener address.
+    pub listen: Option<String>,
+    /// Per-dial limit of the listener.
+    #[serde(default, with = "humantime_serde")]
+    pub connect_timeout: Option<Duration>,
+    /// What happens to open connections on failover: `keep` or `close`.
+    pub on_failover: Option<OnFailover>,
+    /// `hot` or `cold` for every tunnel of the service.
+    pub standby: Option<Standby>,
+    /// Election overrides.
+    #[serde(default)]
+    pub failover: FailoverSection,
+    /// Probe overrides for every tunnel of the service.
+    #[serde(default)]
+    pub probe: ProbeSection,
+    /// Restart overrides for every tunnel of the service.
+    #[serde(default)]
+    pub restart: RestartSection,
+    /// Commands run on events.
+    #[serde(default)]
+    pub hooks: Vec<HookSection>,
+    /// The paths to the service.
+    #[serde(default)]
+    pub tunnels: Vec<TunnelSection>,
+}
+
+/// `on_failover:`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFailover {
+    /// Existing connections stay on their tunnel until it dies.
+    Keep,
+    /// Connections on the old primary are closed.
+    Close,
+}
+
+/// `standby:`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Standby {
+    /// Every tunnel runs all the time.
+    Hot,
+    /// Started only while no better tunnel is up.
+    Cold,
+}
+
+/// A hook's command: a string run by `/bin/sh -c`, or an argv list run as is.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum HookCommand {
+    /// Shell command line.
+    Shell(String),
+    /// Program and arguments.
+    Argv(Vec<String>),
+}
+
+/// One entry of a service's `hooks:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HookSection {
+    /// Event types that trigger it.
+    pub on: Vec<String>,
+    /// What to run.
+    pub run: HookCommand,
+    /// Kill after this long (default 10s).
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+}
+
+/// `provider:` of a tunnel. Every kind in the design is listed so that a config naming one that
+/// this build lacks gets a precise error instead of "unknown variant".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderKind {
+    /// TCP to a fixed address.
+    Direct,
+    /// Any program.
+    Command,
+    /// Native SSH (russh).
+    Ssh,
+    /// cloudflared.
+    Cloudflare,
+    /// tailscale.
+    Tailscale,
+    /// ngrok.
+    Ngrok,
+}
+
+/// One entry of a service's `tunnels:`. Provider-specific keys sit beside the common ones, as in
+/// the design's YAML; validation rejects keys that do not belong to the tunnel's provider.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelSection {
+    /// Unique name within the service.
+    pub name: String,
+    /// Which provider runs it.
+    pub provider: ProviderKind,
+    /// Lower wins in priority mode (default: 10 × position, 1-based).
+    pub priority: Option<i64>,
+    /// Per-tunnel standby override.
+    pub standby: Option<Standby>,
+    /// Router this tunnel depends on.
+    pub via_router: Option<String>,
+    /// Probe overrides.
+    #[serde(default)]
+    pub probe: ProbeSection,
+    /// Restart overrides.
+    #[serde(default)]
+    pub restart: RestartSection,
+
+    // --- direct ---
+    /// `direct`: `host:port` of the service.
+    pub address: Option<String>,
+
+    // --- command ---
+    /// `command`: program and arguments (no shell).
+    pub run: Option<Vec<String>>,
+    /// `command`: fixed `host:port` the program exposes.
+    pub endpoint: Option<String>,
+    /// `command`: regex whose first capture over the program's output is the endpoint.
+    pub endpoint_regex: Option<String>,
+    /// `command`: how long to wait for `endpoint_regex`.
+    #[serde(default, with = "humantime_serde")]
+    pub start_timeout: Option<Duration>,
+    /// `command`: SIGTERM → SIGKILL grace on stop.
+    #[serde(default, with = "humantime_serde")]
+    pub stop_grace: Option<Duration>,
+    /// `command`: extra environment for the program.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}

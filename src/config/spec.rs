@@ -1,0 +1,224 @@
+//! The resolved configuration the daemon runs on.
+//!
+//! Produced by [`super::validate`] from the YAML model: defaults are layered in, strings are
+//! parsed (addresses, regexes, byte strings), and every provider's settings are turned into the
+//! providers crate's own spec types. Nothing downstream re-checks or re-defaults anything.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tunnelkeeper_providers::command::CommandSpec;
+use tunnelkeeper_providers::direct::DirectSpec;
+
+use super::model::{HookCommand, OnFailover, ProviderKind, Standby};
+use crate::election::Policy;
+
+/// Built-in defaults, used where no level of the file sets a value.
+pub mod default {
+    use std::time::Duration;
+
+    /// `daemon.control_socket`
+    pub const CONTROL_SOCKET: &str = "/run/tunnelkeeper/control.sock";
+    /// `daemon.state_dir`
+    pub const STATE_DIR: &str = "/var/lib/tunnelkeeper";
+    /// `daemon.shutdown_grace`
+    pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+    /// `probe.interval`
+    pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+    /// `probe.timeout`
+    pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+    /// `probe.rise`
+    pub const PROBE_RISE: u32 = 3;
+    /// `probe.fall`
+    pub const PROBE_FALL: u32 = 3;
+    /// `failover.tolerance`
+    pub const TOLERANCE: Duration = Duration::from_millis(50);
+    /// `failover.max_latency`
+    pub const MAX_LATENCY: Duration = Duration::from_millis(500);
+    /// `failover.failback_hold`
+    pub const FAILBACK_HOLD: Duration = Duration::from_secs(30);
+    /// `restart.initial`
+    pub const RESTART_INITIAL: Duration = Duration::from_millis(500);
+    /// `restart.max`
+    pub const RESTART_MAX: Duration = Duration::from_secs(60);
+    /// `restart.multiplier`
+    pub const RESTART_MULTIPLIER: f64 = 2.0;
+    /// `restart.jitter`
+    pub const RESTART_JITTER: f64 = 0.2;
+    /// service `connect_timeout`
+    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+    /// hook `timeout`
+    pub const HOOK_TIMEOUT: Duration = Duration::from_secs(10);
+    /// command `start_timeout`
+    pub const START_TIMEOUT: Duration = Duration::from_secs(10);
+    /// command `stop_grace`
+    pub const STOP_GRACE: Duration = Duration::from_secs(5);
+}
+
+/// The whole resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from (for messages and reload).
+    pub source: PathBuf,
+    /// Daemon-wide settings.
+    pub daemon: DaemonSpec,
+    /// Nameservers for the resolver; empty = system configuration.
+    pub nameservers: Vec<IpAddr>,
+    /// Services in file order.
+    pub services: Vec<ServiceSpec>,
+}
+
+/// Daemon-wide settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DaemonSpec {
+    /// Control socket path.
+    pub control_socket: PathBuf,
+    /// Persistent state directory.
+    pub state_dir: PathBuf,
+    /// Read-only principals.
+    pub readers: Vec<Reader>,
+    /// Grace for children and connections on shutdown.
+    pub shutdown_grace: Duration,
+}
+
+/// A principal allowed read-only access to the control socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reader {
+    /// A user id.
+    Uid(u32),
+    /// A group id.
+    Gid(u32),
+}
+
+/// One service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceSpec {
+    /// Unique name.
+    pub name: String,
+    /// Election rules.
+    pub policy: Policy,
+    /// Per-dial limit for the listener.
+    pub connect_timeout: Duration,
+    /// What happens to open connections on failover.
+    pub on_failover: OnFailover,
+    /// Commands run on events.
+    pub hooks: Vec<HookSpec>,
+    /// Tunnels in file order.
+    pub tunnels: Vec<TunnelSpec>,
+}
+
+/// One hook.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HookSpec {
+    /// Event types (snake_case) that trigger it.
+    pub on: Vec<String>,
+    /// The argv to run (a shell string becomes `["/bin/sh", "-c", s]`).
+    pub argv: Vec<String>,
+    /// Kill after this long.
+    pub timeout: Duration,
+}
+
+/// One tunnel, fully resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TunnelSpec {
+    /// Unique within its service.
+    pub name: String,
+    /// Lower wins in priority mode.
+    pub priority: i64,
+    /// Hot or cold standby.
+    pub standby: Standby,
+    /// Router it depends on.
+    pub via_router: Option<String>,
+    /// Probe settings.
+    pub probe: ProbeSpec,
+    /// Restart backoff.
+    pub restart: RestartSpec,
+    /// Provider and its settings.
+    pub provider: ProviderSpec,
+}
+
+/// The provider of a tunnel with its own settings, in the providers crate's types.
+#[derive(Debug, Clone)]
+pub enum ProviderSpec {
+    /// `direct`
+    Direct(DirectSpec),
+    /// `command`
+    Command(CommandSpec),
+}
+
+impl PartialEq for ProviderSpec {
+    /// Equal when the settings are equal: used by reload to tell changed tunnels from unchanged.
+    fn eq(&self, other: &Self) -> bool {
+        format!("{self:?}") == format!("{other:?}")
+    }
+}
+
+impl ProviderSpec {
+    /// The provider kind, for status and events.
+    pub fn kind(&self) -> ProviderKind {
+        match self {
+            ProviderSpec::Direct(_) => ProviderKind::Direct,
+            ProviderSpec::Command(_) => ProviderKind::Command,
+        }
+    }
+}
+
+/// Probe settings of one tunnel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProbeSpec {
+    /// Time between probes.
+    pub interval: Duration,
+    /// Limit for one probe.
+    pub timeout: Duration,
+    /// Successes to go up.
+    pub rise: u32,
+    /// Failures to go down.
+    pub fall: u32,
+    /// Bytes sent on the dialled stream.
+    pub send: Option<Vec<u8>>,
+    /// Required reply/banner prefix.
+    pub expect: Option<Vec<u8>>,
+    /// Extra checks, all of which must pass.
+    pub checks: Vec<ExtraCheck>,
+}
+
+/// An extra probe check beside the end-to-end dial.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ExtraCheck {
+    /// TCP connect to `host:port`.
+    Tcp(String),
+    /// HTTP GET; `status` None means any 2xx.
+    Http {
+        /// `http://host[:port]/path`
+        url: String,
+        /// Expected status.
+        status: Option<u16>,
+    },
+    /// Run argv; exit 0 passes.
+    Exec(Vec<String>),
+    /// The name must resolve.
+    Dns(String),
+}
+
+/// Restart backoff of one tunnel.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RestartSpec {
+    /// First delay.
+    pub initial: Duration,
+    /// Cap.
+    pub max: Duration,
+    /// Growth per attempt (>= 1).
+    pub multiplier: f64,
+    /// Spread as a fraction of the delay (0..=1).
+    pub jitter: f64,
+}
+
+impl From<&HookCommand> for Vec<String> {
+    fn from(cmd: &HookCommand) -> Self {
+        match cmd {
+            HookCommand::Shell(s) => vec!["/bin/sh".into(), "-c".into(), s.clone()],
+            HookCommand::Argv(v) => v.clone(),
+        }
+    }
+}

@@ -1,0 +1,1206 @@
+//! Turns the YAML model into the resolved configuration, checking meaning on the way.
+//!
+//! Settings are layered field by field: built-in defaults ([`super::spec::default`]) <
+//! `defaults.*` < a service's `probe`/`restart`/`failover` < a tunnel's `probe`/`restart`. Each value is
+//! checked once, at the key where it is written; checks that relate two fields (a probe
+//! timeout against its interval, a backoff start against its cap) run on the layered result
+//! for every tunnel, and are reported at the key that set the offending value, wherever in
+//! the hierarchy that is.
+//!
+//! Validation never stops at the first problem: every issue is collected, so an operator
+//! fixes a file in one pass. Features that this build does not have yet (some providers,
+//! router recovery, the failover listener, cold standby, metrics) are errors at their key,
+//! never silently ignored: a config that asks for them must not appear to work.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::Path;
+use std::time::Duration;
+
+use nix::unistd::{Group, User};
+use regex::Regex;
+use tunnelkeeper_providers::command::{CommandSpec, EndpointSource};
+use tunnelkeeper_providers::direct::DirectSpec;
+
+use super::locate::KeyPath;
+use super::model::{
+    ConfigFile, DaemonSection, DefaultsSection, DnsSection, FailoverSection, HookCommand,
+    HookSection, OnFailover, ProbeSection, ProviderKind, RestartSection, RouterSection,
+    ServiceSection, Standby, TunnelSection,
+};
+use super::spec::{
+    default, Config, DaemonSpec, ExtraCheck, HookSpec, ProbeSpec, ProviderSpec, Reader,
+    RestartSpec, ServiceSpec, TunnelSpec,
+};
+use crate::election::{Failback, Mode, Policy};
+
+/// Event types a hook may subscribe to: every event the daemon publishes, router events
+/// included, so hooks written today keep working when router recovery arrives.
+pub(crate) const EVENT_TYPES: &[&str] = &[
+    "tunnel_starting",
+    "tunnel_up",
+    "tunnel_down",
+    "tunnel_restarting",
+    "probe_failed",
+    "probe_recovered",
+    "primary_changed",
+    "no_healthy_tunnel",
+    "router_connection_dropped",
+    "router_reconnected",
+    "router_rebooted",
+    "router_provisioned",
+    "router_provision_failed",
+    "router_drift_detected",
+    "router_verified",
+    "config_reloaded",
+    "daemon_stopping",
+];
+
+/// Longest Unix socket path: `sun_path` is 108 bytes including the terminating NUL.
+const MAX_SOCKET_PATH: usize = 107;
+
+/// One problem: the key it concerns and what is wrong. Positions are added by the caller,
+/// which has the text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Issue {
+    /// The offending key (or the nearest one that exists, for a missing key).
+    pub(crate) path: KeyPath,
+    /// What is wrong, naming the value.
+    pub(crate) message: String,
+}
+
+/// Checks `file` and resolves it into the configuration the daemon runs on. `source` is
+/// recorded in the result for reloads and messages.
+pub(crate) fn validate(file: &ConfigFile, source: &Path) -> Result<Config, Vec<Issue>> {
+    let mut v = Validator::default();
+    let root = KeyPath::root();
+
+    if file.version != 1 {
+        v.error(
+            root.key("version"),
+            format!("unsupported version {}: this build reads version 1", file.version),
+        );
+    }
+    let daemon = v.daemon(&file.daemon, &root.key("daemon"));
+    let nameservers = v.nameservers(&file.dns, &root.key("dns"));
+    v.defaults(&file.defaults, &root.key("defaults"));
+    let routers = v.routers(&file.routers, &root.key("routers"));
+
+    let services_path = root.key("services");
+    if file.services.is_empty() {
+        v.error(
+            services_path.clone(),
+            "at least one service is required".to_owned(),
+        );
+    }
+    let mut names = Names::new("service");
+    let mut services = Vec::with_capacity(file.services.len());
+    for (i, service) in file.services.iter().enumerate() {
+        let path = services_path.index(i);
+        v.name(&mut names, &service.name, &path.key("name"));
+        services.push(v.service(service, &path, &file.defaults, &routers));
+    }
+
+    if !v.issues.is_empty() {
+        return Err(v.issues);
+    }
+    Ok(Config {
+        source: source.to_path_buf(),
+        daemon,
+        nameservers,
+        services,
+    })
+}
+
+/// Collects issues while walking the model.
+#[derive(Default)]
+struct Validator {
+    issues: Vec<Issue>,
+}
+
+/// Names seen so far at one level, to report duplicates against their first use.
+struct Names {
+    what: &'static str,
+    seen: HashMap<String, KeyPath>,
+}
+
+impl Names {
+    fn new(what: &'static str) -> Self {
+        Names {
+            what,
+            seen: HashMap::new(),
+        }
+    }
+}
+
+/// A layered setting and the key that set it (`None`: the built-in default).
+struct Layered<T> {
+    value: T,
+    from: Option<KeyPath>,
+}
+
+/// The innermost level that sets a field: `levels` go from outermost to innermost.
+fn layer<S, T>(
+    levels: &[(&S, KeyPath)],
+    field: &str,
+    builtin: T,
+    get: impl Fn(&S) -> Option<T>,
+) -> Layered<T> {
+    levels
+        .iter()
+        .rev()
+        .find_map(|(section, path)| {
+            get(section).map(|value| Layered {
+                value,
+                from: Some(path.key(field)),
+            })
+        })
+        .unwrap_or(Layered {
+            value: builtin,
+            from: None,
+        })
+}
+
+/// Like [`layer`] for settings without a built-in default.
+fn layer_opt<S, T>(
+    levels: &[(&S, KeyPath)],
+    field: &str,
+    get: impl Fn(&S) -> Option<T>,
+) -> Option<(T, KeyPath)> {
+    levels
+        .iter()
+        .rev()
+        .find_map(|(section, path)| get(section).map(|value| (value, path.key(field))))
+}
+
+/// Where a layered value came from, for messages about the *other* side of a comparison.
+fn origin<T>(layered: &Layered<T>) -> String {
+    match &layered.from {
+        Some(path) => format!("set at {path}"),
+        None => "from the built-in default".to_owned(),
+    }
+}
+
+fn human(duration: Duration) -> String {
+    humantime::format_duration(duration).to_string()
+}
+
+fn provider_name(kind: ProviderKind) -> &'static str {
+    match kind {
+        ProviderKind::Direct => "direct",
+        ProviderKind::Command => "command",
+        ProviderKind::Ssh => "ssh",
+        ProviderKind::Cloudflare => "cloudflare",
+        ProviderKind::Tailscale => "tailscale",
+        ProviderKind::Ngrok => "ngrok",
+    }
+}
+
+impl Validator {
+    fn error(&mut self, path: KeyPath, message: String) {
+        let issue = Issue { path, message };
+        // Inherited settings are checked once per tunnel; identical reports add nothing.
+        if !self.issues.contains(&issue) {
+            self.issues.push(issue);
+        }
+    }
+
+    /// Records a failed check; returns whether it passed.
+    fn check(&mut self, path: &KeyPath, result: Result<(), String>) -> bool {
+        match result {
+            Ok(()) => true,
+            Err(message) => {
+                self.error(path.clone(), message);
+                false
+            }
+        }
+    }
+
+    /// A duration that must be greater than zero.
+    fn positive(&mut self, value: Option<Duration>, path: &KeyPath) {
+        if value == Some(Duration::ZERO) {
+            self.error(path.clone(), "must be greater than 0".to_owned());
+        }
+    }
+
+    /// A service, tunnel or router name: checked for shape and uniqueness at its level.
+    fn name(&mut self, names: &mut Names, name: &str, path: &KeyPath) {
+        let what = names.what;
+        if !self.check(path, check_name(name, what)) {
+            return;
+        }
+        match names.seen.get(name) {
+            Some(first) => self.error(
+                path.clone(),
+                format!("duplicate {what} name `{name}` (first used at {first})"),
+            ),
+            None => {
+                names.seen.insert(name.to_owned(), path.clone());
+            }
+        }
+    }
+
+    /// An argv: at least the program, no NUL bytes (they cannot be passed to exec).
+    fn argv(&mut self, argv: &[String], path: &KeyPath) {
+        match argv.first() {
+            None => self.error(
+                path.clone(),
+                "must list at least the program to run".to_owned(),
+            ),
+            Some(program) if program.trim().is_empty() => self.error(
+                path.index(0),
+                "the program name must not be empty".to_owned(),
+            ),
+            Some(_) => {}
+        }
+        for (i, arg) in argv.iter().enumerate() {
+            if arg.contains('\0') {
+                self.error(path.index(i), "contains a NUL byte".to_owned());
+            }
+        }
+    }
+
+    fn daemon(&mut self, daemon: &DaemonSection, path: &KeyPath) -> DaemonSpec {
+        let control_socket = daemon
+            .control_socket
+            .clone()
+            .unwrap_or_else(|| default::CONTROL_SOCKET.into());
+        let socket_path = path.key("control_socket");
+        let socket_len = control_socket.as_os_str().len();
+        if socket_len == 0 {
+            self.error(socket_path, "must not be empty".to_owned());
+        } else if socket_len > MAX_SOCKET_PATH {
+            self.error(
+                socket_path,
+                format!(
+                    "`{}` is {socket_len} bytes long; a Unix socket path may have at most \
+                     {MAX_SOCKET_PATH}",
+                    control_socket.display()
+                ),
+            );
+        }
+        let state_dir = daemon
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| default::STATE_DIR.into());
+        if state_dir.as_os_str().is_empty() {
+            self.error(path.key("state_dir"), "must not be empty".to_owned());
+        }
+
+        let mut readers = Vec::with_capacity(daemon.readers.len());
+        for (i, text) in daemon.readers.iter().enumerate() {
+            match parse_reader(text) {
+                Ok(reader) => readers.push(reader),
+                Err(message) => self.error(path.key("readers").index(i), message),
+            }
+        }
+
+        if let Some(listen) = &daemon.metrics_listen {
+            self.error(
+                path.key("metrics_listen"),
+                format!(
+                    "metrics (`metrics_listen: {listen}`) are not available in this build yet; \
+                     remove the key"
+                ),
+            );
+        }
+
+        DaemonSpec {
+            control_socket,
+            state_dir,
+            readers,
+            shutdown_grace: daemon.shutdown_grace.unwrap_or(default::SHUTDOWN_GRACE),
+        }
+    }
+
+    fn nameservers(&mut self, dns: &DnsSection, path: &KeyPath) -> Vec<IpAddr> {
+        let mut addresses = Vec::with_capacity(dns.nameservers.len());
+        for (i, text) in dns.nameservers.iter().enumerate() {
+            match text.trim().parse::<IpAddr>() {
+                Ok(ip) => addresses.push(ip),
+                Err(_) => self.error(
+                    path.key("nameservers").index(i),
+                    format!(
+                        "`{text}` is not an IP address (nameservers are given as bare \
+                         addresses, e.g. 192.0.2.53 or 2001:db8::53, without a port)"
+                    ),
+                ),
+            }
+        }
+        addresses
+    }
+
+    fn defaults(&mut self, defaults: &DefaultsSection, path: &KeyPath) {
+        self.probe_section(&defaults.probe, &path.key("probe"));
+        self.failover_section(&defaults.failover, &path.key("failover"));
+        self.restart_section(&defaults.restart, &path.key("restart"));
+    }
+
+    /// Checks every value written in one `probe:` block, at whatever level.
+    fn probe_section(&mut self, probe: &ProbeSection, path: &KeyPath) {
+        self.positive(probe.interval, &path.key("interval"));
+        self.positive(probe.timeout, &path.key("timeout"));
+        for (field, value) in [("rise", probe.rise), ("fall", probe.fall)] {
+            if value == Some(0) {
+                self.error(path.key(field), "must be at least 1".to_owned());
+            }
+        }
+        for (field, value) in [("send", &probe.send), ("expect", &probe.expect)] {
+            if value.as_deref() == Some("") {
+                self.error(
+                    path.key(field),
+                    "must not be empty (leave the key out instead)".to_owned(),
+                );
+            }
+        }
+        if let Some(tcp) = &probe.tcp {
+            self.check(&path.key("tcp"), check_host_port(tcp));
+        }
+        if let Some(url) = &probe.http {
+            self.check(&path.key("http"), check_http_url(url));
+        }
+        if let Some(status) = probe.status {
+            if !(100..=599).contains(&status) {
+                self.error(
+                    path.key("status"),
+                    format!("{status} is not an HTTP status code (100-599)"),
+                );
+            }
+        }
+        if let Some(exec) = &probe.exec {
+            self.argv(exec, &path.key("exec"));
+        }
+        if let Some(name) = &probe.dns {
+            self.check(
+                &path.key("dns"),
+                check_hostname(name).map_err(|why| format!("`{name}` is not a host name: {why}")),
+            );
+        }
+    }
+
+    fn failover_section(&mut self, failover: &FailoverSection, path: &KeyPath) {
+        // Zero tolerance and a zero hold are meaningful (switch on any gain, at once); a zero
+        // latency ceiling would make every measured tunnel degraded.
+        self.positive(failover.max_latency, &path.key("max_latency"));
+    }
+
+    fn restart_section(&mut self, restart: &RestartSection, path: &KeyPath) {
+        self.positive(restart.initial, &path.key("initial"));
+        self.positive(restart.max, &path.key("max"));
+        if let Some(multiplier) = restart.multiplier {
+            // `!(x >= 1.0)` also rejects NaN.
+            if !(multiplier >= 1.0) || !multiplier.is_finite() {
+                self.error(
+                    path.key("multiplier"),
+                    format!("{multiplier} is not a valid multiplier: it must be at least 1.0"),
+                );
+            }
+        }
+        if let Some(jitter) = restart.jitter {
+            if !(0.0..=1.0).contains(&jitter) {
+                self.error(
+                    path.key("jitter"),
+                    format!("{jitter} is not a valid jitter: it must be between 0 and 1"),
+                );
+            }
+        }
+    }
+
+    /// Router recovery is not in this build, so any router is an error; names are still
+    /// checked so that `via_router` can be checked against them.
+    fn routers(&mut self, routers: &[RouterSection], path: &KeyPath) -> BTreeSet<String> {
+        if !routers.is_empty() {
+            self.error(
+                path.clone(),
+                "router recovery is not available in this build yet; remove `routers` (and \
+                 every `via_router`)"
+                    .to_owned(),
+            );
+        }
+        let mut names = Names::new("router");
+        for (i, router) in routers.iter().enumerate() {
+            let path = path.index(i);
+            self.name(&mut names, &router.name, &path.key("name"));
+            if router.ssh.host.trim().is_empty() {
+                self.error(path.key("ssh").key("host"), "must not be empty".to_owned());
+            }
+            if router.ssh.port == Some(0) {
+                self.error(
+                    path.key("ssh").key("port"),
+                    "0 is not a valid port (1-65535)".to_owned(),
+                );
+            }
+            self.positive(router.check_interval, &path.key("check_interval"));
+            self.positive(router.verify_interval, &path.key("verify_interval"));
+            let mut checks = Names::new("verify check");
+            for (j, verify) in router.verify.iter().enumerate() {
+                self.name(&mut checks, &verify.name, &path.key("verify").index(j).key("name"));
+            }
+        }
+        names.seen.into_keys().collect()
+    }
+
+    fn service(
+        &mut self,
+        service: &ServiceSection,
+        path: &KeyPath,
+        defaults: &DefaultsSection,
+        routers: &BTreeSet<String>,
+    ) -> ServiceSpec {
+        if let Some(listen) = &service.listen {
+            self.error(
+                path.key("listen"),
+                format!(
+                    "the failover listener (`listen: {listen}`) is not available in this build \
+                     yet; remove the key"
+                ),
+            );
+        }
+        self.positive(service.connect_timeout, &path.key("connect_timeout"));
+        if service.standby == Some(Standby::Cold) {
+            self.error(path.key("standby"), cold_standby_message());
+        }
+        self.probe_section(&service.probe, &path.key("probe"));
+        self.failover_section(&service.failover, &path.key("failover"));
+        self.restart_section(&service.restart, &path.key("restart"));
+
+        let defaults_path = KeyPath::root().key("defaults");
+        let failover_levels = [
+            (&defaults.failover, defaults_path.key("failover")),
+            (&service.failover, path.key("failover")),
+        ];
+        let policy = Policy {
+            mode: layer(&failover_levels, "mode", Mode::Priority, |f| f.mode).value,
+            tolerance: layer(&failover_levels, "tolerance", default::TOLERANCE, |f| {
+                f.tolerance
+            })
+            .value,
+            max_latency: layer(&failover_levels, "max_latency", default::MAX_LATENCY, |f| {
+                f.max_latency
+            })
+            .value,
+            failback: layer(&failover_levels, "failback", Failback::Auto, |f| f.failback).value,
+            failback_hold: layer(
+                &failover_levels,
+                "failback_hold",
+                default::FAILBACK_HOLD,
+                |f| f.failback_hold,
+            )
+            .value,
+        };
+
+        let hooks = service
+            .hooks
+            .iter()
+            .enumerate()
+            .map(|(i, hook)| self.hook(hook, &path.key("hooks").index(i)))
+            .collect();
+
+        let tunnels_path = path.key("tunnels");
+        if service.tunnels.is_empty() {
+            self.error(
+                tunnels_path.clone(),
+                format!(
+                    "service `{}` has no tunnels: at least one is required",
+                    service.name
+                ),
+            );
+        }
+        let mut names = Names::new("tunnel");
+        let mut tunnels = Vec::with_capacity(service.tunnels.len());
+        for (j, tunnel) in service.tunnels.iter().enumerate() {
+            let tunnel_path = tunnels_path.index(j);
+            self.name(&mut names, &tunnel.name, &tunnel_path.key("name"));
+            let context = TunnelContext {
+                service,
+                service_path: path,
+                defaults,
+                routers,
+                position: j,
+            };
+            if let Some(spec) = self.tunnel(tunnel, &tunnel_path, &context) {
+                tunnels.push(spec);
+            }
+        }
+
+        ServiceSpec {
+            name: service.name.clone(),
+            policy,
+            connect_timeout: service
+                .connect_timeout
+                .unwrap_or(default::CONNECT_TIMEOUT),
+            on_failover: service.on_failover.unwrap_or(OnFailover::Keep),
+            hooks,
+            tunnels,
+        }
+    }
+
+    fn hook(&mut self, hook: &HookSection, path: &KeyPath) -> HookSpec {
+        let on_path = path.key("on");
+        if hook.on.is_empty() {
+            self.error(
+                on_path.clone(),
+                "must name at least one event type".to_owned(),
+            );
+        }
+        for (i, event) in hook.on.iter().enumerate() {
+            if !EVENT_TYPES.contains(&event.as_str()) {
+                self.error(
+                    on_path.index(i),
+                    format!(
+                        "unknown event type `{event}`; known types: {}",
+                        EVENT_TYPES.join(", ")
+                    ),
+                );
+            }
+        }
+        let run_path = path.key("run");
+        match &hook.run {
+            HookCommand::Shell(line) => {
+                if line.trim().is_empty() {
+                    self.error(run_path, "must not be empty".to_owned());
+                } else if line.contains('\0') {
+                    self.error(run_path, "contains a NUL byte".to_owned());
+                }
+            }
+            HookCommand::Argv(argv) => self.argv(argv, &run_path),
+        }
+        self.positive(hook.timeout, &path.key("timeout"));
+        HookSpec {
+            on: hook.on.clone(),
+            argv: Vec::from(&hook.run),
+            timeout: hook.timeout.unwrap_or(default::HOOK_TIMEOUT),
+        }
+    }
+
+    fn tunnel(
+        &mut self,
+        tunnel: &TunnelSection,
+        path: &KeyPath,
+        cx: &TunnelContext<'_>,
+    ) -> Option<TunnelSpec> {
+        let label = format!("tunnel `{}` of service `{}`", tunnel.name, cx.service.name);
+
+        if tunnel.standby == Some(Standby::Cold) {
+            self.error(path.key("standby"), cold_standby_message());
+        }
+        if let Some(router) = &tunnel.via_router {
+            if !cx.routers.contains(router) {
+                let known = if cx.routers.is_empty() {
+                    "no routers are defined".to_owned()
+                } else {
+                    let names: Vec<&str> = cx.routers.iter().map(String::as_str).collect();
+                    format!("defined routers: {}", names.join(", "))
+                };
+                self.error(
+                    path.key("via_router"),
+                    format!("unknown router `{router}` ({known})"),
+                );
+            }
+        }
+        self.probe_section(&tunnel.probe, &path.key("probe"));
+        self.restart_section(&tunnel.restart, &path.key("restart"));
+
+        let defaults_path = KeyPath::root().key("defaults");
+        let probe = self.layered_probe(
+            &[
+                (&cx.defaults.probe, defaults_path.key("probe")),
+                (&cx.service.probe, cx.service_path.key("probe")),
+                (&tunnel.probe, path.key("probe")),
+            ],
+            &label,
+        );
+        let restart = self.layered_restart(
+            &[
+                (&cx.defaults.restart, defaults_path.key("restart")),
+                (&cx.service.restart, cx.service_path.key("restart")),
+                (&tunnel.restart, path.key("restart")),
+            ],
+            &label,
+        );
+        let provider = self.provider(tunnel, path)?;
+
+        // The default keeps file order and leaves gaps of ten for inserting tunnels later.
+        let position = i64::try_from(cx.position).unwrap_or(i64::MAX);
+        let priority = tunnel
+            .priority
+            .unwrap_or_else(|| position.saturating_add(1).saturating_mul(10));
+
+        Some(TunnelSpec {
+            name: tunnel.name.clone(),
+            priority,
+            standby: tunnel
+                .standby
+                .or(cx.service.standby)
+                .unwrap_or(Standby::Hot),
+            via_router: tunnel.via_router.clone(),
+            probe,
+            restart,
+            provider,
+        })
+    }
+
+    /// Probe settings of one tunnel, layered, with the checks that relate two fields.
+    fn layered_probe(&mut self, levels: &[(&ProbeSection, KeyPath)], label: &str) -> ProbeSpec {
+        let interval = layer(levels, "interval", default::PROBE_INTERVAL, |p| p.interval);
+        let timeout = layer(levels, "timeout", default::PROBE_TIMEOUT, |p| p.timeout);
+        if !interval.value.is_zero() && timeout.value > interval.value {
+            // Reported at the timeout if it was written anywhere, else at the interval.
+            let (at, other) = match (&timeout.from, &interval.from) {
+                (Some(at), _) => (at.clone(), format!("interval {}", origin(&interval))),
+                (None, Some(at)) => (at.clone(), format!("timeout {}", origin(&timeout))),
+                (None, None) => (KeyPath::root(), String::new()),
+            };
+            self.error(
+                at,
+                format!(
+                    "probe timeout {} is longer than the probe interval {} for {label} \
+                     ({other}): a probe must end before the next one starts",
+                    human(timeout.value),
+                    human(interval.value)
+                ),
+            );
+        }
+        let rise = layer(levels, "rise", default::PROBE_RISE, |p| p.rise).value;
+        let fall = layer(levels, "fall", default::PROBE_FALL, |p| p.fall).value;
+
+        let send = layer_opt(levels, "send", |p| p.send.clone());
+        let expect = layer_opt(levels, "expect", |p| p.expect.clone());
+        if let (Some((_, at)), None) = (&send, &expect) {
+            self.error(
+                at.clone(),
+                format!(
+                    "`send` needs `expect` for {label}: without a reply to check, sending \
+                     proves nothing"
+                ),
+            );
+        }
+
+        let http = layer_opt(levels, "http", |p| p.http.clone());
+        let status = layer_opt(levels, "status", |p| p.status);
+        if let (Some((code, at)), None) = (&status, &http) {
+            self.error(
+                at.clone(),
+                format!("`status: {code}` needs an `http` check, and {label} has none"),
+            );
+        }
+
+        let mut checks = Vec::new();
+        if let Some((target, _)) = layer_opt(levels, "tcp", |p| p.tcp.clone()) {
+            checks.push(ExtraCheck::Tcp(target));
+        }
+        if let Some((url, _)) = http {
+            checks.push(ExtraCheck::Http {
+                url,
+                status: status.map(|(code, _)| code),
+            });
+        }
+        if let Some((argv, _)) = layer_opt(levels, "exec", |p| p.exec.clone()) {
+            checks.push(ExtraCheck::Exec(argv));
+        }
+        if let Some((name, _)) = layer_opt(levels, "dns", |p| p.dns.clone()) {
+            checks.push(ExtraCheck::Dns(name));
+        }
+
+        ProbeSpec {
+            interval: interval.value,
+            timeout: timeout.value,
+            rise,
+            fall,
+            send: send.map(|(text, _)| text.into_bytes()),
+            expect: expect.map(|(text, _)| text.into_bytes()),
+            checks,
+        }
+    }
+
+    /// Restart backoff of one tunnel, layered, with the start-versus-cap check.
+    fn layered_restart(
+        &mut self,
+        levels: &[(&RestartSection, KeyPath)],
+        label: &str,
+    ) -> RestartSpec {
+        let initial = layer(levels, "initial", default::RESTART_INITIAL, |r| r.initial);
+        let max = layer(levels, "max", default::RESTART_MAX, |r| r.max);
+        if !max.value.is_zero() && initial.value > max.value {
+            let (at, other) = match (&initial.from, &max.from) {
+                (Some(at), _) => (at.clone(), format!("max {}", origin(&max))),
+                (None, Some(at)) => (at.clone(), format!("initial {}", origin(&initial))),
+                (None, None) => (KeyPath::root(), String::new()),
+            };
+            self.error(
+                at,
+                format!(
+                    "restart initial delay {} is longer than the maximum delay {} for {label} \
+                     ({other})",
+                    human(initial.value),
+                    human(max.value)
+                ),
+            );
+        }
+        RestartSpec {
+            initial: initial.value,
+            max: max.value,
+            multiplier: layer(levels, "multiplier", default::RESTART_MULTIPLIER, |r| {
+                r.multiplier
+            })
+            .value,
+            jitter: layer(levels, "jitter", default::RESTART_JITTER, |r| r.jitter).value,
+        }
+    }
+
+    /// The provider's own settings; keys of other providers are errors.
+    fn provider(&mut self, tunnel: &TunnelSection, path: &KeyPath) -> Option<ProviderSpec> {
+        let kind = provider_name(tunnel.provider);
+        let command_keys = [
+            ("run", tunnel.run.is_some()),
+            ("endpoint", tunnel.endpoint.is_some()),
+            ("endpoint_regex", tunnel.endpoint_regex.is_some()),
+            ("start_timeout", tunnel.start_timeout.is_some()),
+            ("stop_grace", tunnel.stop_grace.is_some()),
+            ("env", !tunnel.env.is_empty()),
+        ];
+        match tunnel.provider {
+            ProviderKind::Direct => {
+                for (key, set) in command_keys {
+                    if set {
+                        self.error(
+                            path.key(key),
+                            format!(
+                                "`{key}` does not apply to provider `direct` (it belongs to \
+                                 provider `command`)"
+                            ),
+                        );
+                    }
+                }
+                let Some(address) = &tunnel.address else {
+                    self.error(
+                        path.key("address"),
+                        "provider `direct` needs `address: host:port`".to_owned(),
+                    );
+                    return None;
+                };
+                self.check(&path.key("address"), check_host_port(address))
+                    .then(|| {
+                        ProviderSpec::Direct(DirectSpec {
+                            address: address.clone(),
+                        })
+                    })
+            }
+            ProviderKind::Command => self.command(tunnel, path).map(ProviderSpec::Command),
+            ProviderKind::Ssh
+            | ProviderKind::Cloudflare
+            | ProviderKind::Tailscale
+            | ProviderKind::Ngrok => {
+                self.error(
+                    path.key("provider"),
+                    format!("provider `{kind}` is not available in this build yet"),
+                );
+                None
+            }
+        }
+    }
+
+    fn command(&mut self, tunnel: &TunnelSection, path: &KeyPath) -> Option<CommandSpec> {
+        let before = self.issues.len();
+        if tunnel.address.is_some() {
+            self.error(
+                path.key("address"),
+                "`address` does not apply to provider `command` (it belongs to provider \
+                 `direct`; a command tunnel's address is `endpoint` or `endpoint_regex`)"
+                    .to_owned(),
+            );
+        }
+        let run = match &tunnel.run {
+            Some(run) => {
+                self.argv(run, &path.key("run"));
+                run.clone()
+            }
+            None => {
+                self.error(
+                    path.key("run"),
+                    "provider `command` needs `run`: the program and its arguments".to_owned(),
+                );
+                Vec::new()
+            }
+        };
+
+        let endpoint = match (&tunnel.endpoint, &tunnel.endpoint_regex) {
+            (Some(_), Some(_)) => {
+                self.error(
+                    path.key("endpoint_regex"),
+                    "give either `endpoint` or `endpoint_regex`, not both".to_owned(),
+                );
+                None
+            }
+            (None, None) => {
+                self.error(
+                    path.key("endpoint"),
+                    "provider `command` needs `endpoint: host:port` or `endpoint_regex`"
+                        .to_owned(),
+                );
+                None
+            }
+            (Some(fixed), None) => self
+                .check(&path.key("endpoint"), check_host_port(fixed))
+                .then(|| EndpointSource::Fixed(fixed.clone())),
+            (None, Some(pattern)) => match compile_endpoint_regex(pattern) {
+                Ok(regex) => Some(EndpointSource::Regex(regex)),
+                Err(message) => {
+                    self.error(path.key("endpoint_regex"), message);
+                    None
+                }
+            },
+        };
+
+        self.positive(tunnel.start_timeout, &path.key("start_timeout"));
+        for (name, value) in &tunnel.env {
+            let at = path.key("env").key(name);
+            if name.is_empty() {
+                self.error(at, "an environment variable name must not be empty".to_owned());
+            } else if name.contains('=') || name.contains('\0') {
+                self.error(
+                    at,
+                    format!("`{name}` is not a valid environment variable name (no `=` or NUL)"),
+                );
+            } else if value.contains('\0') {
+                self.error(at, "the value contains a NUL byte".to_owned());
+            }
+        }
+
+        let endpoint = endpoint?;
+        if self.issues.len() != before {
+            return None;
+        }
+        Some(CommandSpec {
+            run,
+            endpoint,
+            env: tunnel
+                .env
+                .iter()
+                .map(|(name, value)| (name.clone(), value.clone()))
+                .collect(),
+            start_timeout: tunnel.start_timeout.unwrap_or(default::START_TIMEOUT),
+            stop_grace: tunnel.stop_grace.unwrap_or(default::STOP_GRACE),
+        })
+    }
+}
+
+/// What a tunnel inherits from around it.
+struct TunnelContext<'a> {
+    service: &'a ServiceSection,
+    service_path: &'a KeyPath,
+    defaults: &'a DefaultsSection,
+    routers: &'a BTreeSet<String>,
+    /// 0-based position in the service's list, for the default priority.
+    position: usize,
+}
+
+fn cold_standby_message() -> String {
+    "`standby: cold` is not available in this build yet; use `hot` (the default) or leave the \
+     key out"
+        .to_owned()
+}
+
+/// Names end up in URLs (`/v1/services/NAME/pin`), environment variables and file names, so
+/// only a conservative character set is allowed.
+fn check_name(name: &str, what: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err(format!("{what} name must not be empty"));
+    }
+    if name == "." || name == ".." {
+        return Err(format!(
+            "`{name}` cannot be a {what} name: it means a directory in URLs and paths"
+        ));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
+    {
+        return Err(format!(
+            "{what} name `{name}` contains {bad:?}: names may only use letters, digits, `_`, \
+             `.` and `-` (they appear in URLs and environment variables)"
+        ));
+    }
+    Ok(())
+}
+
+/// `uid:N`, `gid:N`, `user:NAME` or `group:NAME`; names are resolved now so a typo fails
+/// `check` rather than silently locking someone out.
+fn parse_reader(text: &str) -> Result<Reader, String> {
+    let expected = "expected uid:N, gid:N, user:NAME or group:NAME";
+    let Some((kind, value)) = text.split_once(':') else {
+        return Err(format!("`{text}` is not a reader: {expected}"));
+    };
+    let number = |what: &str| {
+        value
+            .parse::<u32>()
+            .map_err(|_| format!("`{value}` in `{text}` is not a numeric {what}"))
+    };
+    match kind {
+        "uid" => number("uid").map(Reader::Uid),
+        "gid" => number("gid").map(Reader::Gid),
+        "user" if value.is_empty() => Err(format!("`{text}` names no user")),
+        "group" if value.is_empty() => Err(format!("`{text}` names no group")),
+        "user" => match User::from_name(value) {
+            Ok(Some(user)) => Ok(Reader::Uid(user.uid.as_raw())),
+            Ok(None) => Err(format!("unknown user `{value}` in `{text}`")),
+            Err(errno) => Err(format!("cannot look up user `{value}`: {errno}")),
+        },
+        "group" => match Group::from_name(value) {
+            Ok(Some(group)) => Ok(Reader::Gid(group.gid.as_raw())),
+            Ok(None) => Err(format!("unknown group `{value}` in `{text}`")),
+            Err(errno) => Err(format!("cannot look up group `{value}`: {errno}")),
+        },
+        _ => Err(format!("`{kind}` in `{text}` is not a reader kind: {expected}")),
+    }
+}
+
+/// A host name (RFC 1123 labels, underscores tolerated for internal names) or an IPv4
+/// address. Says why not, without quoting the input (callers do).
+fn check_hostname(host: &str) -> Result<(), String> {
+    if host.is_empty() {
+        return Err("the host is empty".to_owned());
+    }
+    if host.parse::<Ipv4Addr>().is_ok() {
+        return Ok(());
+    }
+    if host.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        return Err(format!("`{host}` is not a valid IPv4 address"));
+    }
+    let name = host.strip_suffix('.').unwrap_or(host);
+    if name.len() > 253 {
+        return Err("a host name may have at most 253 characters".to_owned());
+    }
+    for label in name.split('.') {
+        if label.is_empty() {
+            return Err(format!("`{host}` has an empty label"));
+        }
+        if label.len() > 63 {
+            return Err(format!("label `{label}` is longer than 63 characters"));
+        }
+        if let Some(bad) = label
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_')))
+        {
+            return Err(format!("{bad:?} is not allowed in a host name"));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(format!("label `{label}` starts or ends with `-`"));
+        }
+    }
+    Ok(())
+}
+
+/// `host:port` where host is a name, an IPv4 address or a bracketed IPv6 address.
+fn check_host_port(text: &str) -> Result<(), String> {
+    let port = if let Some(rest) = text.strip_prefix('[') {
+        let Some((ip, after)) = rest.split_once(']') else {
+            return Err(format!("`{text}` is not host:port: `]` is missing"));
+        };
+        if ip.parse::<Ipv6Addr>().is_err() {
+            return Err(format!("`{ip}` in `{text}` is not an IPv6 address"));
+        }
+        let Some(port) = after.strip_prefix(':') else {
+            return Err(format!(
+                "`{text}` has no port: expected [IPv6]:port, e.g. [::1]:22"
+            ));
+        };
+        port
+    } else {
+        let Some((host, port)) = text.rsplit_once(':') else {
+            return Err(format!("`{text}` has no port: expected host:port"));
+        };
+        if host.contains(':') {
+            return Err(format!(
+                "`{text}`: an IPv6 address must be written in brackets, e.g. [::1]:22"
+            ));
+        }
+        check_hostname(host).map_err(|why| format!("`{text}` is not host:port: {why}"))?;
+        port
+    };
+    check_port(port, text)
+}
+
+/// A decimal port 1-65535; `whole` is the address it came from, for the message.
+fn check_port(port: &str, whole: &str) -> Result<(), String> {
+    if port.is_empty() {
+        return Err(format!("`{whole}` has an empty port"));
+    }
+    if !port.chars().all(|c| c.is_ascii_digit()) {
+        return Err(format!("port `{port}` in `{whole}` is not a number"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(format!(
+            "port {port} in `{whole}` is out of range (1-65535)"
+        )),
+    }
+}
+
+/// An `http://` URL with a host and an optional port. https is refused with a reason rather
+/// than as a malformed URL: the probe has no TLS client yet.
+fn check_http_url(url: &str) -> Result<(), String> {
+    let scheme_is = |scheme: &str| {
+        url.get(..scheme.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(scheme))
+    };
+    if scheme_is("https://") {
+        return Err(format!(
+            "`{url}`: https is not supported by the http probe (only http:// URLs); check TLS \
+             endpoints with an `exec` probe such as curl instead"
+        ));
+    }
+    if !scheme_is("http://") {
+        return Err(format!("`{url}` is not an http:// URL"));
+    }
+    if url.chars().any(char::is_whitespace) {
+        return Err(format!("`{url}` contains whitespace"));
+    }
+    let rest = url.get("http://".len()..).unwrap_or_default();
+    let authority = rest
+        .split(|c| matches!(c, '/' | '?' | '#'))
+        .next()
+        .unwrap_or_default();
+    if authority.contains('@') {
+        return Err(format!("`{url}`: credentials in the URL are not supported"));
+    }
+    if authority.is_empty() {
+        return Err(format!("`{url}` has no host"));
+    }
+    // With no port after the host, check it as if the default port had been written.
+    let has_port = match authority.rfind(']') {
+        Some(bracket) => authority.get(bracket + 1..).is_some_and(|s| s.starts_with(':')),
+        None => authority.contains(':'),
+    };
+    let with_port = if has_port {
+        authority.to_owned()
+    } else {
+        format!("{authority}:80")
+    };
+    check_host_port(&with_port).map_err(|_| {
+        format!("`{url}` does not have a valid host[:port] (`{authority}`)")
+    })
+}
+
+/// Compiles `endpoint_regex` and makes sure it can actually yield an endpoint: the provider
+/// takes the first capture group (or the whole match without one) of the first matching output
+/// line, so a pattern that matches an empty line would take any line, even a blank one.
+fn compile_endpoint_regex(pattern: &str) -> Result<Regex, String> {
+    let regex = Regex::new(pattern).map_err(|err| {
+        // regex's syntax errors span several lines (pattern, caret, reason); a diagnostic is
+        // one line, and the reason is the useful part.
+        let text = err.to_string();
+        let reason = text
+            .lines()
+            .rev()
+            .find(|line| !line.trim().is_empty())
+            .unwrap_or("invalid")
+            .trim()
+            .trim_start_matches("error: ")
+            .to_owned();
+        format!("`{pattern}` is not a valid regex: {reason}")
+    })?;
+    if regex.is_match("") {
+        return Err(format!(
+            "`{pattern}` matches an empty line, so any line of output would be taken for the \
+             endpoint"
+        ));
+    }
+    Ok(regex)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(check_name("home-ssh_1.a", "service").is_ok());
+        assert!(check_name("", "service").is_err());
+        assert!(check_name("..", "service").is_err());
+        let err = check_name("a b", "tunnel").unwrap_err();
+        assert!(err.contains("' '"), "{err}");
+    }
+
+    #[test]
+    fn host_port() {
+        for ok in [
+            "127.0.0.1:22",
+            "localhost:1",
+            "relay.example.com:65535",
+            "[::1]:8080",
+            "[2001:db8::1]:22",
+            "my_host.lan.:22",
+        ] {
+            assert_eq!(check_host_port(ok), Ok(()), "{ok}");
+        }
+        for (bad, needle) in [
+            ("127.0.0.1", "no port"),
+            ("127.0.0.1:70000", "out of range"),
+            ("127.0.0.1:0", "out of range"),
+            ("127.0.0.1:", "empty port"),
+            ("host:ssh", "not a number"),
+            ("::1:22", "brackets"),
+            ("[::1]", "no port"),
+            ("[::1:22", "`]` is missing"),
+            ("[nope]:22", "not an IPv6"),
+            ("300.1.1.1:22", "IPv4"),
+            ("bad host:22", "not allowed"),
+            (":22", "empty"),
+            ("-a.example.com:22", "starts or ends"),
+            ("a..b:22", "empty label"),
+        ] {
+            let err = check_host_port(bad).unwrap_err();
+            assert!(err.contains(needle), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn http_urls() {
+        for ok in [
+            "http://127.0.0.1:8080/health",
+            "http://example.com",
+            "HTTP://example.com/?q=1",
+            "http://[::1]/x",
+            "http://[::1]:81",
+        ] {
+            assert_eq!(check_http_url(ok), Ok(()), "{ok}");
+        }
+        for (bad, needle) in [
+            ("https://example.com/", "https is not supported"),
+            ("ftp://example.com/", "not an http://"),
+            ("http://", "no host"),
+            ("http://u:p@example.com/", "credentials"),
+            ("http://example.com:99999/", "valid host"),
+            ("http://exa mple.com/", "whitespace"),
+            ("é", "not an http://"),
+        ] {
+            let err = check_http_url(bad).unwrap_err();
+            assert!(err.contains(needle), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn endpoint_regexes() {
+        assert!(compile_endpoint_regex(r"listening at ([^\s]+)").is_ok());
+        let err = compile_endpoint_regex("(unclosed").unwrap_err();
+        assert!(err.contains("not a valid regex") && !err.contains('\n'), "{err}");
+        assert!(compile_endpoint_regex(r"[a-z.]+:\d+").is_ok());
+        assert!(compile_endpoint_regex(r"(\S*)").unwrap_err().contains("empty line"));
+    }
+
+    #[test]
+    fn readers() {
+        assert_eq!(parse_reader("uid:1000"), Ok(Reader::Uid(1000)));
+        assert_eq!(parse_reader("gid:0"), Ok(Reader::Gid(0)));
+        assert_eq!(parse_reader("user:root"), Ok(Reader::Uid(0)));
+        assert_eq!(parse_reader("group:root"), Ok(Reader::Gid(0)));
+        assert!(parse_reader("uid:abc").unwrap_err().contains("numeric uid"));
+        assert!(parse_reader("user:no-such-user-tk").unwrap_err().contains("unknown user"));
+        assert!(parse_reader("group:no-such-group-tk").unwrap_err().contains("unknown group"));
+        assert!(parse_reader("admin").unwrap_err().contains("not a reader"));
+        assert!(parse_reader("role:x").unwrap_err().contains("not a reader kind"));
+        assert!(parse_reader("user:").unwrap_err().contains("names no user"));
+        assert!(parse_reader("user:a\0b").unwrap_err().contains("unknown user"));
+    }
+}

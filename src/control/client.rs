@@ -1,0 +1,110 @@
+//! The CLI's side of the control socket.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response};
+use tokio::net::UnixStream;
+
+use crate::http_client;
+use crate::status::DaemonStatus;
+
+/// Largest status document the CLI accepts.
+const MAX_STATUS: usize = 64 * 1024 * 1024;
+
+/// A client for one daemon's control socket.
+#[derive(Debug, Clone)]
+pub struct Client {
+    socket: PathBuf,
+}
+
+impl Client {
+    /// A client for the socket at `socket`.
+    pub fn new(socket: impl Into<PathBuf>) -> Client {
+        Client {
+            socket: socket.into(),
+        }
+    }
+
+    /// The socket path.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Sends a request and returns the response if its status is a success; otherwise the
+    /// daemon's `{"error": ...}` becomes the error.
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<Response<Incoming>> {
+        let stream = UnixStream::connect(&self.socket).await.with_context(|| {
+            format!(
+                "cannot connect to {} (is the daemon running? set --socket or TUNNELKEEPER_SOCKET)",
+                self.socket.display()
+            )
+        })?;
+        let body = body
+            .map(|v| Bytes::from(serde_json::to_vec(&v).unwrap_or_default()))
+            .unwrap_or_default();
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, "localhost")
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(body))?;
+        let response = http_client::send(stream, request).await?;
+        if !response.status().is_success() {
+            let status = response.status();
+            let body = http_client::read_body(response, 64 * 1024).await?;
+            let message = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_string))
+                .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+            bail!("{status}: {message}");
+        }
+        Ok(response)
+    }
+
+    /// `GET /v1/status` as raw JSON.
+    pub async fn status_json(&self) -> anyhow::Result<serde_json::Value> {
+        let response = self.request(Method::GET, "/v1/status", None).await?;
+        let body = http_client::read_body(response, MAX_STATUS).await?;
+        serde_json::from_slice(&body).context("status is not JSON")
+    }
+
+    /// `GET /v1/status`, typed.
+    pub async fn status(&self) -> anyhow::Result<DaemonStatus> {
+        let v = self.status_json().await?;
+        serde_json::from_value(v).context("unexpected status document")
+    }
+
+    /// `GET /v1/events`; calls `line` for every NDJSON line until the stream ends.
+    pub async fn events(
+        &self,
+        since: u64,
+        follow: bool,
+        mut line: impl FnMut(&str) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let path = format!("/v1/events?since={since}&follow={follow}");
+        let mut body = self.request(Method::GET, &path, None).await?.into_body();
+        let mut pending = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.context("reading events")?;
+            if let Some(data) = frame.data_ref() {
+                pending.extend_from_slice(data);
+                while let Some(i) = pending.iter().position(|&b| b == b'\n') {
+                    let rest = pending.split_off(i + 1);
+                    let text = String::from_utf8_lossy(&pending[..i]).into_owned();
+                    pending = rest;
+                    line(&text)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}

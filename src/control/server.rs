@@ -1,0 +1,306 @@
+//! The control socket server: accept, authorize, route, answer.
+
+use std::convert::Infallible;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::UnixListener;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{Bus, Delivery};
+use crate::config::spec::Reader;
+use crate::status::DaemonStatus;
+
+/// Connections served at once; more wait in the kernel backlog.
+const MAX_CONNECTIONS: usize = 64;
+/// A client must send its request headers within this time.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Request heads larger than this are refused.
+const MAX_HEAD: usize = 16 * 1024;
+
+/// What a peer may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Reads and writes.
+    Full,
+    /// Reads only.
+    Read,
+    /// Nothing.
+    Denied,
+}
+
+/// Decides access from a peer's uid/gid: root and the daemon's own uid get everything,
+/// `readers` may read.
+pub fn access_for(uid: u32, gid: u32, own_uid: u32, readers: &[Reader]) -> Access {
+    if uid == 0 || uid == own_uid {
+        return Access::Full;
+    }
+    let listed = readers.iter().any(|r| match r {
+        Reader::Uid(u) => *u == uid,
+        Reader::Gid(g) => *g == gid,
+    });
+    if listed {
+        Access::Read
+    } else {
+        Access::Denied
+    }
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+/// What the server needs from the daemon.
+pub struct ControlState {
+    /// The event bus (for `/v1/events`).
+    pub bus: Arc<Bus>,
+    /// Produces the current status.
+    pub status: Box<dyn Fn() -> DaemonStatus + Send + Sync>,
+    /// Read-only principals.
+    pub readers: Vec<Reader>,
+}
+
+/// Binds the control socket at `path` (mode 0660), replacing a stale socket file left by a
+/// crashed daemon but refusing to steal one that a live daemon still answers on.
+pub async fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    use anyhow::Context;
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating socket directory {}", dir.display()))?;
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            anyhow::bail!(
+                "another daemon is already listening on {} (stop it or set daemon.control_socket)",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("chmod 0660 {}", path.display()))?;
+    Ok(listener)
+}
+
+/// Serves connections until `cancel` fires.
+pub async fn serve(listener: UnixListener, state: Arc<ControlState>, cancel: CancellationToken) {
+    let own_uid = nix::unistd::geteuid().as_raw();
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let permit = tokio::select! {
+            _ = cancel.cancelled() => return,
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+        };
+        let stream = tokio::select! {
+            _ = cancel.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning on accept.
+                    tracing::warn!("control socket accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let access = match stream.peer_cred() {
+            Ok(cred) => access_for(cred.uid(), cred.gid(), own_uid, &state.readers),
+            Err(_) => Access::Denied,
+        };
+        let state = state.clone();
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                let cancel = cancel.clone();
+                async move { Ok::<_, Infallible>(route(req, access, &state, cancel).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(MAX_HEAD)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+}
+
+async fn route(
+    req: Request<Incoming>,
+    access: Access,
+    state: &ControlState,
+    cancel: CancellationToken,
+) -> Response<Body> {
+    if access == Access::Denied {
+        return error(StatusCode::FORBIDDEN, "permission denied");
+    }
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (req.method(), segments.as_slice()) {
+        (&Method::GET, ["v1", "status"]) => json(StatusCode::OK, &(state.status)()),
+        (&Method::GET, ["v1", "events"]) => match EventsQuery::parse(&query) {
+            Ok(q) => events(state, q, cancel),
+            Err(e) => error(StatusCode::BAD_REQUEST, &e),
+        },
+        (_, ["v1", "status"]) | (_, ["v1", "events"]) => {
+            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+        }
+        _ => error(StatusCode::NOT_FOUND, &format!("no such endpoint: {path}")),
+    }
+}
+
+/// Query of `GET /v1/events`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventsQuery {
+    /// Replay events with a larger seq (default 0: everything kept).
+    pub since: u64,
+    /// Keep streaming new events.
+    pub follow: bool,
+}
+
+impl EventsQuery {
+    /// Parses `since=N&follow=true`; unknown parameters are errors so typos don't go unnoticed.
+    pub fn parse(query: &str) -> Result<EventsQuery, String> {
+        let mut q = EventsQuery {
+            since: 0,
+            follow: false,
+        };
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            match k {
+                "since" => {
+                    q.since = v
+                        .parse()
+                        .map_err(|_| format!("since must be a sequence number, got {v:?}"))?
+                }
+                "follow" => {
+                    q.follow = match v {
+                        "" | "true" | "1" => true,
+                        "false" | "0" => false,
+                        _ => return Err(format!("follow must be true or false, got {v:?}")),
+                    }
+                }
+                _ => return Err(format!("unknown parameter {k:?}")),
+            }
+        }
+        Ok(q)
+    }
+}
+
+fn events(state: &ControlState, q: EventsQuery, cancel: CancellationToken) -> Response<Body> {
+    let replay = state.bus.replay(q.since);
+    let (tx, rx) = mpsc::channel::<Bytes>(64);
+    let mut subscription = replay.subscription;
+    let backlog = replay.events;
+    let missed = replay.missed;
+    tokio::spawn(async move {
+        if missed > 0 && tx.send(lagged_line(missed)).await.is_err() {
+            return;
+        }
+        for event in backlog {
+            if tx.send(ndjson(&*event)).await.is_err() {
+                return;
+            }
+        }
+        if !q.follow {
+            return;
+        }
+        loop {
+            let line = tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tx.closed() => return,
+                d = subscription.next() => match d {
+                    Some(Delivery::Event(e)) => ndjson(&*e),
+                    Some(Delivery::Lagged(n)) => lagged_line(n),
+                    None => return,
+                },
+            };
+            // A client that stops reading fills the channel; it is then dropped rather than
+            // holding a subscription (and memory) forever.
+            match tokio::time::timeout(Duration::from_secs(30), tx.send(line)).await {
+                Ok(Ok(())) => {}
+                _ => return,
+            }
+        }
+    });
+    let stream = ReceiverStream::new(rx).map(|b| Ok::<_, Infallible>(Frame::data(b)));
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/x-ndjson")
+        .body(BodyExt::boxed(StreamBody::new(stream)))
+        .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "response"))
+}
+
+fn lagged_line(missed: u64) -> Bytes {
+    ndjson(&serde_json::json!({ "type": "lagged", "missed": missed }))
+}
+
+fn ndjson<T: serde::Serialize + ?Sized>(value: &T) -> Bytes {
+    let mut line = serde_json::to_vec(value).unwrap_or_default();
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Body> {
+    let mut body = serde_json::to_vec_pretty(value).unwrap_or_default();
+    body.push(b'\n');
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)).boxed())
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()))
+}
+
+/// A JSON error `{"error": "..."}` with `status`.
+pub fn error(status: StatusCode, message: &str) -> Response<Body> {
+    json(status, &serde_json::json!({ "error": message }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn access_rules() {
+        let readers = [Reader::Uid(1000), Reader::Gid(4)];
+        assert_eq!(access_for(0, 0, 500, &readers), Access::Full);
+        assert_eq!(access_for(500, 500, 500, &readers), Access::Full);
+        assert_eq!(access_for(1000, 1000, 500, &readers), Access::Read);
+        assert_eq!(access_for(1001, 4, 500, &readers), Access::Read);
+        assert_eq!(access_for(1001, 1001, 500, &readers), Access::Denied);
+    }
+
+    #[test]
+    fn events_query() {
+        assert_eq!(
+            EventsQuery::parse("").unwrap(),
+            EventsQuery {
+                since: 0,
+                follow: false
+            }
+        );
+        assert_eq!(
+            EventsQuery::parse("since=12&follow=true").unwrap(),
+            EventsQuery {
+                since: 12,
+                follow: true
+            }
+        );
+        assert!(EventsQuery::parse("since=x").is_err());
+        assert!(EventsQuery::parse("follow=maybe").is_err());
+        assert!(EventsQuery::parse("sinse=1").is_err());
+    }
+}

@@ -1,0 +1,86 @@
+//! The `tunnelkeeper` command: parses the command line and calls into the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Keeps services reachable through several tunnels at once.
+#[derive(Parser, Debug)]
+#[command(name = "tunnelkeeper", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the daemon.
+    Run {
+        /// Configuration file.
+        #[arg(short, long, default_value = tunnelkeeper::cli::DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Validate a configuration file (exit 0 when valid, 2 when not).
+    Check {
+        /// Configuration file.
+        #[arg(short, long, default_value = tunnelkeeper::cli::DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Show services, primaries and tunnels of the running daemon.
+    Status {
+        /// Print the raw JSON document.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        socket: tunnelkeeper::cli::SocketArgs,
+    },
+    /// Print events (NDJSON with --json, else one readable line each).
+    Events {
+        /// Keep following new events.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only events with a larger sequence number.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        /// Print raw NDJSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        socket: tunnelkeeper::cli::SocketArgs,
+    },
+    /// Run a self-contained demonstration on loopback (no root, no network, nothing to install).
+    Demo {
+        /// Shorter fault schedule (used by the tests).
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Relay TCP from a free loopback port to TO (the demo's stand-in tunnel).
+    #[command(hide = true)]
+    Relay {
+        /// Where to relay to.
+        #[arg(long)]
+        to: std::net::SocketAddr,
+        /// Where to listen.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Check { config } => tunnelkeeper::cli::check(&config),
+        Command::Run { config } => tunnelkeeper::cli::run(&config),
+        Command::Status { json, socket } => tunnelkeeper::cli::status(&socket, json),
+        Command::Events {
+            follow,
+            since,
+            json,
+            socket,
+        } => tunnelkeeper::cli::events(&socket, follow, since, json),
+        Command::Demo { quick } => tunnelkeeper::cli::demo(quick),
+        Command::Relay { to, listen } => tunnelkeeper::cli::relay(listen, to),
+    };
+    ExitCode::from(code)
+}

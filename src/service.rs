@@ -1,0 +1,381 @@
+//! A service: its tunnels' tasks, its election loop, and its status.
+//!
+//! The service task is the only place where a primary is chosen. It folds the reports of its
+//! tunnel tasks into [`Contender`]s, runs the pure [`election::elect`] after every change and
+//! whenever a failback hold expires, publishes `primary_changed` / `no_healthy_tunnel`, and keeps
+//! the shared [`ServiceStatus`] current. It never waits on a tunnel, a hook or a reader.
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tunnelkeeper_providers::{Provider, Resolver, StartContext};
+
+use crate::bus::{Bus, EventKind};
+use crate::config::spec::ServiceSpec;
+use crate::election::{self, Contender, Dampening, Decision, Input, Mode};
+use crate::probe::Transition;
+use crate::status::{self, ServiceStatus, SharedStatus, TunnelState, TunnelStatus};
+use crate::supervisor::{Report, TaggedReport, TunnelTask};
+
+/// The current primary of a service, published for the data plane (and tests).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Primary {
+    /// Elected tunnel name.
+    pub tunnel: Option<String>,
+    /// True when it is only a fallback.
+    pub degraded: bool,
+}
+
+/// A running service.
+pub struct ServiceHandle {
+    /// Its resolved settings.
+    pub spec: ServiceSpec,
+    /// Its status, kept current by the service task.
+    pub status: SharedStatus,
+    /// Its primary, for whoever steers traffic.
+    pub primary: watch::Receiver<Primary>,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    hooks: JoinSet<()>,
+}
+
+impl ServiceHandle {
+    /// Starts the service's tunnels and its election loop.
+    pub fn start(
+        spec: ServiceSpec,
+        providers: Vec<Arc<dyn Provider>>,
+        bus: Arc<Bus>,
+        resolver: Resolver,
+        parent: &CancellationToken,
+    ) -> ServiceHandle {
+        let cancel = parent.child_token();
+        let status = Arc::new(RwLock::new(initial_status(&spec)));
+        let (primary_tx, primary_rx) = watch::channel(Primary::default());
+        let (reports_tx, reports_rx) = mpsc::unbounded_channel();
+        let mut tunnels = JoinSet::new();
+        for (index, (tunnel, provider)) in spec.tunnels.iter().zip(providers).enumerate() {
+            let task = TunnelTask {
+                index,
+                service: spec.name.clone(),
+                spec: tunnel.clone(),
+                provider,
+                ctx: StartContext {
+                    tunnel: tunnel.name.clone(),
+                    service: spec.name.clone(),
+                    resolver: resolver.clone(),
+                },
+                bus: bus.clone(),
+                reports: reports_tx.clone(),
+                cancel: cancel.child_token(),
+            };
+            tunnels.spawn(task.run());
+        }
+        drop(reports_tx);
+        let hooks = crate::hooks::start(&spec.name, &spec.hooks, &bus, cancel.child_token());
+        let election = Election::new(&spec, bus, status.clone(), primary_tx, cancel.clone());
+        let task = tokio::spawn(election.run(reports_rx, tunnels));
+        ServiceHandle {
+            spec,
+            status,
+            primary: primary_rx,
+            cancel,
+            task,
+            hooks,
+        }
+    }
+
+    /// A copy of the current status.
+    pub fn status(&self) -> ServiceStatus {
+        status::read(&self.status)
+    }
+
+    /// Stops every tunnel (each bounded by its provider's grace) and the election loop.
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        let _ = self.task.await;
+        // A hook still running is killed (its process group) as its task is dropped.
+        let mut hooks = self.hooks;
+        hooks.shutdown().await;
+    }
+}
+
+fn initial_status(spec: &ServiceSpec) -> ServiceStatus {
+    let now = status::rfc3339(SystemTime::now());
+    ServiceStatus {
+        name: spec.name.clone(),
+        primary: None,
+        degraded: true,
+        reason: "starting".into(),
+        pin: None,
+        mode: match spec.policy.mode {
+            Mode::Priority => "priority".into(),
+            Mode::Latency => "latency".into(),
+        },
+        tunnels: spec
+            .tunnels
+            .iter()
+            .map(|t| TunnelStatus {
+                name: t.name.clone(),
+                provider: format!("{:?}", t.provider.kind()).to_lowercase(),
+                priority: t.priority,
+                state: TunnelState::Starting,
+                reason: None,
+                endpoint: None,
+                latency_ms: None,
+                pid: None,
+                restarts: 0,
+                since: now.clone(),
+                hold_ms: t_hold_ms(spec.policy.failback_hold),
+            })
+            .collect(),
+    }
+}
+
+fn t_hold_ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+/// The election loop's state.
+struct Election {
+    spec: ServiceSpec,
+    bus: Arc<Bus>,
+    status: SharedStatus,
+    primary_tx: watch::Sender<Primary>,
+    contenders: Vec<Contender>,
+    dampening: Vec<Dampening>,
+    current: Option<String>,
+    degraded: bool,
+    pin: Option<String>,
+    recheck_at: Option<Instant>,
+    /// Once cancelled, tunnels stopping is not news: no more elections or events.
+    stopping: CancellationToken,
+}
+
+impl Election {
+    fn new(
+        spec: &ServiceSpec,
+        bus: Arc<Bus>,
+        status: SharedStatus,
+        primary_tx: watch::Sender<Primary>,
+        stopping: CancellationToken,
+    ) -> Election {
+        let contenders = spec
+            .tunnels
+            .iter()
+            .map(|t| Contender {
+                name: t.name.clone(),
+                priority: t.priority,
+                up: false,
+                latency: None,
+                up_since: None,
+                hold: spec.policy.failback_hold,
+                last_down: None,
+                last_down_hard: false,
+            })
+            .collect();
+        Election {
+            spec: spec.clone(),
+            bus,
+            status,
+            primary_tx,
+            contenders,
+            dampening: vec![Dampening::default(); spec.tunnels.len()],
+            current: None,
+            degraded: false,
+            pin: None,
+            recheck_at: None,
+            stopping,
+        }
+    }
+
+    async fn run(
+        mut self,
+        mut reports: mpsc::UnboundedReceiver<TaggedReport>,
+        mut tunnels: JoinSet<()>,
+    ) {
+        loop {
+            let recheck = self.recheck_at;
+            tokio::select! {
+                report = reports.recv() => match report {
+                    Some((index, report)) => {
+                        self.apply(index, report);
+                        // Fold every report already queued before electing once: a burst (many
+                        // tunnels dying together) must yield one decision, not a cascade.
+                        while let Ok((index, report)) = reports.try_recv() {
+                            self.apply(index, report);
+                        }
+                        self.elect();
+                    }
+                    // Every tunnel task has ended: the service was stopped.
+                    None => break,
+                },
+                _ = sleep_until(recheck) => self.elect(),
+            }
+        }
+        while tunnels.join_next().await.is_some() {}
+    }
+
+    fn apply(&mut self, index: usize, report: Report) {
+        let now = Instant::now();
+        let base_hold = self.spec.policy.failback_hold;
+        let Some(contender) = self.contenders.get_mut(index) else {
+            return;
+        };
+        let dampening = &mut self.dampening[index];
+        let mut board = self.status.write().unwrap_or_else(|p| p.into_inner());
+        let Some(t) = board.tunnels.get_mut(index) else {
+            return;
+        };
+        let set_state = |t: &mut TunnelStatus, state: TunnelState| {
+            if t.state != state {
+                t.state = state;
+                t.since = status::rfc3339(SystemTime::now());
+            }
+        };
+        match report {
+            Report::Starting => set_state(t, TunnelState::Starting),
+            Report::Started { endpoint, pid } => {
+                t.endpoint = Some(endpoint);
+                t.pid = pid;
+                set_state(t, TunnelState::Probing);
+            }
+            Report::Probe {
+                latency,
+                error,
+                transition,
+            } => {
+                contender.latency = latency;
+                t.latency_ms = latency.map(|d| d.as_secs_f64() * 1000.0);
+                match transition {
+                    Some(Transition::Up) => {
+                        contender.up = true;
+                        contender.up_since = Some(now);
+                        t.reason = None;
+                        set_state(t, TunnelState::Up);
+                    }
+                    Some(Transition::Down) => {
+                        let reason = format!(
+                            "probe: {} consecutive failures, last: {}",
+                            self.spec
+                                .tunnels
+                                .get(index)
+                                .map(|s| s.probe.fall)
+                                .unwrap_or_default(),
+                            error.as_deref().unwrap_or("?")
+                        );
+                        mark_down(contender, dampening, now, reason.clone(), false);
+                        t.reason = Some(reason);
+                        set_state(t, TunnelState::Down);
+                    }
+                    None => {
+                        if let Some(e) = error {
+                            t.reason = Some(e);
+                        }
+                    }
+                }
+            }
+            Report::Died { reason } => {
+                mark_down(contender, dampening, now, reason.clone(), true);
+                contender.latency = None;
+                t.latency_ms = None;
+                t.pid = None;
+                t.reason = Some(reason);
+                set_state(t, TunnelState::Down);
+            }
+            Report::Restarting { .. } => {
+                t.restarts += 1;
+                set_state(t, TunnelState::Restarting);
+            }
+            Report::Stopped => {
+                contender.up = false;
+                contender.up_since = None;
+                t.pid = None;
+                set_state(t, TunnelState::Stopped);
+            }
+        }
+        contender.hold = dampening.hold(base_hold, now);
+        t.hold_ms = t_hold_ms(contender.hold);
+    }
+
+    fn elect(&mut self) {
+        if self.stopping.is_cancelled() {
+            return;
+        }
+        let now = Instant::now();
+        for (c, d) in self.contenders.iter_mut().zip(&self.dampening) {
+            c.hold = d.hold(self.spec.policy.failback_hold, now);
+        }
+        let decision: Decision = election::elect(&Input {
+            contenders: &self.contenders,
+            policy: &self.spec.policy,
+            current: self.current.as_deref(),
+            pin: self.pin.as_deref(),
+            now,
+        });
+        self.recheck_at = decision.recheck_at;
+        if decision.primary != self.current {
+            self.bus.publish(EventKind::PrimaryChanged {
+                service: self.spec.name.clone(),
+                from: self.current.clone(),
+                to: decision.primary.clone(),
+                reason: decision.reason.to_string(),
+            });
+        }
+        if decision.degraded && !self.degraded && self.any_started() {
+            self.bus.publish(EventKind::NoHealthyTunnel {
+                service: self.spec.name.clone(),
+                fallback: decision.primary.clone(),
+            });
+        }
+        let changed = decision.primary != self.current || decision.degraded != self.degraded;
+        self.current = decision.primary.clone();
+        self.degraded = decision.degraded;
+        {
+            let mut board = self.status.write().unwrap_or_else(|p| p.into_inner());
+            board.primary = self.current.clone();
+            board.degraded = self.degraded;
+            board.pin = self.pin.clone();
+            if changed || board.reason == "starting" {
+                board.reason = decision.reason.to_string();
+            }
+        }
+        if changed {
+            self.primary_tx.send_replace(Primary {
+                tunnel: self.current.clone(),
+                degraded: self.degraded,
+            });
+        }
+    }
+
+    /// Until some tunnel has been up once, "no healthy tunnel" is just start-up, not news.
+    fn any_started(&self) -> bool {
+        self.current.is_some() || self.contenders.iter().any(|c| c.last_down.is_some())
+    }
+}
+
+fn mark_down(
+    contender: &mut Contender,
+    dampening: &mut Dampening,
+    now: Instant,
+    reason: String,
+    hard: bool,
+) {
+    if contender.up {
+        dampening.record_down(now);
+    }
+    contender.up = false;
+    contender.up_since = None;
+    contender.last_down = Some(reason);
+    contender.last_down_hard = hard;
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

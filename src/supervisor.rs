@@ -1,0 +1,291 @@
+//! One task per tunnel: start it, probe it, notice its death, restart it with backoff.
+//!
+//! The task publishes the tunnel's own events (`tunnel_starting`, `tunnel_up`, `tunnel_down`,
+//! `tunnel_restarting`, `probe_failed`, `probe_recovered`) and reports every observation to its
+//! service, which alone runs the election. A hard signal — the provider's `closed()` resolving,
+//! or a failed start — is reported at once, even in the middle of a probe. Restarts back off
+//! exponentially with jitter, never below `restart.initial × (1 − jitter)`, so a crash loop
+//! cannot spin the CPU; the backoff resets once a tunnel has stayed alive for `restart.max`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tunnelkeeper_providers::{Provider, StartContext, Tunnel};
+
+use crate::bus::{Bus, EventKind};
+use crate::config::spec::{RestartSpec, TunnelSpec};
+use crate::probe::{self, Counter, Ewma, Transition};
+
+/// What a tunnel task tells its service.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Report {
+    /// The provider is starting the tunnel.
+    Starting,
+    /// The provider started it; probes begin.
+    Started {
+        /// Where it leads.
+        endpoint: String,
+        /// Its child process, if any.
+        pid: Option<u32>,
+    },
+    /// One probe result.
+    Probe {
+        /// Smoothed latency after this probe (None until the first success).
+        latency: Option<Duration>,
+        /// Why the probe failed, if it did.
+        error: Option<String>,
+        /// The up/down change it caused, if any.
+        transition: Option<Transition>,
+    },
+    /// The tunnel died (hard signal) or could not start.
+    Died {
+        /// Why.
+        reason: String,
+    },
+    /// Waiting before the next start.
+    Restarting {
+        /// Attempt number, from 1.
+        attempt: u32,
+        /// The wait.
+        delay: Duration,
+    },
+    /// Stopped for good (shutdown or removal).
+    Stopped,
+}
+
+/// A report tagged with the tunnel's index in its service.
+pub type TaggedReport = (usize, Report);
+
+/// Everything a tunnel task needs.
+pub struct TunnelTask {
+    /// Index of the tunnel within its service (the report tag).
+    pub index: usize,
+    /// Service name (for events).
+    pub service: String,
+    /// The tunnel's resolved settings.
+    pub spec: TunnelSpec,
+    /// The provider that starts it.
+    pub provider: Arc<dyn Provider>,
+    /// Start context handed to the provider.
+    pub ctx: StartContext,
+    /// Where events go.
+    pub bus: Arc<Bus>,
+    /// Where reports go.
+    pub reports: mpsc::UnboundedSender<TaggedReport>,
+    /// Cancelled to stop the tunnel for good.
+    pub cancel: CancellationToken,
+}
+
+/// How one started tunnel ended.
+enum Ending {
+    Died(String),
+    Cancelled,
+}
+
+impl TunnelTask {
+    /// Runs until cancelled; stops the tunnel before returning.
+    pub async fn run(self) {
+        let mut attempt: u32 = 0;
+        loop {
+            self.publish(EventKind::TunnelStarting {
+                service: self.service.clone(),
+                tunnel: self.spec.name.clone(),
+            });
+            self.report(Report::Starting);
+            let started = tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => break,
+                r = self.provider.start(&self.ctx) => r,
+            };
+            let alive_since = Instant::now();
+            match started {
+                Ok(tunnel) => match self.watch(tunnel.as_ref()).await {
+                    Ending::Cancelled => {
+                        tunnel.stop().await;
+                        break;
+                    }
+                    Ending::Died(reason) => {
+                        tunnel.stop().await;
+                        self.died(reason);
+                    }
+                },
+                Err(e) => self.died(format!("start failed: {e}")),
+            }
+            if alive_since.elapsed() >= self.spec.restart.max {
+                attempt = 0;
+            }
+            attempt = attempt.saturating_add(1);
+            let delay = backoff_delay(&self.spec.restart, attempt, rand::rng().random());
+            self.publish(EventKind::TunnelRestarting {
+                service: self.service.clone(),
+                tunnel: self.spec.name.clone(),
+                attempt,
+                delay_ms: delay.as_millis() as u64,
+            });
+            self.report(Report::Restarting { attempt, delay });
+            tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => break,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+        self.report(Report::Stopped);
+    }
+
+    /// Probes a started tunnel until it dies or the task is cancelled.
+    async fn watch(&self, tunnel: &dyn Tunnel) -> Ending {
+        let endpoint = tunnel.endpoint().to_string();
+        self.report(Report::Started {
+            endpoint: endpoint.clone(),
+            pid: tunnel.pid(),
+        });
+        tokio::select! {
+            biased;
+            _ = self.cancel.cancelled() => Ending::Cancelled,
+            reason = tunnel.closed() => Ending::Died(reason),
+            never = self.probe_loop(tunnel, &endpoint) => match never {},
+        }
+    }
+
+    /// Probes every `interval` forever; the caller's `select!` ends it.
+    async fn probe_loop(&self, tunnel: &dyn Tunnel, endpoint: &str) -> std::convert::Infallible {
+        let spec = &self.spec.probe;
+        let mut counter = Counter::new(spec.rise, spec.fall);
+        let mut latency = Ewma::default();
+        let mut ticks = tokio::time::interval(spec.interval);
+        // After a slow probe, wait a full interval rather than firing a burst to catch up.
+        ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let tag = format!("{}/{}", self.service, self.spec.name);
+        loop {
+            ticks.tick().await;
+            let result = probe::probe(tunnel, spec, &self.ctx.resolver, &tag).await;
+            let failures_before = counter.failures();
+            let transition = counter.record(result.is_ok());
+            let error = match result {
+                Ok(sample) => {
+                    latency.add(sample);
+                    if failures_before > 0 && counter.is_up() {
+                        self.publish(EventKind::ProbeRecovered {
+                            service: self.service.clone(),
+                            tunnel: self.spec.name.clone(),
+                            failures: failures_before,
+                        });
+                    }
+                    None
+                }
+                Err(reason) => {
+                    // Announce the first failure of a streak only: once a second is plenty.
+                    if failures_before == 0 && counter.is_up() {
+                        self.publish(EventKind::ProbeFailed {
+                            service: self.service.clone(),
+                            tunnel: self.spec.name.clone(),
+                            reason: reason.clone(),
+                        });
+                    }
+                    Some(reason)
+                }
+            };
+            match transition {
+                Some(Transition::Up) => self.publish(EventKind::TunnelUp {
+                    service: self.service.clone(),
+                    tunnel: self.spec.name.clone(),
+                    endpoint: endpoint.to_string(),
+                }),
+                Some(Transition::Down) => self.publish(EventKind::TunnelDown {
+                    service: self.service.clone(),
+                    tunnel: self.spec.name.clone(),
+                    reason: format!(
+                        "probe: {} consecutive failures, last: {}",
+                        spec.fall,
+                        error.as_deref().unwrap_or("?")
+                    ),
+                    hard: false,
+                }),
+                None => {}
+            }
+            self.report(Report::Probe {
+                latency: latency.get(),
+                error,
+                transition,
+            });
+        }
+    }
+
+    fn died(&self, reason: String) {
+        self.publish(EventKind::TunnelDown {
+            service: self.service.clone(),
+            tunnel: self.spec.name.clone(),
+            reason: reason.clone(),
+            hard: true,
+        });
+        self.report(Report::Died { reason });
+    }
+
+    fn publish(&self, kind: EventKind) {
+        self.bus.publish(kind);
+    }
+
+    fn report(&self, report: Report) {
+        // The service outlives its tunnels; a closed channel only happens during teardown.
+        let _ = self.reports.send((self.index, report));
+    }
+}
+
+/// The wait before restart `attempt` (1-based): `initial × multiplier^(attempt−1)`, capped at
+/// `max`, then shortened by up to `jitter` of itself (`unit_random` in `[0, 1)`) so that many
+/// tunnels failing together do not restart in lockstep. Never above `max`, never below
+/// `initial × (1 − jitter)`.
+pub fn backoff_delay(restart: &RestartSpec, attempt: u32, unit_random: f64) -> Duration {
+    let exponent = attempt.saturating_sub(1).min(64) as i32;
+    let grown = restart.initial.as_secs_f64() * restart.multiplier.max(1.0).powi(exponent);
+    let base = grown.min(restart.max.as_secs_f64());
+    let spread = restart.jitter.clamp(0.0, 1.0) * unit_random.clamp(0.0, 1.0);
+    let floor = restart.initial.as_secs_f64() * (1.0 - restart.jitter.clamp(0.0, 1.0));
+    Duration::from_secs_f64((base * (1.0 - spread)).max(floor).max(0.001))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn restart() -> RestartSpec {
+        RestartSpec {
+            initial: Duration::from_millis(500),
+            max: Duration::from_secs(60),
+            multiplier: 2.0,
+            jitter: 0.2,
+        }
+    }
+
+    #[test]
+    fn backoff_grows_exponentially_to_the_cap() {
+        let r = restart();
+        let delays: Vec<u128> = (1..=10)
+            .map(|n| backoff_delay(&r, n, 0.0).as_millis())
+            .collect();
+        assert_eq!(
+            delays,
+            [500, 1000, 2000, 4000, 8000, 16000, 32000, 60000, 60000, 60000]
+        );
+        assert_eq!(backoff_delay(&r, u32::MAX, 0.0), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn jitter_only_shortens_and_never_below_the_floor() {
+        let r = restart();
+        for attempt in 1..20 {
+            for k in 0..10 {
+                let u = k as f64 / 10.0;
+                let d = backoff_delay(&r, attempt, u);
+                assert!(d <= r.max, "{d:?}");
+                assert!(d >= Duration::from_millis(400), "{d:?}");
+                let plain = backoff_delay(&r, attempt, 0.0).as_secs_f64();
+                assert!(d.as_secs_f64() >= plain * 0.8 - 1e-9);
+            }
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! Shared helpers for integration tests: a loopback echo server, free ports, and the real
+//! `tunnelkeeper` binary started as a daemon with a generated config, observed through its
+//! control socket exactly as an operator would.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tunnelkeeper::control::client::Client;
+use tunnelkeeper::status::DaemonStatus;
+
+/// A TCP echo server on 127.0.0.1; returns its address.
+pub async fn echo_server() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Whether a process exists (and is not a zombie).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// A daemon started from the real binary.
+pub struct Daemon {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub client: Client,
+}
+
+impl Daemon {
+    /// Writes `config` (with `@DIR@` replaced by a temp dir) and runs `tunnelkeeper run -c`.
+    pub async fn start(config: &str) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let text = config.replace("@DIR@", &dir.path().display().to_string());
+        let path = dir.path().join("config.yaml");
+        std::fs::write(&path, text).unwrap();
+        let socket = dir.path().join("control.sock");
+        let child = Command::new(env!("CARGO_BIN_EXE_tunnelkeeper"))
+            .args(["run", "-c"])
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.path().join("daemon.log")).unwrap(),
+            ))
+            .spawn()
+            .unwrap();
+        let client = Client::new(&socket);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while client.status_json().await.is_err() {
+            assert!(Instant::now() < deadline, "daemon never answered on its socket");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Daemon {
+            child,
+            dir,
+            socket,
+            client,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    pub async fn status(&self) -> DaemonStatus {
+        self.client.status().await.unwrap()
+    }
+
+    /// Follows `/v1/events` from seq 0 into a channel of parsed JSON events.
+    pub fn follow(&self) -> Events {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            let _ = client
+                .events(0, true, |line| {
+                    let v: serde_json::Value = serde_json::from_str(line)?;
+                    let _ = tx.send((Instant::now(), v));
+                    Ok(())
+                })
+                .await;
+        });
+        Events {
+            rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Pid of a tunnel's child once it has one.
+    pub async fn tunnel_pid(&self, service: &str, tunnel: &str) -> u32 {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let status = self.status().await;
+            let pid = status
+                .services
+                .iter()
+                .find(|s| s.name == service)
+                .and_then(|s| s.tunnels.iter().find(|t| t.name == tunnel))
+                .and_then(|t| t.pid);
+            if let Some(pid) = pid {
+                return pid;
+            }
+            assert!(Instant::now() < deadline, "{tunnel} never got a pid");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "daemon did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn socket_exists(&self) -> bool {
+        Path::new(&self.socket).exists()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Events received from `/v1/events`, with the instant each arrived.
+pub struct Events {
+    rx: mpsc::UnboundedReceiver<(Instant, serde_json::Value)>,
+    pub seen: Vec<(Instant, serde_json::Value)>,
+}
+
+impl Events {
+    /// Waits (up to `limit`) for an event matching `want`; returns it with its arrival time.
+    pub async fn wait(
+        &mut self,
+        limit: Duration,
+        what: &str,
+        want: impl Fn(&serde_json::Value) -> bool,
+    ) -> (Instant, serde_json::Value) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some((at, v))) => {
+                    self.seen.push((at, v.clone()));
+                    if want(&v) {
+                        return (at, v);
+                    }
+                }
+                Ok(None) => panic!("event stream ended while waiting for {what}"),
+                Err(_) => panic!(
+                    "timed out waiting for {what}; saw:\n{}",
+                    self.seen
+                        .iter()
+                        .map(|(_, v)| v.to_string())
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                ),
+            }
+        }
+    }
+}
+
+impl Events {
+    /// Waits until every tunnel in `names` has sent `tunnel_up`, in any order.
+    pub async fn wait_up(&mut self, names: &[&str]) {
+        let mut missing: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        missing.retain(|n| {
+            !self
+                .seen
+                .iter()
+                .any(|(_, v)| v["type"] == "tunnel_up" && v["tunnel"] == n.as_str())
+        });
+        while !missing.is_empty() {
+            let (_, v) = self
+                .wait(Duration::from_secs(20), "tunnels up", |v| v["type"] == "tunnel_up")
+                .await;
+            missing.retain(|n| v["tunnel"] != n.as_str());
+        }
+    }
+}
+
+/// Matches `primary_changed` to `to` (and optionally from `from`).
+pub fn primary_changed<'a>(
+    to: Option<&'a str>,
+    from: Option<&'a str>,
+) -> impl Fn(&serde_json::Value) -> bool + 'a {
+    move |v| {
+        v["type"] == "primary_changed"
+            && to.is_none_or(|t| v["to"] == t)
+            && from.is_none_or(|f| v["from"] == f)
+    }
+}
+
+/// Matches an event of `kind` for `tunnel`.
+pub fn tunnel_event<'a>(kind: &'a str, tunnel: &'a str) -> impl Fn(&serde_json::Value) -> bool + 'a {
+    move |v| v["type"] == kind && v["tunnel"] == tunnel
+}
