@@ -204,8 +204,13 @@ impl Election {
                     Some((index, report)) => {
                         self.apply(index, report);
                         // Fold every report already queued before electing once: a burst (many
-                        // tunnels dying together) must yield one decision, not a cascade.
+                        // tunnels dying together) must yield one decision, not a cascade. A
+                        // tunnel coming up is an election boundary, though, so that a death
+                        // followed by a return in the same burst is still seen as a failure.
                         while let Ok((index, report)) = reports.try_recv() {
+                            if matches!(report, Report::Probe { transition: Some(Transition::Up), .. }) {
+                                self.elect();
+                            }
                             self.apply(index, report);
                         }
                         self.elect();
@@ -316,7 +321,12 @@ impl Election {
             pin: self.pin.as_deref(),
             now,
         });
-        self.recheck_at = decision.recheck_at;
+        // A dampened hold also shrinks when old failures leave the window: wake for that too.
+        let expiry = self.dampening.iter().filter_map(|d| d.next_expiry(now)).min();
+        self.recheck_at = match (decision.recheck_at, expiry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         if decision.primary != self.current {
             self.bus.publish(EventKind::PrimaryChanged {
                 service: self.spec.name.clone(),
@@ -377,5 +387,194 @@ async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The election loop on a paused clock: holds expire exactly on time because the loop
+    //! sleeps until `recheck_at`, with no probe or report needed to wake it.
+    use super::*;
+    use crate::config::spec::{ProbeSpec, ProviderSpec, RestartSpec, TunnelSpec};
+    use crate::config::model::{OnFailover, Standby};
+    use crate::election::{Failback, Policy};
+    use tunnelkeeper_providers::direct::DirectSpec;
+
+    fn tunnel(name: &str, priority: i64) -> TunnelSpec {
+        TunnelSpec {
+            name: name.into(),
+            priority,
+            standby: Standby::Hot,
+            via_router: None,
+            probe: ProbeSpec {
+                interval: Duration::from_secs(1),
+                timeout: Duration::from_secs(1),
+                rise: 1,
+                fall: 1,
+                send: None,
+                expect: None,
+                checks: vec![],
+            },
+            restart: RestartSpec {
+                initial: Duration::from_millis(500),
+                max: Duration::from_secs(60),
+                multiplier: 2.0,
+                jitter: 0.0,
+            },
+            provider: ProviderSpec::Direct(DirectSpec {
+                address: "127.0.0.1:1".into(),
+            }),
+        }
+    }
+
+    struct Harness {
+        reports: mpsc::UnboundedSender<TaggedReport>,
+        primary: watch::Receiver<Primary>,
+        events: crate::bus::Subscription,
+    }
+
+    fn start(hold: Duration) -> Harness {
+        let spec = ServiceSpec {
+            name: "svc".into(),
+            policy: Policy {
+                mode: Mode::Priority,
+                tolerance: Duration::from_millis(50),
+                max_latency: Duration::from_millis(500),
+                failback: Failback::Auto,
+                failback_hold: hold,
+            },
+            connect_timeout: Duration::from_secs(1),
+            on_failover: OnFailover::Keep,
+            hooks: vec![],
+            tunnels: vec![tunnel("a", 10), tunnel("b", 20)],
+        };
+        let bus = Bus::new(64);
+        let events = bus.subscribe();
+        let status = Arc::new(RwLock::new(initial_status(&spec)));
+        let (primary_tx, primary) = watch::channel(Primary::default());
+        let (reports, rx) = mpsc::unbounded_channel();
+        let election = Election::new(&spec, bus, status, primary_tx, CancellationToken::new());
+        tokio::spawn(election.run(rx, JoinSet::new()));
+        Harness {
+            reports,
+            primary,
+            events,
+        }
+    }
+
+    impl Harness {
+        fn up(&self, index: usize) {
+            let probe = Report::Probe {
+                latency: Some(Duration::from_millis(5)),
+                error: None,
+                transition: Some(Transition::Up),
+            };
+            self.reports.send((index, probe)).unwrap();
+        }
+
+        fn die(&self, index: usize) {
+            let died = Report::Died {
+                reason: "killed by signal 9 (SIGKILL)".into(),
+            };
+            self.reports.send((index, died)).unwrap();
+        }
+
+        /// Lets the loop run without letting time pass.
+        async fn settle(&self) {
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+        }
+
+        fn primary(&self) -> Option<String> {
+            self.primary.borrow().tunnel.clone()
+        }
+
+        fn reasons(&mut self) -> Vec<String> {
+            let mut out = vec![];
+            while let Some(Some(crate::bus::Delivery::Event(e))) =
+                futures_util::FutureExt::now_or_never(self.events.next())
+            {
+                if let EventKind::PrimaryChanged { reason, .. } = &e.kind {
+                    out.push(reason.clone());
+                }
+            }
+            out
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failback_happens_exactly_when_the_hold_expires() {
+        let hold = Duration::from_secs(30);
+        let mut h = start(hold);
+        h.up(1);
+        h.settle().await;
+        assert_eq!(h.primary().as_deref(), Some("b"));
+        // a comes up later: b is healthy, so a must wait out the hold.
+        h.up(0);
+        h.settle().await;
+        assert_eq!(h.primary().as_deref(), Some("b"));
+        tokio::time::advance(hold - Duration::from_millis(1)).await;
+        h.settle().await;
+        assert_eq!(h.primary().as_deref(), Some("b"), "failback before the hold");
+        tokio::time::advance(Duration::from_millis(2)).await;
+        h.settle().await;
+        assert_eq!(h.primary().as_deref(), Some("a"), "no failback at the hold");
+        assert_eq!(h.reasons(), ["initial", "failback"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hard_failure_fails_over_at_once_and_a_flapping_tunnel_waits_longer() {
+        let hold = Duration::from_secs(10);
+        let mut h = start(hold);
+        h.up(0);
+        h.up(1);
+        h.settle().await;
+        assert_eq!(h.primary().as_deref(), Some("a"));
+        h.die(0);
+        h.settle().await;
+        assert_eq!(h.primary().as_deref(), Some("b"), "a hard failure needs no time");
+        // First return: the base hold.
+        h.up(0);
+        h.settle().await;
+        tokio::time::advance(hold + Duration::from_millis(1)).await;
+        h.settle().await;
+        assert_eq!(h.primary().as_deref(), Some("a"));
+        // It dies again: the hold doubles.
+        h.die(0);
+        h.up(0);
+        h.settle().await;
+        assert_eq!(h.primary().as_deref(), Some("b"));
+        tokio::time::advance(hold + Duration::from_millis(1)).await;
+        h.settle().await;
+        assert_eq!(h.primary().as_deref(), Some("b"), "dampening must grow the hold");
+        tokio::time::advance(hold).await;
+        h.settle().await;
+        assert_eq!(h.primary().as_deref(), Some("a"));
+        let reasons = h.reasons();
+        assert_eq!(reasons.len(), 5, "{reasons:?}");
+        assert!(reasons[1].starts_with("primary_down (hard: killed by signal 9"), "{reasons:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn losing_every_tunnel_reports_no_healthy_tunnel_once_and_keeps_the_fallback() {
+        let mut h = start(Duration::from_secs(1));
+        h.up(0);
+        h.settle().await;
+        h.die(0);
+        h.die(1);
+        h.settle().await;
+        assert_eq!(h.primary().as_deref(), Some("a"), "last primary kept as fallback");
+        assert!(h.primary.borrow().degraded);
+        let mut no_healthy = 0;
+        while let Some(Some(crate::bus::Delivery::Event(e))) =
+            futures_util::FutureExt::now_or_never(h.events.next())
+        {
+            if let EventKind::NoHealthyTunnel { fallback, .. } = &e.kind {
+                assert_eq!(fallback.as_deref(), Some("a"));
+                no_healthy += 1;
+            }
+        }
+        assert_eq!(no_healthy, 1);
     }
 }

@@ -289,3 +289,152 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod paused_tests {
+    //! The supervisor's restart loop on a paused clock, with a provider that cannot start or
+    //! whose tunnel dies after a set time: delays are exact and the backoff resets after a
+    //! long enough life.
+    use super::*;
+    use crate::bus::Delivery;
+    use crate::config::spec::{ProbeSpec, ProviderSpec};
+    use crate::config::model::Standby;
+    use async_trait::async_trait;
+    use tunnelkeeper_providers::direct::DirectSpec;
+    use tunnelkeeper_providers::{Dial, Endpoint, ProviderError, Resolver};
+
+    /// Fails every start, or starts tunnels that die after `life`.
+    #[derive(Debug)]
+    struct Flaky {
+        life: Option<Duration>,
+    }
+
+    struct Dying {
+        dies_at: Instant,
+    }
+
+    #[async_trait]
+    impl Provider for Flaky {
+        async fn start(&self, _: &StartContext) -> tunnelkeeper_providers::Result<Arc<dyn Tunnel>> {
+            match self.life {
+                None => Err(ProviderError::Spawn("exited with status 1".into())),
+                Some(life) => Ok(Arc::new(Dying {
+                    dies_at: Instant::now() + life,
+                })),
+            }
+        }
+    }
+
+    #[async_trait]
+    impl Tunnel for Dying {
+        fn endpoint(&self) -> tunnelkeeper_providers::Endpoint {
+            Endpoint {
+                display: "test".into(),
+            }
+        }
+        async fn dial(&self, _: Duration) -> tunnelkeeper_providers::Result<Dial> {
+            Err(ProviderError::Closed("test".into()))
+        }
+        async fn closed(&self) -> String {
+            tokio::time::sleep_until(self.dies_at).await;
+            "exited with status 1".into()
+        }
+        async fn stop(&self) {}
+    }
+
+    fn spec(restart: RestartSpec) -> TunnelSpec {
+        TunnelSpec {
+            name: "t".into(),
+            priority: 10,
+            standby: Standby::Hot,
+            via_router: None,
+            probe: ProbeSpec {
+                interval: Duration::from_secs(1),
+                timeout: Duration::from_secs(1),
+                rise: 1,
+                fall: 1,
+                send: None,
+                expect: None,
+                checks: vec![],
+            },
+            restart,
+            provider: ProviderSpec::Direct(DirectSpec {
+                address: "127.0.0.1:1".into(),
+            }),
+        }
+    }
+
+    /// Runs a tunnel task for `window` of paused time; returns (offset of each start, delay of
+    /// each restart).
+    async fn observe(life: Option<Duration>, restart: RestartSpec, window: Duration) -> (Vec<Duration>, Vec<u64>) {
+        let bus = Bus::new(4096);
+        let mut events = bus.subscribe();
+        let (reports, _rx) = mpsc::unbounded_channel();
+        let cancel = CancellationToken::new();
+        let task = TunnelTask {
+            index: 0,
+            service: "s".into(),
+            spec: spec(restart),
+            provider: Arc::new(Flaky { life }),
+            ctx: StartContext {
+                tunnel: "t".into(),
+                service: "s".into(),
+                resolver: Resolver::new(&["127.0.0.1".parse().unwrap()]).unwrap(),
+            },
+            bus: bus.clone(),
+            reports,
+            cancel: cancel.clone(),
+        };
+        let t0 = Instant::now();
+        let handle = tokio::spawn(task.run());
+        tokio::time::sleep(window).await;
+        cancel.cancel();
+        handle.await.unwrap();
+        let (mut starts, mut delays) = (vec![], vec![]);
+        while let Some(Some(Delivery::Event(e))) =
+            futures_util::FutureExt::now_or_never(events.next())
+        {
+            match &e.kind {
+                EventKind::TunnelStarting { .. } => starts.push(Instant::now() - t0),
+                EventKind::TunnelRestarting { delay_ms, .. } => delays.push(*delay_ms),
+                _ => {}
+            }
+        }
+        (starts, delays)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_crash_loop_backs_off_exponentially_to_the_cap() {
+        let restart = RestartSpec {
+            initial: Duration::from_millis(500),
+            max: Duration::from_secs(8),
+            multiplier: 2.0,
+            jitter: 0.0,
+        };
+        let (starts, delays) = observe(None, restart, Duration::from_secs(60)).await;
+        // 0.5+1+2+4+8 = 15.5 s, then every 8 s: 1 + 5 + 5 (at 23.5 … 55.5) starts in 60 s.
+        assert_eq!(
+            delays[..8],
+            [500, 1000, 2000, 4000, 8000, 8000, 8000, 8000],
+            "{delays:?}"
+        );
+        assert_eq!(starts.len(), 11, "a crash loop must not spin: {} starts", starts.len());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_backoff_resets_after_the_tunnel_lived_for_restart_max() {
+        let restart = RestartSpec {
+            initial: Duration::from_millis(500),
+            max: Duration::from_secs(4),
+            multiplier: 2.0,
+            jitter: 0.0,
+        };
+        // Lives 5 s each time (> max): every restart is a first attempt again.
+        let (_, delays) = observe(Some(Duration::from_secs(5)), restart, Duration::from_secs(30)).await;
+        assert!(delays.len() >= 4, "{delays:?}");
+        assert!(delays.iter().all(|&d| d == 500), "{delays:?}");
+        // Lives 1 s each time (< max): the backoff keeps growing.
+        let (_, delays) = observe(Some(Duration::from_secs(1)), restart, Duration::from_secs(30)).await;
+        assert_eq!(delays[..4], [500, 1000, 2000, 4000], "{delays:?}");
+    }
+}

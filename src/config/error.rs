@@ -118,7 +118,9 @@ mod tests {
             path: PathBuf::from("/nonexistent.yaml"),
             source: io::Error::from(io::ErrorKind::NotFound),
         };
-        assert!(err.to_string().starts_with("cannot read /nonexistent.yaml: "));
+        assert!(err
+            .to_string()
+            .starts_with("cannot read /nonexistent.yaml: "));
         assert!(err.diagnostics().is_empty());
     }
 }

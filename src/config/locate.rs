@@ -147,7 +147,11 @@ impl Node {
 enum Frame {
     Seq(Position, Vec<Node>),
     /// Entries so far, and a key waiting for its value.
-    Map(Position, Vec<(Option<String>, Position, Node)>, Option<(Option<String>, Position)>),
+    Map(
+        Position,
+        Vec<(Option<String>, Position, Node)>,
+        Option<(Option<String>, Position)>,
+    ),
     /// A collection past [`MAX_DEPTH`]: only its nesting is tracked, to find its end.
     Skipped(Position, usize),
 }
@@ -162,9 +166,7 @@ impl Locator {
     /// Reads `text`. Never fails: a document yaml-rust2 rejects keeps what was read before the
     /// error, and an empty one places everything at 1:1.
     pub(crate) fn new(text: &str) -> Self {
-        Locator {
-            root: build(text),
-        }
+        Locator { root: build(text) }
     }
 
     /// The position of the last key of `path`, or of its nearest ancestor present in the
@@ -369,7 +371,10 @@ services:
         assert_eq!(locator.locate(&path(&["version"])), at(1, 1));
         assert_eq!(locator.locate(&path(&["services"])), at(2, 1));
         assert_eq!(locator.locate(&path(&["services", "0"])), at(3, 5));
-        assert_eq!(locator.locate(&path(&["services", "0", "tunnels"])), at(4, 5));
+        assert_eq!(
+            locator.locate(&path(&["services", "0", "tunnels"])),
+            at(4, 5)
+        );
         assert_eq!(
             locator.locate(&path(&["services", "0", "tunnels", "0", "priority"])),
             at(5, 40)
@@ -382,7 +387,10 @@ services:
             locator.locate(&path(&["services", "0", "tunnels", "1", "run", "1"])),
             at(8, 21)
         );
-        assert_eq!(locator.locate(&path(&["services", "1", "tunnels"])), at(10, 5));
+        assert_eq!(
+            locator.locate(&path(&["services", "1", "tunnels"])),
+            at(10, 5)
+        );
     }
 
     #[test]
@@ -393,7 +401,10 @@ services:
             locator.locate(&path(&["services", "0", "tunnels", "1", "address"])),
             at(6, 9)
         );
-        assert_eq!(locator.locate(&path(&["services", "1", "tunnels", "0"])), at(10, 5));
+        assert_eq!(
+            locator.locate(&path(&["services", "1", "tunnels", "0"])),
+            at(10, 5)
+        );
         assert_eq!(locator.locate(&path(&["services", "7", "name"])), at(2, 1));
         assert_eq!(locator.locate(&path(&["daemon"])), at(1, 1));
         // Walking "into" a scalar stops at the scalar's key.
@@ -427,7 +438,10 @@ services:
         assert_eq!(locator.locate(&path(&["b"])), at(2, 1));
         // Past yaml-rust2's limit the parse stops early; locating still answers.
         let deeper = format!("a: {}1{}\n", "[".repeat(10_000), "]".repeat(10_000));
-        assert_eq!(Locator::new(&deeper).locate(&path(&["a", "0", "0"])), at(1, 1));
+        assert_eq!(
+            Locator::new(&deeper).locate(&path(&["a", "0", "0"])),
+            at(1, 1)
+        );
         let unclosed = "[".repeat(10_000);
         assert_eq!(Locator::new(&unclosed).locate(&path(&["0"])), at(1, 1));
     }

@@ -38,7 +38,11 @@ pub fn parse(text: &str, path: &Path) -> Result<spec::Config, ConfigError> {
     let deserializer = serde_yaml::Deserializer::from_str(text);
     let file: ConfigFile = match serde_path_to_error::deserialize(deserializer) {
         Ok(file) => file,
-        Err(err) => return Err(ConfigError::Invalid(vec![serde_diagnostic(text, path, &err)])),
+        Err(err) => {
+            return Err(ConfigError::Invalid(vec![serde_diagnostic(
+                text, path, &err,
+            )]))
+        }
     };
     validate::validate(&file, path).map_err(|issues| {
         let locator = Locator::new(text);
@@ -174,8 +178,8 @@ fn clean_message(raw: &str, at: Option<Position>, path: &str) -> String {
         }
     }
     if message.contains("untagged enum HookCommand") {
-        message = "expected a command line (a string) or an argv list (a list of strings)"
-            .to_owned();
+        message =
+            "expected a command line (a string) or an argv list (a list of strings)".to_owned();
     }
     message
 }
@@ -269,7 +273,10 @@ services:
     fn minimal_config_gets_builtin_defaults() {
         let config = ok(MINIMAL);
         assert_eq!(config.source, file());
-        assert_eq!(config.daemon.control_socket, PathBuf::from(default::CONTROL_SOCKET));
+        assert_eq!(
+            config.daemon.control_socket,
+            PathBuf::from(default::CONTROL_SOCKET)
+        );
         assert_eq!(config.daemon.state_dir, PathBuf::from(default::STATE_DIR));
         assert_eq!(config.daemon.shutdown_grace, default::SHUTDOWN_GRACE);
         assert!(config.daemon.readers.is_empty());
@@ -343,7 +350,10 @@ services:
         assert_eq!(inherits.probe.fall, 2); // service
         assert_eq!(inherits.probe.expect.as_deref(), Some(&b"SSH-2.0"[..]));
         assert_eq!(inherits.probe.send, None);
-        assert_eq!(inherits.probe.checks, vec![ExtraCheck::Tcp("127.0.0.1:80".into())]);
+        assert_eq!(
+            inherits.probe.checks,
+            vec![ExtraCheck::Tcp("127.0.0.1:80".into())]
+        );
         assert_eq!(inherits.restart.initial, Duration::from_secs(1)); // defaults
         assert_eq!(inherits.restart.max, Duration::from_secs(30)); // service
         assert_eq!(inherits.restart.multiplier, 3.0); // defaults
@@ -377,7 +387,11 @@ services:
       - { name: b, provider: direct, address: 127.0.0.1:2, priority: 1 }
       - { name: c, provider: direct, address: 127.0.0.1:3 }
 ");
-        let priorities: Vec<i64> = config.services[0].tunnels.iter().map(|t| t.priority).collect();
+        let priorities: Vec<i64> = config.services[0]
+            .tunnels
+            .iter()
+            .map(|t| t.priority)
+            .collect();
         assert_eq!(priorities, vec![10, 1, 30]);
     }
 
@@ -409,11 +423,19 @@ services:
 "#);
         assert_eq!(
             config.daemon.readers,
-            vec![Reader::Uid(1000), Reader::Gid(4), Reader::Uid(0), Reader::Gid(0)]
+            vec![
+                Reader::Uid(1000),
+                Reader::Gid(4),
+                Reader::Uid(0),
+                Reader::Gid(0)
+            ]
         );
         assert_eq!(config.nameservers.len(), 2);
         let service = &config.services[0];
-        assert_eq!(service.hooks[0].argv, vec!["/bin/sh", "-c", "echo $TK_EVENT"]);
+        assert_eq!(
+            service.hooks[0].argv,
+            vec!["/bin/sh", "-c", "echo $TK_EVENT"]
+        );
         assert_eq!(service.hooks[0].timeout, default::HOOK_TIMEOUT);
         assert_eq!(service.hooks[1].argv, vec!["/bin/true", "x"]);
         assert_eq!(service.hooks[1].timeout, Duration::from_secs(2));
@@ -421,8 +443,13 @@ services:
             panic!("expected command");
         };
         assert_eq!(bore.run[0], "bore");
-        assert!(matches!(&bore.endpoint, EndpointSource::Regex(re) if re.as_str() == r"listening at ([^\s]+)"));
-        assert_eq!(bore.env, vec![("A".into(), "1".into()), ("B".into(), "2".into())]);
+        assert!(
+            matches!(&bore.endpoint, EndpointSource::Regex(re) if re.as_str() == r"listening at ([^\s]+)")
+        );
+        assert_eq!(
+            bore.env,
+            vec![("A".into(), "1".into()), ("B".into(), "2".into())]
+        );
         assert_eq!(bore.start_timeout, Duration::from_secs(20));
         assert_eq!(bore.stop_grace, default::STOP_GRACE);
         let ProviderSpec::Command(socat) = &service.tunnels[1].provider else {
@@ -451,18 +478,32 @@ services:
         );
         let text = "version: 1\nservices:\n  - name: a\n    probe: { interval: 5 parsecs }\n";
         let error = one_error(text);
-        assert!(error.starts_with("4:24 services[0].probe.interval: invalid value: string \"5 parsecs\""), "{error}");
+        assert!(
+            error.starts_with(
+                "4:24 services[0].probe.interval: invalid value: string \"5 parsecs\""
+            ),
+            "{error}"
+        );
         let text = "version: 1\nservices:\n  - tunnels: []\n";
-        assert_eq!(one_error(text), "3:5 services[0].name: missing field `name`");
+        assert_eq!(
+            one_error(text),
+            "3:5 services[0].name: missing field `name`"
+        );
         let text = "version: 1\nservices:\n  - name: a\n    probe: 5\n";
         assert_eq!(
             one_error(text),
             "4:12 services[0].probe: invalid type: integer `5`, expected a mapping"
         );
-        let text = "version: 1\nservices:\n  - name: a\n    hooks: [{ on: [tunnel_up], run: {a: 1} }]\n";
+        let text =
+            "version: 1\nservices:\n  - name: a\n    hooks: [{ on: [tunnel_up], run: {a: 1} }]\n";
         let error = one_error(text);
         assert!(error.starts_with("4:13 services[0].hooks[0]"), "{error}");
-        assert!(error.ends_with("expected a command line (a string) or an argv list (a list of strings)"), "{error}");
+        assert!(
+            error.ends_with(
+                "expected a command line (a string) or an argv list (a list of strings)"
+            ),
+            "{error}"
+        );
         let text = "version: 1\nservices: []\nversion: 2\n";
         assert_eq!(one_error(text), "3:1 version: duplicate field `version`");
     }
@@ -500,7 +541,10 @@ services:
             "3:1 services: did not find expected node content, while parsing a flow node"
         );
         let error = one_error("just some words");
-        assert_eq!(error, "1:1 (root): invalid type: string \"just some words\", expected a mapping");
+        assert_eq!(
+            error,
+            "1:1 (root): invalid type: string \"just some words\", expected a mapping"
+        );
         let error = one_error("\u{0}\u{1}binary");
         assert!(error.starts_with("1:1 (root): "), "{error}");
     }
@@ -557,6 +601,23 @@ services:
     }
 
     #[test]
+    fn provider_specs_compare_secrets_too() {
+        let text = |secret: &str, regex: &str| {
+            format!(
+                "version: 1\nservices:\n  - name: s\n    tunnels:\n      - name: c\n        \
+                 provider: command\n        run: [prog]\n        endpoint_regex: '{regex}'\n        \
+                 env: {{ TOKEN: {secret} }}\n"
+            )
+        };
+        let tunnel =
+            |secret: &str, regex: &str| ok(&text(secret, regex)).services[0].tunnels[0].clone();
+        assert_eq!(tunnel("a", "at (\\S+)"), tunnel("a", "at (\\S+)"));
+        // Debug masks env values; a rotated secret must still count as a change.
+        assert_ne!(tunnel("a", "at (\\S+)"), tunnel("b", "at (\\S+)"));
+        assert_ne!(tunnel("a", "at (\\S+)"), tunnel("a", "on (\\S+)"));
+    }
+
+    #[test]
     fn load_reads_files_and_reports_unreadable_ones() {
         let dir = std::env::temp_dir().join(format!("tk-config-{}", std::process::id()));
         let _ = std::fs::create_dir_all(&dir);
@@ -566,7 +627,8 @@ services:
         let missing = dir.join("missing.yaml");
         let err = load(&missing).expect_err("missing file");
         assert!(
-            err.to_string().starts_with(&format!("cannot read {}: ", missing.display())),
+            err.to_string()
+                .starts_with(&format!("cannot read {}: ", missing.display())),
             "{err}"
         );
         let _ = std::fs::remove_dir_all(&dir);

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tunnelkeeper_providers::command::CommandSpec;
+use tunnelkeeper_providers::command::{CommandSpec, EndpointSource};
 use tunnelkeeper_providers::direct::DirectSpec;
 
 use super::model::{HookCommand, OnFailover, ProviderKind, Standby};
@@ -149,8 +149,38 @@ pub enum ProviderSpec {
 
 impl PartialEq for ProviderSpec {
     /// Equal when the settings are equal: used by reload to tell changed tunnels from unchanged.
+    /// Compared field by field rather than through `Debug`, which masks `env` values: a rotated
+    /// secret must restart the tunnel. The patterns name every field, so a field added to a
+    /// provider's spec fails to compile here until it is compared too.
     fn eq(&self, other: &Self) -> bool {
-        format!("{self:?}") == format!("{other:?}")
+        match (self, other) {
+            (ProviderSpec::Direct(a), ProviderSpec::Direct(b)) => {
+                let DirectSpec { address } = a;
+                *address == b.address
+            }
+            (ProviderSpec::Command(a), ProviderSpec::Command(b)) => {
+                let CommandSpec {
+                    run,
+                    endpoint,
+                    env,
+                    start_timeout,
+                    stop_grace,
+                } = a;
+                let same_endpoint = match (endpoint, &b.endpoint) {
+                    (EndpointSource::Fixed(x), EndpointSource::Fixed(y)) => x == y,
+                    (EndpointSource::Regex(x), EndpointSource::Regex(y)) => {
+                        x.as_str() == y.as_str()
+                    }
+                    _ => false,
+                };
+                same_endpoint
+                    && *run == b.run
+                    && *env == b.env
+                    && *start_timeout == b.start_timeout
+                    && *stop_grace == b.stop_grace
+            }
+            _ => false,
+        }
     }
 }
 

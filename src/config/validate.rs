@@ -78,7 +78,10 @@ pub(crate) fn validate(file: &ConfigFile, source: &Path) -> Result<Config, Vec<I
     if file.version != 1 {
         v.error(
             root.key("version"),
-            format!("unsupported version {}: this build reads version 1", file.version),
+            format!(
+                "unsupported version {}: this build reads version 1",
+                file.version
+            ),
         );
     }
     let daemon = v.daemon(&file.daemon, &root.key("daemon"));
@@ -388,8 +391,8 @@ impl Validator {
         self.positive(restart.initial, &path.key("initial"));
         self.positive(restart.max, &path.key("max"));
         if let Some(multiplier) = restart.multiplier {
-            // `!(x >= 1.0)` also rejects NaN.
-            if !(multiplier >= 1.0) || !multiplier.is_finite() {
+            // NaN is not finite, so it is rejected here too.
+            if !multiplier.is_finite() || multiplier < 1.0 {
                 self.error(
                     path.key("multiplier"),
                     format!("{multiplier} is not a valid multiplier: it must be at least 1.0"),
@@ -434,7 +437,11 @@ impl Validator {
             self.positive(router.verify_interval, &path.key("verify_interval"));
             let mut checks = Names::new("verify check");
             for (j, verify) in router.verify.iter().enumerate() {
-                self.name(&mut checks, &verify.name, &path.key("verify").index(j).key("name"));
+                self.name(
+                    &mut checks,
+                    &verify.name,
+                    &path.key("verify").index(j).key("name"),
+                );
             }
         }
         names.seen.into_keys().collect()
@@ -526,9 +533,7 @@ impl Validator {
         ServiceSpec {
             name: service.name.clone(),
             policy,
-            connect_timeout: service
-                .connect_timeout
-                .unwrap_or(default::CONNECT_TIMEOUT),
+            connect_timeout: service.connect_timeout.unwrap_or(default::CONNECT_TIMEOUT),
             on_failover: service.on_failover.unwrap_or(OnFailover::Keep),
             hooks,
             tunnels,
@@ -835,8 +840,7 @@ impl Validator {
             (None, None) => {
                 self.error(
                     path.key("endpoint"),
-                    "provider `command` needs `endpoint: host:port` or `endpoint_regex`"
-                        .to_owned(),
+                    "provider `command` needs `endpoint: host:port` or `endpoint_regex`".to_owned(),
                 );
                 None
             }
@@ -856,7 +860,10 @@ impl Validator {
         for (name, value) in &tunnel.env {
             let at = path.key("env").key(name);
             if name.is_empty() {
-                self.error(at, "an environment variable name must not be empty".to_owned());
+                self.error(
+                    at,
+                    "an environment variable name must not be empty".to_owned(),
+                );
             } else if name.contains('=') || name.contains('\0') {
                 self.error(
                     at,
@@ -951,7 +958,9 @@ fn parse_reader(text: &str) -> Result<Reader, String> {
             Ok(None) => Err(format!("unknown group `{value}` in `{text}`")),
             Err(errno) => Err(format!("cannot look up group `{value}`: {errno}")),
         },
-        _ => Err(format!("`{kind}` in `{text}` is not a reader kind: {expected}")),
+        _ => Err(format!(
+            "`{kind}` in `{text}` is not a reader kind: {expected}"
+        )),
     }
 }
 
@@ -1057,10 +1066,7 @@ fn check_http_url(url: &str) -> Result<(), String> {
         return Err(format!("`{url}` contains whitespace"));
     }
     let rest = url.get("http://".len()..).unwrap_or_default();
-    let authority = rest
-        .split(|c| matches!(c, '/' | '?' | '#'))
-        .next()
-        .unwrap_or_default();
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
     if authority.contains('@') {
         return Err(format!("`{url}`: credentials in the URL are not supported"));
     }
@@ -1069,7 +1075,9 @@ fn check_http_url(url: &str) -> Result<(), String> {
     }
     // With no port after the host, check it as if the default port had been written.
     let has_port = match authority.rfind(']') {
-        Some(bracket) => authority.get(bracket + 1..).is_some_and(|s| s.starts_with(':')),
+        Some(bracket) => authority
+            .get(bracket + 1..)
+            .is_some_and(|s| s.starts_with(':')),
         None => authority.contains(':'),
     };
     let with_port = if has_port {
@@ -1077,9 +1085,8 @@ fn check_http_url(url: &str) -> Result<(), String> {
     } else {
         format!("{authority}:80")
     };
-    check_host_port(&with_port).map_err(|_| {
-        format!("`{url}` does not have a valid host[:port] (`{authority}`)")
-    })
+    check_host_port(&with_port)
+        .map_err(|_| format!("`{url}` does not have a valid host[:port] (`{authority}`)"))
 }
 
 /// Compiles `endpoint_regex` and makes sure it can actually yield an endpoint: the provider
@@ -1184,9 +1191,14 @@ mod tests {
     fn endpoint_regexes() {
         assert!(compile_endpoint_regex(r"listening at ([^\s]+)").is_ok());
         let err = compile_endpoint_regex("(unclosed").unwrap_err();
-        assert!(err.contains("not a valid regex") && !err.contains('\n'), "{err}");
+        assert!(
+            err.contains("not a valid regex") && !err.contains('\n'),
+            "{err}"
+        );
         assert!(compile_endpoint_regex(r"[a-z.]+:\d+").is_ok());
-        assert!(compile_endpoint_regex(r"(\S*)").unwrap_err().contains("empty line"));
+        assert!(compile_endpoint_regex(r"(\S*)")
+            .unwrap_err()
+            .contains("empty line"));
     }
 
     #[test]
@@ -1196,11 +1208,19 @@ mod tests {
         assert_eq!(parse_reader("user:root"), Ok(Reader::Uid(0)));
         assert_eq!(parse_reader("group:root"), Ok(Reader::Gid(0)));
         assert!(parse_reader("uid:abc").unwrap_err().contains("numeric uid"));
-        assert!(parse_reader("user:no-such-user-tk").unwrap_err().contains("unknown user"));
-        assert!(parse_reader("group:no-such-group-tk").unwrap_err().contains("unknown group"));
+        assert!(parse_reader("user:no-such-user-tk")
+            .unwrap_err()
+            .contains("unknown user"));
+        assert!(parse_reader("group:no-such-group-tk")
+            .unwrap_err()
+            .contains("unknown group"));
         assert!(parse_reader("admin").unwrap_err().contains("not a reader"));
-        assert!(parse_reader("role:x").unwrap_err().contains("not a reader kind"));
+        assert!(parse_reader("role:x")
+            .unwrap_err()
+            .contains("not a reader kind"));
         assert!(parse_reader("user:").unwrap_err().contains("names no user"));
-        assert!(parse_reader("user:a\0b").unwrap_err().contains("unknown user"));
+        assert!(parse_reader("user:a\0b")
+            .unwrap_err()
+            .contains("unknown user"));
     }
 }

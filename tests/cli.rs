@@ -1,0 +1,188 @@
+//! The operator's view: `tunnelkeeper status` / `events` and raw HTTP on the control socket,
+//! against the real daemon binary, plus peer-credential checks with a real non-root uid.
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::time::Duration;
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tunnelkeeper");
+
+async fn daemon_with_one_direct_tunnel(readers: &str) -> (Daemon, Events) {
+    let echo = echo_server().await;
+    let config = format!(
+        r#"version: 1
+daemon: {{ control_socket: "@DIR@/control.sock", state_dir: "@DIR@/state", readers: {readers} }}
+defaults:
+  probe: {{ interval: 100ms, timeout: 100ms, rise: 1, fall: 2, send: "x", expect: "x" }}
+services:
+  - name: web
+    tunnels:
+      - {{ name: lan, provider: direct, address: "{echo}" }}
+"#
+    );
+    let daemon = Daemon::start(&config).await;
+    let mut events = daemon.follow();
+    events
+        .wait(Duration::from_secs(20), "lan elected", primary_changed(Some("lan"), None))
+        .await;
+    (daemon, events)
+}
+
+fn cli(args: &[&str], socket: &std::path::Path) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .arg("--socket")
+        .arg(socket)
+        .output()
+        .unwrap()
+}
+
+async fn raw_http(socket: &std::path::Path, request: &str) -> String {
+    let mut stream = tokio::net::UnixStream::connect(socket).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_events_commands_show_the_daemon() {
+    let (daemon, _events) = daemon_with_one_direct_tunnel("[]").await;
+
+    let out = cli(&["status"], &daemon.socket);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("service web  primary: lan"), "{text}");
+    assert!(text.contains("* lan"), "{text}");
+    assert!(text.contains("direct"), "{text}");
+    assert!(text.contains(" up "), "{text}");
+
+    let out = cli(&["status", "--json"], &daemon.socket);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["services"][0]["primary"], "lan");
+    assert_eq!(v["services"][0]["tunnels"][0]["state"], "up");
+    assert!(v["services"][0]["tunnels"][0]["latency_ms"].as_f64().unwrap() > 0.0);
+
+    // Without -f the journal is replayed and the command ends.
+    let out = cli(&["events", "--json"], &daemon.socket);
+    assert!(out.status.success(), "{out:?}");
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(lines.iter().any(|v| v["type"] == "primary_changed"));
+    let seqs: Vec<u64> = lines.iter().map(|v| v["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+
+    // --since skips what was already seen; the readable form names type and fields.
+    let out = cli(&["events", "--since", "1"], &daemon.socket);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("#1 "), "{text}");
+    assert!(text.contains("primary_changed") && text.contains("to=lan"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_http_works_like_curl_and_errors_are_json() {
+    let (daemon, _events) = daemon_with_one_direct_tunnel("[]").await;
+    let ok = raw_http(
+        &daemon.socket,
+        "GET /v1/status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    assert!(ok.contains("\"primary\": \"lan\""), "{ok}");
+
+    let missing = raw_http(
+        &daemon.socket,
+        "GET /v1/nothing HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+    assert!(missing.contains("\"error\""), "{missing}");
+
+    let bad = raw_http(
+        &daemon.socket,
+        "GET /v1/events?since=abc HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(bad.starts_with("HTTP/1.1 400"), "{bad}");
+
+    let wrong = raw_http(
+        &daemon.socket,
+        "DELETE /v1/status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(wrong.starts_with("HTTP/1.1 405"), "{wrong}");
+
+    // A client that never finishes its request does not stop others from being served.
+    let _stuck = {
+        let mut s = tokio::net::UnixStream::connect(&daemon.socket).await.unwrap();
+        s.write_all(b"GET /v1/sta").await.unwrap();
+        s
+    };
+    let out = cli(&["status"], &daemon.socket);
+    assert!(out.status.success());
+
+    let mode = std::fs::metadata(&daemon.socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o660, "socket mode {mode:o}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_credentials_decide_who_may_read() {
+    if !nix::unistd::geteuid().is_root() || Command::new("runuser").arg("--help").output().is_err()
+    {
+        eprintln!("SKIP: needs root and runuser to act as another uid");
+        return;
+    }
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    for (readers, allowed) in [("[]".to_string(), false), (format!("[\"uid:{}\"]", nobody.uid), true)] {
+        let (daemon, _events) = daemon_with_one_direct_tunnel(&readers).await;
+        // Open the file-system path so that only SO_PEERCRED stands between nobody and the API.
+        std::fs::set_permissions(daemon.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&daemon.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let out = Command::new("runuser")
+            .args(["-u", "nobody", "--", BIN, "status", "--json", "--socket"])
+            .arg(&daemon.socket)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if allowed {
+            assert!(out.status.success(), "listed reader refused: {stderr}");
+        } else {
+            assert_eq!(out.status.code(), Some(1), "{stderr}");
+            assert!(stderr.contains("403") && stderr.contains("permission denied"), "{stderr}");
+        }
+    }
+}
+
+#[test]
+fn status_without_a_daemon_is_a_clear_runtime_error() {
+    let out = Command::new(BIN)
+        .args(["status", "--socket", "/nonexistent/tk.sock"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("/nonexistent/tk.sock") && stderr.contains("is the daemon running"), "{stderr}");
+}
+
+#[test]
+fn demo_runs_end_to_end_and_leaves_nothing_behind() {
+    let out = Command::new(BIN)
+        .args(["demo", "--quick"])
+        .env_remove("XDG_RUNTIME_DIR")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("PRIMARY alpha → beta"), "{stdout}");
+    assert!(stdout.contains("== summary"), "{stdout}");
+    assert!(stdout.contains("kill -9") && stdout.contains("SIGSTOP"), "{stdout}");
+    assert!(stdout.contains("shut down cleanly"), "{stdout}");
+}
