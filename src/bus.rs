@@ -281,7 +281,11 @@ impl Bus {
             .filter(|e| e.seq > since)
             .cloned()
             .collect();
-        let first_kept = journal.ring.front().map(|e| e.seq).unwrap_or(journal.next_seq);
+        let first_kept = journal
+            .ring
+            .front()
+            .map(|e| e.seq)
+            .unwrap_or(journal.next_seq);
         let missed = first_kept.saturating_sub(since + 1);
         let subscription = Subscription {
             rx: self.tx.subscribe(),

@@ -185,8 +185,8 @@ pub fn render_status(status: &DaemonStatus) -> String {
         );
         let _ = writeln!(
             out,
-            "  {:<1} {:<14} {:<9} {:>5} {:<10} {:>9} {:<24} {:>8} {:>7}  {}",
-            "", "TUNNEL", "PROVIDER", "PRIO", "STATE", "LATENCY", "ENDPOINT", "RESTARTS", "PID", "REASON"
+            "  {:<1} {:<14} {:<9} {:>5} {:<10} {:>9} {:<24} {:>8} {:>7}  REASON",
+            "", "TUNNEL", "PROVIDER", "PRIO", "STATE", "LATENCY", "ENDPOINT", "RESTARTS", "PID",
         );
         for t in &s.tunnels {
             let mark = if s.primary.as_deref() == Some(t.name.as_str()) {

@@ -45,8 +45,7 @@ pub fn provider_for(spec: &ProviderSpec) -> Arc<dyn Provider> {
 impl Daemon {
     /// Binds the control socket, then starts every service (tunnels come up in the background).
     pub async fn start(config: Config) -> anyhow::Result<Daemon> {
-        let resolver =
-            Resolver::new(&config.nameservers).context("setting up the DNS resolver")?;
+        let resolver = Resolver::new(&config.nameservers).context("setting up the DNS resolver")?;
         let bus = Bus::new(DEFAULT_JOURNAL);
         let cancel = CancellationToken::new();
         let socket = config.daemon.control_socket.clone();
@@ -119,7 +118,10 @@ impl Daemon {
         let grace = self.config.daemon.shutdown_grace;
         let stops = futures_util::future::join_all(self.services.into_iter().map(|s| s.stop()));
         if tokio::time::timeout(grace, stops).await.is_err() {
-            tracing::warn!(?grace, "shutdown grace elapsed; some tunnels were still stopping");
+            tracing::warn!(
+                ?grace,
+                "shutdown grace elapsed; some tunnels were still stopping"
+            );
         }
         self.cancel.cancel();
         let _ = self.control.await;

@@ -147,9 +147,10 @@ async fn inject(daemon: &Daemon, view: &mut View, fault: Fault) -> anyhow::Resul
     };
     kill(pid, signal).with_context(|| format!("sending {signal} to {pid}"))?;
     view.note(&format!("sent {signal} to {PREFERRED} (pid {pid})"));
-    view.until(Duration::from_secs(10), |e| {
-        matches!(&e.kind, EventKind::PrimaryChanged { from: Some(f), .. } if f == PREFERRED)
-    })
+    view.until(
+        Duration::from_secs(10),
+        |e| matches!(&e.kind, EventKind::PrimaryChanged { from: Some(f), .. } if f == PREFERRED),
+    )
     .await
     .context("no failover happened")?;
     let failover = injected.elapsed();
@@ -157,9 +158,10 @@ async fn inject(daemon: &Daemon, view: &mut View, fault: Fault) -> anyhow::Resul
         kill(pid, Signal::SIGCONT).with_context(|| format!("sending SIGCONT to {pid}"))?;
         view.note(&format!("sent SIGCONT to {PREFERRED}: it answers again"));
     }
-    view.until(Duration::from_secs(20), |e| {
-        matches!(&e.kind, EventKind::TunnelUp { tunnel, .. } if tunnel == PREFERRED)
-    })
+    view.until(
+        Duration::from_secs(20),
+        |e| matches!(&e.kind, EventKind::TunnelUp { tunnel, .. } if tunnel == PREFERRED),
+    )
     .await
     .context("alpha never came back up")?;
     let back_up = Instant::now();
@@ -199,7 +201,11 @@ fn print_table(daemon: &Daemon) {
                     .latency_ms
                     .map(|ms| format!(" {ms:.2}ms"))
                     .unwrap_or_default();
-                let mark = if s.primary.as_deref() == Some(&t.name) { "*" } else { "" };
+                let mark = if s.primary.as_deref() == Some(&t.name) {
+                    "*"
+                } else {
+                    ""
+                };
                 format!(
                     "{mark}{} {}{latency} hold {}ms",
                     t.name,

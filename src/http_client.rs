@@ -88,7 +88,10 @@ mod tests {
             split_http_url("http://127.0.0.1:8080/health").unwrap(),
             ("127.0.0.1:8080", "/health")
         );
-        assert_eq!(split_http_url("http://example.com").unwrap(), ("example.com", "/"));
+        assert_eq!(
+            split_http_url("http://example.com").unwrap(),
+            ("example.com", "/")
+        );
         assert!(split_http_url("https://example.com/").is_err());
         assert!(split_http_url("http:///x").is_err());
     }

@@ -47,10 +47,7 @@ async fn end_to_end(
     spec: &ProbeSpec,
     started: Instant,
 ) -> Result<Duration, String> {
-    let mut stream = tunnel
-        .dial(spec.timeout)
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut stream = tunnel.dial(spec.timeout).await.map_err(|e| e.to_string())?;
     if let Some(send) = &spec.send {
         stream
             .write_all(send)

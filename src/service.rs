@@ -322,7 +322,11 @@ impl Election {
             now,
         });
         // A dampened hold also shrinks when old failures leave the window: wake for that too.
-        let expiry = self.dampening.iter().filter_map(|d| d.next_expiry(now)).min();
+        let expiry = self
+            .dampening
+            .iter()
+            .filter_map(|d| d.next_expiry(now))
+            .min();
         self.recheck_at = match (decision.recheck_at, expiry) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -395,8 +399,8 @@ mod tests {
     //! The election loop on a paused clock: holds expire exactly on time because the loop
     //! sleeps until `recheck_at`, with no probe or report needed to wake it.
     use super::*;
-    use crate::config::spec::{ProbeSpec, ProviderSpec, RestartSpec, TunnelSpec};
     use crate::config::model::{OnFailover, Standby};
+    use crate::config::spec::{ProbeSpec, ProviderSpec, RestartSpec, TunnelSpec};
     use crate::election::{Failback, Policy};
     use tunnelkeeper_providers::direct::DirectSpec;
 
@@ -516,7 +520,11 @@ mod tests {
         assert_eq!(h.primary().as_deref(), Some("b"));
         tokio::time::advance(hold - Duration::from_millis(1)).await;
         h.settle().await;
-        assert_eq!(h.primary().as_deref(), Some("b"), "failback before the hold");
+        assert_eq!(
+            h.primary().as_deref(),
+            Some("b"),
+            "failback before the hold"
+        );
         tokio::time::advance(Duration::from_millis(2)).await;
         h.settle().await;
         assert_eq!(h.primary().as_deref(), Some("a"), "no failback at the hold");
@@ -533,7 +541,11 @@ mod tests {
         assert_eq!(h.primary().as_deref(), Some("a"));
         h.die(0);
         h.settle().await;
-        assert_eq!(h.primary().as_deref(), Some("b"), "a hard failure needs no time");
+        assert_eq!(
+            h.primary().as_deref(),
+            Some("b"),
+            "a hard failure needs no time"
+        );
         // First return: the base hold.
         h.up(0);
         h.settle().await;
@@ -547,13 +559,20 @@ mod tests {
         assert_eq!(h.primary().as_deref(), Some("b"));
         tokio::time::advance(hold + Duration::from_millis(1)).await;
         h.settle().await;
-        assert_eq!(h.primary().as_deref(), Some("b"), "dampening must grow the hold");
+        assert_eq!(
+            h.primary().as_deref(),
+            Some("b"),
+            "dampening must grow the hold"
+        );
         tokio::time::advance(hold).await;
         h.settle().await;
         assert_eq!(h.primary().as_deref(), Some("a"));
         let reasons = h.reasons();
         assert_eq!(reasons.len(), 5, "{reasons:?}");
-        assert!(reasons[1].starts_with("primary_down (hard: killed by signal 9"), "{reasons:?}");
+        assert!(
+            reasons[1].starts_with("primary_down (hard: killed by signal 9"),
+            "{reasons:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -564,7 +583,11 @@ mod tests {
         h.die(0);
         h.die(1);
         h.settle().await;
-        assert_eq!(h.primary().as_deref(), Some("a"), "last primary kept as fallback");
+        assert_eq!(
+            h.primary().as_deref(),
+            Some("a"),
+            "last primary kept as fallback"
+        );
         assert!(h.primary.borrow().degraded);
         let mut no_healthy = 0;
         while let Some(Some(crate::bus::Delivery::Event(e))) =

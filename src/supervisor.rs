@@ -297,8 +297,8 @@ mod paused_tests {
     //! long enough life.
     use super::*;
     use crate::bus::Delivery;
-    use crate::config::spec::{ProbeSpec, ProviderSpec};
     use crate::config::model::Standby;
+    use crate::config::spec::{ProbeSpec, ProviderSpec};
     use async_trait::async_trait;
     use tunnelkeeper_providers::direct::DirectSpec;
     use tunnelkeeper_providers::{Dial, Endpoint, ProviderError, Resolver};
@@ -366,7 +366,11 @@ mod paused_tests {
 
     /// Runs a tunnel task for `window` of paused time; returns (offset of each start, delay of
     /// each restart).
-    async fn observe(life: Option<Duration>, restart: RestartSpec, window: Duration) -> (Vec<Duration>, Vec<u64>) {
+    async fn observe(
+        life: Option<Duration>,
+        restart: RestartSpec,
+        window: Duration,
+    ) -> (Vec<Duration>, Vec<u64>) {
         let bus = Bus::new(4096);
         let mut events = bus.subscribe();
         let (reports, _rx) = mpsc::unbounded_channel();
@@ -418,7 +422,12 @@ mod paused_tests {
             [500, 1000, 2000, 4000, 8000, 8000, 8000, 8000],
             "{delays:?}"
         );
-        assert_eq!(starts.len(), 11, "a crash loop must not spin: {} starts", starts.len());
+        assert_eq!(
+            starts.len(),
+            11,
+            "a crash loop must not spin: {} starts",
+            starts.len()
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -430,11 +439,21 @@ mod paused_tests {
             jitter: 0.0,
         };
         // Lives 5 s each time (> max): every restart is a first attempt again.
-        let (_, delays) = observe(Some(Duration::from_secs(5)), restart, Duration::from_secs(30)).await;
+        let (_, delays) = observe(
+            Some(Duration::from_secs(5)),
+            restart,
+            Duration::from_secs(30),
+        )
+        .await;
         assert!(delays.len() >= 4, "{delays:?}");
         assert!(delays.iter().all(|&d| d == 500), "{delays:?}");
         // Lives 1 s each time (< max): the backoff keeps growing.
-        let (_, delays) = observe(Some(Duration::from_secs(1)), restart, Duration::from_secs(30)).await;
+        let (_, delays) = observe(
+            Some(Duration::from_secs(1)),
+            restart,
+            Duration::from_secs(30),
+        )
+        .await;
         assert_eq!(delays[..4], [500, 1000, 2000, 4000], "{delays:?}");
     }
 }

@@ -28,7 +28,11 @@ services:
     let daemon = Daemon::start(&config).await;
     let mut events = daemon.follow();
     events
-        .wait(Duration::from_secs(20), "lan elected", primary_changed(Some("lan"), None))
+        .wait(
+            Duration::from_secs(20),
+            "lan elected",
+            primary_changed(Some("lan"), None),
+        )
         .await;
     (daemon, events)
 }
@@ -67,7 +71,12 @@ async fn status_and_events_commands_show_the_daemon() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["services"][0]["primary"], "lan");
     assert_eq!(v["services"][0]["tunnels"][0]["state"], "up");
-    assert!(v["services"][0]["tunnels"][0]["latency_ms"].as_f64().unwrap() > 0.0);
+    assert!(
+        v["services"][0]["tunnels"][0]["latency_ms"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
 
     // Without -f the journal is replayed and the command ends.
     let out = cli(&["events", "--json"], &daemon.socket);
@@ -84,7 +93,10 @@ async fn status_and_events_commands_show_the_daemon() {
     let out = cli(&["events", "--since", "1"], &daemon.socket);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!text.contains("#1 "), "{text}");
-    assert!(text.contains("primary_changed") && text.contains("to=lan"), "{text}");
+    assert!(
+        text.contains("primary_changed") && text.contains("to=lan"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -122,14 +134,19 @@ async fn raw_http_works_like_curl_and_errors_are_json() {
 
     // A client that never finishes its request does not stop others from being served.
     let _stuck = {
-        let mut s = tokio::net::UnixStream::connect(&daemon.socket).await.unwrap();
+        let mut s = tokio::net::UnixStream::connect(&daemon.socket)
+            .await
+            .unwrap();
         s.write_all(b"GET /v1/sta").await.unwrap();
         s
     };
     let out = cli(&["status"], &daemon.socket);
     assert!(out.status.success());
 
-    let mode = std::fs::metadata(&daemon.socket).unwrap().permissions().mode();
+    let mode = std::fs::metadata(&daemon.socket)
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o660, "socket mode {mode:o}");
 }
 
@@ -141,10 +158,14 @@ async fn peer_credentials_decide_who_may_read() {
         return;
     }
     let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
-    for (readers, allowed) in [("[]".to_string(), false), (format!("[\"uid:{}\"]", nobody.uid), true)] {
+    for (readers, allowed) in [
+        ("[]".to_string(), false),
+        (format!("[\"uid:{}\"]", nobody.uid), true),
+    ] {
         let (daemon, _events) = daemon_with_one_direct_tunnel(&readers).await;
         // Open the file-system path so that only SO_PEERCRED stands between nobody and the API.
-        std::fs::set_permissions(daemon.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(daemon.dir.path(), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
         std::fs::set_permissions(&daemon.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
         let out = Command::new("runuser")
             .args(["-u", "nobody", "--", BIN, "status", "--json", "--socket"])
@@ -156,7 +177,10 @@ async fn peer_credentials_decide_who_may_read() {
             assert!(out.status.success(), "listed reader refused: {stderr}");
         } else {
             assert_eq!(out.status.code(), Some(1), "{stderr}");
-            assert!(stderr.contains("403") && stderr.contains("permission denied"), "{stderr}");
+            assert!(
+                stderr.contains("403") && stderr.contains("permission denied"),
+                "{stderr}"
+            );
         }
     }
 }
@@ -169,7 +193,10 @@ fn status_without_a_daemon_is_a_clear_runtime_error() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("/nonexistent/tk.sock") && stderr.contains("is the daemon running"), "{stderr}");
+    assert!(
+        stderr.contains("/nonexistent/tk.sock") && stderr.contains("is the daemon running"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -180,9 +207,16 @@ fn demo_runs_end_to_end_and_leaves_nothing_behind() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("PRIMARY alpha → beta"), "{stdout}");
     assert!(stdout.contains("== summary"), "{stdout}");
-    assert!(stdout.contains("kill -9") && stdout.contains("SIGSTOP"), "{stdout}");
+    assert!(
+        stdout.contains("kill -9") && stdout.contains("SIGSTOP"),
+        "{stdout}"
+    );
     assert!(stdout.contains("shut down cleanly"), "{stdout}");
 }

@@ -9,7 +9,8 @@
 //!
 //! that is `LINE:COLUMN KEY`, then optionally `|` and a piece of the message. `check` must exit
 //! with 2 and print exactly one `FILE:LINE:COLUMN: KEY: MESSAGE` line per expectation, so adding
-//! a case is adding a file. The shipped configurations must pass `check`, the example must
+//! a case is adding a file. Files in `tests/configs/valid/` (edge values, unusual but legal
+//! shapes) must pass. The shipped configurations must pass `check`, the example must
 //! document every key the model accepts, and no input may make the parser panic.
 
 use std::path::{Path, PathBuf};
@@ -182,6 +183,22 @@ fn shipped_configs_pass_check() {
         assert!(
             stdout.contains("ok"),
             "{name}: unexpected summary {stdout:?}"
+        );
+    }
+}
+
+#[test]
+fn every_valid_config_passes_check() {
+    let files = yaml_files(&repo().join("tests/configs/valid"));
+    assert!(!files.is_empty(), "no valid configs");
+    for file in files {
+        let output = check(&file);
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{} fails check:\n{}",
+            file.display(),
+            String::from_utf8_lossy(&output.stderr)
         );
     }
 }

@@ -61,7 +61,11 @@ async fn kill_and_blackhole_fail_over_and_fail_back_after_the_hold() {
     let mut events = daemon.follow();
 
     events
-        .wait(Duration::from_secs(20), "a elected", primary_changed(Some("a"), None))
+        .wait(
+            Duration::from_secs(20),
+            "a elected",
+            primary_changed(Some("a"), None),
+        )
         .await;
     // Let every tunnel come up so that failover has somewhere to go.
     events.wait_up(&["b", "c"]).await;
@@ -79,19 +83,38 @@ async fn kill_and_blackhole_fail_over_and_fail_back_after_the_hold() {
         .await;
     let reason = e["reason"].as_str().unwrap();
     assert!(reason.contains("hard"), "reason should say hard: {reason}");
-    assert!(reason.contains("signal 9"), "reason should name the signal: {reason}");
+    assert!(
+        reason.contains("signal 9"),
+        "reason should name the signal: {reason}"
+    );
     // Far below one probe interval: the probes had no part in it.
-    assert!(at - killed < Duration::from_millis(190), "took {:?}", at - killed);
+    assert!(
+        at - killed < Duration::from_millis(190),
+        "took {:?}",
+        at - killed
+    );
 
     // a is restarted, comes back, and takes over again only after the hold.
     let (up_at, _) = events
-        .wait(Duration::from_secs(10), "a back up", tunnel_event("tunnel_up", "a"))
+        .wait(
+            Duration::from_secs(10),
+            "a back up",
+            tunnel_event("tunnel_up", "a"),
+        )
         .await;
     let (back_at, e) = events
-        .wait(Duration::from_secs(10), "failback", primary_changed(Some("a"), Some("b")))
+        .wait(
+            Duration::from_secs(10),
+            "failback",
+            primary_changed(Some("a"), Some("b")),
+        )
         .await;
     assert!(e["reason"].as_str().unwrap().starts_with("failback"), "{e}");
-    assert!(back_at - up_at >= Duration::from_millis(1450), "failback after {:?}", back_at - up_at);
+    assert!(
+        back_at - up_at >= Duration::from_millis(1450),
+        "failback after {:?}",
+        back_at - up_at
+    );
 
     // Blackhole: SIGSTOP. The kernel still completes TCP handshakes on the listening socket, so
     // only the send/expect probe notices: after about fall × interval.
@@ -106,22 +129,39 @@ async fn kill_and_blackhole_fail_over_and_fail_back_after_the_hold() {
         )
         .await;
     let reason = e["reason"].as_str().unwrap();
-    assert!(!reason.contains("hard"), "a blackhole is a soft failure: {reason}");
+    assert!(
+        !reason.contains("hard"),
+        "a blackhole is a soft failure: {reason}"
+    );
     assert!(reason.contains("probe"), "{reason}");
     let took = at - stopped;
-    assert!(took >= Duration::from_millis(400), "too fast to be probe-driven: {took:?}");
+    assert!(
+        took >= Duration::from_millis(400),
+        "too fast to be probe-driven: {took:?}"
+    );
     assert!(took < Duration::from_secs(5), "took {took:?}");
 
     // SIGCONT: a answers again, but flapped twice now, so its hold has grown (dampening).
     kill(Pid::from_raw(pid as i32), Signal::SIGCONT).unwrap();
     let (up_at, _) = events
-        .wait(Duration::from_secs(10), "a up after SIGCONT", tunnel_event("tunnel_up", "a"))
+        .wait(
+            Duration::from_secs(10),
+            "a up after SIGCONT",
+            tunnel_event("tunnel_up", "a"),
+        )
         .await;
     let status = daemon.status().await;
     let hold = status.services[0].tunnels[0].hold_ms;
-    assert!(hold >= 3000, "hold should have doubled after a second failure: {hold}ms");
+    assert!(
+        hold >= 3000,
+        "hold should have doubled after a second failure: {hold}ms"
+    );
     let (back_at, _) = events
-        .wait(Duration::from_secs(15), "second failback", primary_changed(Some("a"), Some("b")))
+        .wait(
+            Duration::from_secs(15),
+            "second failback",
+            primary_changed(Some("a"), Some("b")),
+        )
         .await;
     assert!(
         back_at - up_at >= Duration::from_millis(2950),
@@ -130,7 +170,11 @@ async fn kill_and_blackhole_fail_over_and_fail_back_after_the_hold() {
     );
 
     // Events arrived in order with strictly increasing seq.
-    let seqs: Vec<u64> = events.seen.iter().map(|(_, v)| v["seq"].as_u64().unwrap()).collect();
+    let seqs: Vec<u64> = events
+        .seen
+        .iter()
+        .map(|(_, v)| v["seq"].as_u64().unwrap())
+        .collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
 
     // Status shows every tunnel up with a measured latency and a's restart.
@@ -139,7 +183,10 @@ async fn kill_and_blackhole_fail_over_and_fail_back_after_the_hold() {
     assert_eq!(service.primary.as_deref(), Some("a"));
     for t in &service.tunnels {
         assert_eq!(t.state, TunnelState::Up, "{t:?}");
-        assert!(t.latency_ms.is_some_and(|ms| ms > 0.0 && ms < 200.0), "{t:?}");
+        assert!(
+            t.latency_ms.is_some_and(|ms| ms > 0.0 && ms < 200.0),
+            "{t:?}"
+        );
         assert!(t.endpoint.is_some());
     }
     assert!(service.tunnels[0].restarts >= 1);
@@ -196,7 +243,11 @@ services:
     let mut daemon = Daemon::start(&config).await;
     let mut events = daemon.follow();
     events
-        .wait(Duration::from_secs(20), "good elected", primary_changed(Some("good"), None))
+        .wait(
+            Duration::from_secs(20),
+            "good elected",
+            primary_changed(Some("good"), None),
+        )
         .await;
 
     // Watch the crash loop for a while: backoff must grow to the cap and stay there.
@@ -213,9 +264,19 @@ services:
         delays.push(e["delay_ms"].as_u64().unwrap());
     }
     let cpu_used = cpu_ticks(daemon_pid) - cpu_before;
-    assert!(delays.windows(2).all(|w| w[0] <= w[1]), "backoff must not shrink: {delays:?}");
-    assert_eq!(*delays.last().unwrap(), 400, "backoff reaches the cap: {delays:?}");
-    assert!(delays.len() <= 12, "crash loop restarted too often: {delays:?}");
+    assert!(
+        delays.windows(2).all(|w| w[0] <= w[1]),
+        "backoff must not shrink: {delays:?}"
+    );
+    assert_eq!(
+        *delays.last().unwrap(),
+        400,
+        "backoff reaches the cap: {delays:?}"
+    );
+    assert!(
+        delays.len() <= 12,
+        "crash loop restarted too often: {delays:?}"
+    );
     // Clock ticks are 1/100 s: well under half a core over a 3 s window.
     assert!(cpu_used < 150, "daemon used {cpu_used} ticks of CPU in 3s");
 
@@ -228,11 +289,31 @@ services:
             .and_then(|t| t.reason.clone())
             .unwrap_or_default()
     };
-    assert!(reason("missing").contains("/nonexistent/cloudflared-xyz"), "{}", reason("missing"));
-    assert!(reason("missing").contains("not found"), "{}", reason("missing"));
-    assert!(reason("crashing").contains("status 3"), "{}", reason("crashing"));
-    assert!(reason("silent").contains("timed out"), "{}", reason("silent"));
-    assert!(reason("silent").contains("starting up"), "names the last output: {}", reason("silent"));
+    assert!(
+        reason("missing").contains("/nonexistent/cloudflared-xyz"),
+        "{}",
+        reason("missing")
+    );
+    assert!(
+        reason("missing").contains("not found"),
+        "{}",
+        reason("missing")
+    );
+    assert!(
+        reason("crashing").contains("status 3"),
+        "{}",
+        reason("crashing")
+    );
+    assert!(
+        reason("silent").contains("timed out"),
+        "{}",
+        reason("silent")
+    );
+    assert!(
+        reason("silent").contains("starting up"),
+        "names the last output: {}",
+        reason("silent")
+    );
     assert_eq!(svc.primary.as_deref(), Some("good"));
     let good = svc.tunnels.iter().find(|t| t.name == "good").unwrap();
     assert_eq!(good.state, TunnelState::Up);
@@ -243,7 +324,12 @@ services:
 /// utime + stime of a process, in clock ticks.
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
     // After the command name: state is field 3, utime 14, stime 15 (1-based) → indexes 11, 12.
     fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
@@ -279,16 +365,28 @@ services:
     let mut daemon = Daemon::start(&config).await;
     let mut events = daemon.follow();
     events
-        .wait(Duration::from_secs(20), "a elected", primary_changed(Some("a"), None))
+        .wait(
+            Duration::from_secs(20),
+            "a elected",
+            primary_changed(Some("a"), None),
+        )
         .await;
     events.wait_up(&["b"]).await;
     let pid = daemon.tunnel_pid("svc", "a").await;
     kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
     events
-        .wait(Duration::from_secs(10), "failover", primary_changed(Some("b"), Some("a")))
+        .wait(
+            Duration::from_secs(10),
+            "failover",
+            primary_changed(Some("b"), Some("a")),
+        )
         .await;
     events
-        .wait(Duration::from_secs(10), "failback", primary_changed(Some("a"), Some("b")))
+        .wait(
+            Duration::from_secs(10),
+            "failback",
+            primary_changed(Some("a"), Some("b")),
+        )
         .await;
 
     // The writing hook ran for all three changes, in order, with env and JSON on stdin, even
@@ -301,7 +399,10 @@ services:
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("primary_changed")).collect();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("primary_changed"))
+        .collect();
     assert_eq!(
         lines,
         [
@@ -320,6 +421,10 @@ services:
     assert_eq!(json[1]["type"], "primary_changed");
     assert_eq!(json[1]["to"], "b");
     assert!(json[1]["seq"].as_u64().unwrap() > json[0]["seq"].as_u64().unwrap());
-    assert!(daemon.log().contains("hook killed at its timeout"), "{}", daemon.log());
+    assert!(
+        daemon.log().contains("hook killed at its timeout"),
+        "{}",
+        daemon.log()
+    );
     assert!(daemon.terminate().success());
 }

@@ -36,14 +36,8 @@ pub fn parse(text: &str, path: &Path) -> Result<spec::Config, ConfigError> {
     // Editors do not count a byte-order mark as a column; neither do the diagnostics.
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let deserializer = serde_yaml::Deserializer::from_str(text);
-    let file: ConfigFile = match serde_path_to_error::deserialize(deserializer) {
-        Ok(file) => file,
-        Err(err) => {
-            return Err(ConfigError::Invalid(vec![serde_diagnostic(
-                text, path, &err,
-            )]))
-        }
-    };
+    let file: ConfigFile = serde_path_to_error::deserialize(deserializer)
+        .map_err(|err| ConfigError::Invalid(vec![serde_diagnostic(text, path, &err)]))?;
     validate::validate(&file, path).map_err(|issues| {
         let locator = Locator::new(text);
         let mut diagnostics: Vec<Diagnostic> = issues

@@ -3,7 +3,7 @@
 //! Every struct rejects unknown keys, and every field that may be left out is an `Option` (or
 //! defaults to empty) so that layering (`defaults` → service → tunnel) can tell "not set" from
 //! "set to the default". Turning this model into the resolved specs the daemon runs on is the
-//! job of [`super::validate`]; nothing here checks meaning.
+//! job of the private `validate` module, run by [`super::parse`]; nothing here checks meaning.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

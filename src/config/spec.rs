@@ -1,6 +1,6 @@
 //! The resolved configuration the daemon runs on.
 //!
-//! Produced by [`super::validate`] from the YAML model: defaults are layered in, strings are
+//! Produced by [`super::parse`] from the YAML model: defaults are layered in, strings are
 //! parsed (addresses, regexes, byte strings), and every provider's settings are turned into the
 //! providers crate's own spec types. Nothing downstream re-checks or re-defaults anything.
 

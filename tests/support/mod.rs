@@ -82,7 +82,10 @@ impl Daemon {
         let client = Client::new(&socket);
         let deadline = Instant::now() + Duration::from_secs(20);
         while client.status_json().await.is_err() {
-            assert!(Instant::now() < deadline, "daemon never answered on its socket");
+            assert!(
+                Instant::now() < deadline,
+                "daemon never answered on its socket"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Daemon {
@@ -148,7 +151,10 @@ impl Daemon {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "daemon did not exit after SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not exit after SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -214,7 +220,9 @@ impl Events {
         });
         while !missing.is_empty() {
             let (_, v) = self
-                .wait(Duration::from_secs(20), "tunnels up", |v| v["type"] == "tunnel_up")
+                .wait(Duration::from_secs(20), "tunnels up", |v| {
+                    v["type"] == "tunnel_up"
+                })
                 .await;
             missing.retain(|n| v["tunnel"] != n.as_str());
         }
@@ -234,6 +242,9 @@ pub fn primary_changed<'a>(
 }
 
 /// Matches an event of `kind` for `tunnel`.
-pub fn tunnel_event<'a>(kind: &'a str, tunnel: &'a str) -> impl Fn(&serde_json::Value) -> bool + 'a {
+pub fn tunnel_event<'a>(
+    kind: &'a str,
+    tunnel: &'a str,
+) -> impl Fn(&serde_json::Value) -> bool + 'a {
     move |v| v["type"] == kind && v["tunnel"] == tunnel
 }
