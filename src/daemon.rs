@@ -167,24 +167,34 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         services = daemon.services.len(),
         "tunnelkeeper ready"
     );
+    // Subscribe before the first STATUS=: whatever happened earlier is in that first line.
     let mut events = daemon.bus.subscribe();
+    let report_status = |daemon: &Daemon| {
+        let lines: Vec<String> = daemon
+            .services
+            .iter()
+            .map(|s| s.status().summary())
+            .collect();
+        systemd::status(&lines.join("; "));
+    };
+    report_status(&daemon);
     let watchdog = systemd::watchdog_period();
     let mut pet = tokio::time::interval(watchdog.unwrap_or(std::time::Duration::from_secs(3600)));
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing the SIGHUP handler")?;
+    // Tunnel states reach the status board just after their events; a slow refresh catches up.
+    let mut refresh = tokio::time::interval(std::time::Duration::from_secs(5));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
+            _ = refresh.tick() => report_status(&daemon),
             _ = pet.tick() => if watchdog.is_some() { systemd::watchdog() },
             _ = hangup.recv() => tracing::warn!(
                 "SIGHUP: configuration reload is not available in this build yet; \
                  restart the daemon to apply a changed configuration"
             ),
-            _ = events.next() => {
-                let lines: Vec<String> = daemon.services.iter().map(|s| s.status().summary()).collect();
-                systemd::status(&lines.join("; "));
-            }
+            _ = events.next() => report_status(&daemon),
         }
     }
     systemd::stopping();

@@ -222,7 +222,7 @@ fn summary(measurements: &[Measurement]) {
     println!("\n== summary (measured from the moment the signal was sent)");
     println!(
         "   {:<8} {:>12} {:>22} {:>16}",
-        "fault", "failover", "back up → failback", "total outage"
+        "fault", "failover", "back up → failback", "back on alpha"
     );
     for m in measurements {
         println!(
@@ -235,7 +235,8 @@ fn summary(measurements: &[Measurement]) {
     }
     println!("   failover: kill -9 is noticed from the child's exit at once; SIGSTOP needs fall (3) failed");
     println!("   probes at 200ms. Failback waits for the hold, which doubles each time alpha fails again");
-    println!("   (dampening), so a flapping tunnel cannot drag traffic back and forth.");
+    println!("   (dampening), so a flapping tunnel cannot drag traffic back and forth. Meanwhile");
+    println!("   beta carries the traffic: the only gap is the failover column.");
 }
 
 fn fmt(d: Duration) -> String {

@@ -331,23 +331,13 @@ impl Election {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        if decision.primary != self.current {
-            self.bus.publish(EventKind::PrimaryChanged {
-                service: self.spec.name.clone(),
-                from: self.current.clone(),
-                to: decision.primary.clone(),
-                reason: decision.reason.to_string(),
-            });
-        }
-        if decision.degraded && !self.degraded && self.any_started() {
-            self.bus.publish(EventKind::NoHealthyTunnel {
-                service: self.spec.name.clone(),
-                fallback: decision.primary.clone(),
-            });
-        }
-        let changed = decision.primary != self.current || decision.degraded != self.degraded;
+        let previous = self.current.clone();
+        let was_degraded = self.degraded;
+        let changed = decision.primary != previous || decision.degraded != was_degraded;
         self.current = decision.primary.clone();
         self.degraded = decision.degraded;
+        // Status and the primary watch are updated before the events go out, so that anyone
+        // reacting to an event (systemd STATUS=, a hook querying the API) sees the new state.
         {
             let mut board = self.status.write().unwrap_or_else(|p| p.into_inner());
             board.primary = self.current.clone();
@@ -361,6 +351,20 @@ impl Election {
             self.primary_tx.send_replace(Primary {
                 tunnel: self.current.clone(),
                 degraded: self.degraded,
+            });
+        }
+        if decision.primary != previous {
+            self.bus.publish(EventKind::PrimaryChanged {
+                service: self.spec.name.clone(),
+                from: previous,
+                to: decision.primary.clone(),
+                reason: decision.reason.to_string(),
+            });
+        }
+        if decision.degraded && !was_degraded && self.any_started() {
+            self.bus.publish(EventKind::NoHealthyTunnel {
+                service: self.spec.name.clone(),
+                fallback: decision.primary.clone(),
             });
         }
     }

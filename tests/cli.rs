@@ -220,3 +220,50 @@ fn demo_runs_end_to_end_and_leaves_nothing_behind() {
     );
     assert!(stdout.contains("shut down cleanly"), "{stdout}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sd_notify_ready_after_the_socket_status_lines_and_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let notify_path = dir.path().join("notify.sock");
+    let notify = tokio::net::UnixDatagram::bind(&notify_path).unwrap();
+    let echo = echo_server().await;
+    let config = format!(
+        r#"version: 1
+daemon: {{ control_socket: "@DIR@/control.sock", state_dir: "@DIR@/state" }}
+defaults:
+  probe: {{ interval: 100ms, timeout: 100ms, rise: 1, fall: 2, send: "x", expect: "x" }}
+services:
+  - name: web
+    tunnels:
+      - {{ name: lan, provider: direct, address: "{echo}" }}
+"#
+    );
+    let mut daemon =
+        Daemon::start_with_env(&config, &[("NOTIFY_SOCKET", notify_path.as_os_str())]).await;
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    // READY=1 comes first, and only once the control socket answers (Daemon::start waited).
+    let first = recv(&notify, &mut buf).await;
+    assert_eq!(first.trim(), "READY=1");
+    while !got.iter().any(|m: &String| m.contains("STATUS=web: lan")) {
+        got.push(recv(&notify, &mut buf).await);
+    }
+    let status = got.iter().rev().find(|m| m.starts_with("STATUS=")).unwrap();
+    assert!(status.contains("1/1 up"), "{status}");
+    assert!(daemon.terminate().success());
+    let mut rest = Vec::new();
+    while let Ok(Ok(n)) =
+        tokio::time::timeout(Duration::from_millis(500), notify.recv(&mut buf)).await
+    {
+        rest.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(rest.iter().any(|m| m.trim() == "STOPPING=1"), "{rest:?}");
+}
+
+async fn recv(notify: &tokio::net::UnixDatagram, buf: &mut [u8]) -> String {
+    let n = tokio::time::timeout(Duration::from_secs(10), notify.recv(buf))
+        .await
+        .expect("no sd_notify message")
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}

@@ -172,8 +172,21 @@ async fn probe_once(
 ) -> (Result<Duration, String>, Duration) {
     let tunnel = direct(addr, resolver).await;
     let started = Instant::now();
-    let result = probe(tunnel.as_ref(), spec, resolver, "test").await;
+    let result = bounded_probe(tunnel.as_ref(), spec, resolver).await;
     (result, started.elapsed())
+}
+
+/// [`probe`], with a watchdog: a probe that fails to bound itself fails the test instead of
+/// hanging it.
+async fn bounded_probe(
+    tunnel: &dyn Tunnel,
+    spec: &ProbeSpec,
+    resolver: &Resolver,
+) -> Result<Duration, String> {
+    let watchdog = spec.timeout * 3 + Duration::from_secs(5);
+    tokio::time::timeout(watchdog, probe(tunnel, spec, resolver, "test"))
+        .await
+        .unwrap_or_else(|_| panic!("the probe ran past {watchdog:?}: not bounded by its timeout"))
 }
 
 fn err_of(result: Result<Duration, String>) -> String {
@@ -549,7 +562,7 @@ async fn counter_goes_down_after_fall_real_failures() {
     // Up after exactly `rise` successes.
     let mut transitions = Vec::new();
     for _ in 0..spec.rise {
-        let ok = probe(tunnel.as_ref(), &spec, &resolver, "test")
+        let ok = bounded_probe(tunnel.as_ref(), &spec, &resolver)
             .await
             .is_ok();
         transitions.push(counter.record(ok));
@@ -563,7 +576,7 @@ async fn counter_goes_down_after_fall_real_failures() {
 
     let mut transitions = Vec::new();
     for _ in 0..spec.fall + 1 {
-        let result = probe(tunnel.as_ref(), &spec, &resolver, "test").await;
+        let result = bounded_probe(tunnel.as_ref(), &spec, &resolver).await;
         assert!(result.is_err(), "the server is gone: {result:?}");
         transitions.push(counter.record(result.is_ok()));
     }
@@ -599,7 +612,7 @@ async fn counter_goes_down_when_the_server_stops_replying() {
     };
     let mut counter = Counter::new(spec.rise, spec.fall);
 
-    let result = probe(tunnel.as_ref(), &spec, &resolver, "test").await;
+    let result = bounded_probe(tunnel.as_ref(), &spec, &resolver).await;
     assert_eq!(
         counter.record(result.is_ok()),
         Some(Transition::Up),
@@ -609,7 +622,7 @@ async fn counter_goes_down_when_the_server_stops_replying() {
     answering.store(false, Ordering::SeqCst);
     let mut transitions = Vec::new();
     for _ in 0..spec.fall {
-        let result = probe(tunnel.as_ref(), &spec, &resolver, "test").await;
+        let result = bounded_probe(tunnel.as_ref(), &spec, &resolver).await;
         let err = err_of(result.clone());
         assert!(err.contains("timed out"), "{err}");
         transitions.push(counter.record(result.is_ok()));

@@ -78,9 +78,13 @@ const STARTUP_LIMIT: Duration = Duration::from_secs(30);
 struct Setting {
     /// Short label for tables.
     label: &'static str,
+    /// `probe.interval`
     interval: Duration,
+    /// `probe.timeout`
     timeout: Duration,
+    /// `probe.fall`: consecutive failures that mark a tunnel down.
     fall: u32,
+    /// `probe.rise`: consecutive successes that mark it up again.
     rise: u32,
 }
 
@@ -418,10 +422,10 @@ async fn repetitions(
         let interval = scenario.setting.interval;
         let jitter = interval.mul_f64(rand::rng().random::<f64>());
         tokio::time::sleep(interval + jitter).await;
-        match inject(daemon, events, scenario, victim).await? {
+        match inject(events, scenario, victim).await? {
             Ok(sample) => {
                 println!(
-                    "   rep {:>3}: {:>9}  (event stamp {:>7.0}ms, → {})",
+                    "   rep {:>3}: {:>9}  (event stamp {:>8.1}ms, → {})",
                     samples.len() + 1,
                     fmt_d(sample.received),
                     sample.stamped_ms,
@@ -493,7 +497,6 @@ async fn wait_ready(
 /// discarded, e.g. the failover had another cause), the outer one an error that ends the
 /// scenario. The victim is always let back (SIGCONT) and failback awaited before returning.
 async fn inject(
-    daemon: &Daemon,
     events: &mut Subscription,
     scenario: Scenario,
     victim: u32,

@@ -63,6 +63,11 @@ pub struct Daemon {
 impl Daemon {
     /// Writes `config` (with `@DIR@` replaced by a temp dir) and runs `tunnelkeeper run -c`.
     pub async fn start(config: &str) -> Daemon {
+        Self::start_with_env(config, &[]).await
+    }
+
+    /// Like [`Daemon::start`] with extra environment variables for the daemon.
+    pub async fn start_with_env(config: &str, env: &[(&str, &std::ffi::OsStr)]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let text = config.replace("@DIR@", &dir.path().display().to_string());
         let path = dir.path().join("config.yaml");
@@ -72,6 +77,7 @@ impl Daemon {
             .args(["run", "-c"])
             .arg(&path)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(
