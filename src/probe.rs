@@ -9,6 +9,7 @@
 //! [`Counter`] turns single results into up/down transitions (`rise`/`fall`), and [`Ewma`]
 //! smooths the measured latency.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -28,9 +29,13 @@ pub async fn probe(
 ) -> Result<Duration, String> {
     let started = Instant::now();
     let deadline = started + spec.timeout;
+    // Which step is running (0: the end-to-end dial, i + 1: checks[i]), so that a timeout can
+    // say what hung. An atomic keeps the future Send.
+    let step = AtomicUsize::new(0);
     let work = async {
         let latency = end_to_end(tunnel, spec, started).await?;
-        for check in &spec.checks {
+        for (i, check) in spec.checks.iter().enumerate() {
+            step.store(i + 1, Ordering::Relaxed);
             let left = deadline.saturating_duration_since(Instant::now());
             extra_check(check, resolver, left, tag).await?;
         }
@@ -38,7 +43,30 @@ pub async fn probe(
     };
     match tokio::time::timeout_at(deadline, work).await {
         Ok(result) => result,
-        Err(_) => Err(format!("probe timed out after {}", fmt_ms(spec.timeout))),
+        Err(_) => {
+            let during = match step.load(Ordering::Relaxed) {
+                0 => "the end-to-end exchange".to_string(),
+                n => spec
+                    .checks
+                    .get(n - 1)
+                    .map(describe)
+                    .unwrap_or_else(|| "a check".into()),
+            };
+            Err(format!(
+                "probe timed out after {} (during {during})",
+                fmt_ms(spec.timeout)
+            ))
+        }
+    }
+}
+
+/// A short name for a check, for messages.
+fn describe(check: &ExtraCheck) -> String {
+    match check {
+        ExtraCheck::Tcp(t) => format!("tcp {t}"),
+        ExtraCheck::Http { url, .. } => format!("http {url}"),
+        ExtraCheck::Exec(argv) => format!("exec {}", argv.join(" ")),
+        ExtraCheck::Dns(name) => format!("dns {name}"),
     }
 }
 

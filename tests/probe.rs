@@ -434,6 +434,8 @@ async fn exec_check_that_hangs_fails_at_the_probe_timeout() {
         probe_with_checks(vec![exec(&["sleep", "5"])], timeout, &resolver()).await;
     let err = err_of(result);
     assert!(err.contains("timed out"), "{err}");
+    // Whichever timer fires first, the message names what hung.
+    assert!(err.contains("exec sleep 5"), "{err}");
     // Bounded by the probe's timeout, not by the command's own five seconds.
     assert!(elapsed >= timeout.mul_f64(0.9), "{elapsed:?}");
     assert!(elapsed < Duration::from_secs(3), "{elapsed:?}");
