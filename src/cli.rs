@@ -139,24 +139,32 @@ pub async fn shutdown_signal() {
 
 /// `tunnelkeeper status [--json]`
 pub fn status(socket: &SocketArgs, json: bool) -> u8 {
-    let client = match socket.client() {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(code) => return code,
-    };
-    let result = rt.block_on(async {
+    with_client(socket, |client| async move {
         if json {
             let v = client.status_json().await?;
             println!("{}", serde_json::to_string_pretty(&v)?);
         } else {
             print!("{}", render_status(&client.status().await?));
         }
-        Ok::<(), anyhow::Error>(())
-    });
-    report(result)
+        Ok(())
+    })
+}
+
+/// Finds the daemon's socket, runs `f` with a client for it, and turns the outcome into an exit
+/// code.
+fn with_client<F, Fut>(socket: &SocketArgs, f: F) -> u8
+where
+    F: FnOnce(Client) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let client = match socket.client() {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match runtime() {
+        Ok(rt) => report(rt.block_on(f(client))),
+        Err(code) => code,
+    }
 }
 
 /// The readable status table of `tunnelkeeper status`.
@@ -221,25 +229,20 @@ pub fn render_status(status: &DaemonStatus) -> String {
 
 /// `tunnelkeeper events [-f] [--since N] [--json]`
 pub fn events(socket: &SocketArgs, follow: bool, since: u64, json: bool) -> u8 {
-    let client = match socket.client() {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(code) => return code,
-    };
-    let result = rt.block_on(client.events(since, follow, |line| {
-        let mut out = std::io::stdout().lock();
-        if json {
-            writeln!(out, "{line}")?;
-        } else {
-            writeln!(out, "{}", render_event_line(line))?;
-        }
-        out.flush()?;
-        Ok(())
-    }));
-    report(result)
+    with_client(socket, |client| async move {
+        client
+            .events(since, follow, |line| {
+                let mut out = std::io::stdout().lock();
+                if json {
+                    writeln!(out, "{line}")?;
+                } else {
+                    writeln!(out, "{}", render_event_line(line))?;
+                }
+                out.flush()?;
+                Ok(())
+            })
+            .await
+    })
 }
 
 /// One readable line for an NDJSON event: `#seq time type key=value ...`.

@@ -403,36 +403,18 @@ mod tests {
     //! The election loop on a paused clock: holds expire exactly on time because the loop
     //! sleeps until `recheck_at`, with no probe or report needed to wake it.
     use super::*;
-    use crate::config::model::{OnFailover, Standby};
-    use crate::config::spec::{ProbeSpec, ProviderSpec, RestartSpec, TunnelSpec};
+    use crate::config::model::OnFailover;
+    use crate::config::spec::{RestartSpec, TunnelSpec};
     use crate::election::{Failback, Policy};
-    use tunnelkeeper_providers::direct::DirectSpec;
 
     fn tunnel(name: &str, priority: i64) -> TunnelSpec {
-        TunnelSpec {
-            name: name.into(),
-            priority,
-            standby: Standby::Hot,
-            via_router: None,
-            probe: ProbeSpec {
-                interval: Duration::from_secs(1),
-                timeout: Duration::from_secs(1),
-                rise: 1,
-                fall: 1,
-                send: None,
-                expect: None,
-                checks: vec![],
-            },
-            restart: RestartSpec {
-                initial: Duration::from_millis(500),
-                max: Duration::from_secs(60),
-                multiplier: 2.0,
-                jitter: 0.0,
-            },
-            provider: ProviderSpec::Direct(DirectSpec {
-                address: "127.0.0.1:1".into(),
-            }),
-        }
+        let restart = RestartSpec {
+            initial: Duration::from_millis(500),
+            max: Duration::from_secs(60),
+            multiplier: 2.0,
+            jitter: 0.0,
+        };
+        TunnelSpec::for_test(name, priority, restart)
     }
 
     struct Harness {

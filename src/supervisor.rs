@@ -297,10 +297,7 @@ mod paused_tests {
     //! long enough life.
     use super::*;
     use crate::bus::Delivery;
-    use crate::config::model::Standby;
-    use crate::config::spec::{ProbeSpec, ProviderSpec};
     use async_trait::async_trait;
-    use tunnelkeeper_providers::direct::DirectSpec;
     use tunnelkeeper_providers::{Dial, Endpoint, ProviderError, Resolver};
 
     /// Fails every start, or starts tunnels that die after `life`.
@@ -343,25 +340,7 @@ mod paused_tests {
     }
 
     fn spec(restart: RestartSpec) -> TunnelSpec {
-        TunnelSpec {
-            name: "t".into(),
-            priority: 10,
-            standby: Standby::Hot,
-            via_router: None,
-            probe: ProbeSpec {
-                interval: Duration::from_secs(1),
-                timeout: Duration::from_secs(1),
-                rise: 1,
-                fall: 1,
-                send: None,
-                expect: None,
-                checks: vec![],
-            },
-            restart,
-            provider: ProviderSpec::Direct(DirectSpec {
-                address: "127.0.0.1:1".into(),
-            }),
-        }
+        TunnelSpec::for_test("t", 10, restart)
     }
 
     /// Runs a tunnel task for `window` of paused time; returns (offset of each start, delay of

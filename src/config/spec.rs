@@ -252,3 +252,30 @@ impl From<&HookCommand> for Vec<String> {
         }
     }
 }
+
+#[cfg(test)]
+impl TunnelSpec {
+    /// A `direct` tunnel with 1 s probes (rise 1, fall 1) and the given restart backoff, for
+    /// unit tests that drive the supervisor or the election loop.
+    pub(crate) fn for_test(name: &str, priority: i64, restart: RestartSpec) -> TunnelSpec {
+        TunnelSpec {
+            name: name.into(),
+            priority,
+            standby: Standby::Hot,
+            via_router: None,
+            probe: ProbeSpec {
+                interval: Duration::from_secs(1),
+                timeout: Duration::from_secs(1),
+                rise: 1,
+                fall: 1,
+                send: None,
+                expect: None,
+                checks: vec![],
+            },
+            restart,
+            provider: ProviderSpec::Direct(DirectSpec {
+                address: "127.0.0.1:1".into(),
+            }),
+        }
+    }
+}

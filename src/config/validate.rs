@@ -36,25 +36,7 @@ use crate::election::{Failback, Mode, Policy};
 
 /// Event types a hook may subscribe to: every event the daemon publishes, router events
 /// included, so hooks written today keep working when router recovery arrives.
-pub(crate) const EVENT_TYPES: &[&str] = &[
-    "tunnel_starting",
-    "tunnel_up",
-    "tunnel_down",
-    "tunnel_restarting",
-    "probe_failed",
-    "probe_recovered",
-    "primary_changed",
-    "no_healthy_tunnel",
-    "router_connection_dropped",
-    "router_reconnected",
-    "router_rebooted",
-    "router_provisioned",
-    "router_provision_failed",
-    "router_drift_detected",
-    "router_verified",
-    "config_reloaded",
-    "daemon_stopping",
-];
+use crate::bus::EVENT_TYPES;
 
 /// Longest Unix socket path: `sun_path` is 108 bytes including the terminating NUL.
 const MAX_SOCKET_PATH: usize = 107;
