@@ -13,6 +13,7 @@ pub mod spec;
 mod error;
 mod locate;
 mod validate;
+mod values;
 
 use std::path::Path;
 
