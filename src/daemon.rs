@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tunnelkeeper_providers::command::CommandProvider;
 use tunnelkeeper_providers::direct::DirectProvider;
+use tunnelkeeper_providers::ssh::{SshPool, SshProvider};
 use tunnelkeeper_providers::{Provider, Resolver};
 
 use crate::bus::{Bus, EventKind, DEFAULT_JOURNAL};
@@ -35,10 +36,11 @@ pub struct Daemon {
 }
 
 /// Builds the provider for one tunnel. The only place that maps settings to provider types.
-pub fn provider_for(spec: &ProviderSpec) -> Arc<dyn Provider> {
+pub fn provider_for(spec: &ProviderSpec, ssh: &SshPool) -> Arc<dyn Provider> {
     match spec {
         ProviderSpec::Direct(s) => Arc::new(DirectProvider::new(s.clone())),
         ProviderSpec::Command(s) => Arc::new(CommandProvider::new(s.clone())),
+        ProviderSpec::Ssh(s) => Arc::new(SshProvider::new(s.clone(), ssh.clone())),
     }
 }
 
@@ -47,6 +49,7 @@ impl Daemon {
     pub async fn start(config: Config) -> anyhow::Result<Daemon> {
         let resolver = Resolver::new(&config.nameservers).context("setting up the DNS resolver")?;
         let bus = Bus::new(DEFAULT_JOURNAL);
+        let ssh = SshPool::with_resolver(resolver.clone());
         let cancel = CancellationToken::new();
         let socket = config.daemon.control_socket.clone();
         let listener = control::server::bind(&socket).await?;
@@ -58,7 +61,7 @@ impl Daemon {
                 let providers = spec
                     .tunnels
                     .iter()
-                    .map(|t| provider_for(&t.provider))
+                    .map(|t| provider_for(&t.provider, &ssh))
                     .collect();
                 ServiceHandle::start(
                     spec.clone(),
@@ -70,7 +73,7 @@ impl Daemon {
             })
             .collect();
 
-        let status = status_source(&config, &bus, &services);
+        let status = status_source(&config, &bus, &services, &ssh);
         let state = Arc::new(ControlState {
             bus: bus.clone(),
             status: {
@@ -137,7 +140,9 @@ fn status_source(
     config: &Config,
     bus: &Arc<Bus>,
     services: &[ServiceHandle],
+    ssh: &SshPool,
 ) -> Arc<dyn Fn() -> DaemonStatus + Send + Sync> {
+    let ssh = ssh.clone();
     let shared: Vec<SharedStatus> = services.iter().map(|s| s.status.clone()).collect();
     let bus = bus.clone();
     let config_path = config.source.display().to_string();
@@ -153,6 +158,7 @@ fn status_source(
             last_seq: bus.last_seq(),
         },
         services: shared.iter().map(status::read).collect(),
+        ssh_pool: serde_json::to_value(ssh.stats()).unwrap_or_default(),
     })
 }
 

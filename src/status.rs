@@ -117,6 +117,10 @@ pub struct DaemonStatus {
     pub daemon: DaemonInfo,
     /// Every service.
     pub services: Vec<ServiceStatus>,
+    /// The shared SSH session pool: sessions, channels in use, opened/closed, acquire latency,
+    /// reconnects, per target.
+    #[serde(default)]
+    pub ssh_pool: serde_json::Value,
 }
 
 /// Facts about the running daemon.

@@ -216,13 +216,20 @@ fn example_config_resolves_as_documented() {
             let kind = match &t.provider {
                 ProviderSpec::Direct(_) => "direct",
                 ProviderSpec::Command(_) => "command",
+                ProviderSpec::Ssh(_) => "ssh",
             };
             (t.name.as_str(), kind)
         })
         .collect();
     assert_eq!(
         kinds,
-        vec![("lan", "direct"), ("bore", "command"), ("socat", "command")]
+        vec![
+            ("lan", "direct"),
+            ("bore", "command"),
+            ("socat", "command"),
+            ("vps", "ssh"),
+            ("bastion", "ssh")
+        ]
     );
     let lan = &service.tunnels[0];
     // Tunnel overrides, then the service's `fall: 2`, then defaults.

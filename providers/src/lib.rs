@@ -17,6 +17,7 @@ pub mod command;
 pub mod direct;
 pub mod process;
 pub mod resolve;
+pub mod ssh;
 mod sys;
 
 use std::fmt;
@@ -89,6 +90,21 @@ pub enum ProviderError {
     /// The provider's own health check failed.
     #[error("unhealthy: {0}")]
     Unhealthy(String),
+    /// An SSH server's host key was refused (unknown, changed or revoked). The message names
+    /// the key's fingerprint and the known_hosts line to add or replace.
+    #[error("{0}")]
+    HostKey(String),
+    /// An SSH server refused every authentication method that was tried.
+    #[error("{0}")]
+    Auth(String),
+    /// An SSH connection, channel or request failed.
+    #[error("ssh {target}: {detail}")]
+    Ssh {
+        /// `user@host:port` of the server.
+        target: String,
+        /// What went wrong.
+        detail: String,
+    },
 }
 
 /// Shorthand for provider results.

@@ -67,7 +67,7 @@ fn diagnostic(file: &Path, at: Position, key: &KeyPath, message: String) -> Diag
 /// Providers that exist in the model but not in this build. A tunnel using one usually also
 /// has that provider's keys, which the model does not know; the operator should hear about the
 /// provider, not about its first key.
-const NOT_BUILT: &[&str] = &["ssh", "cloudflare", "tailscale", "ngrok"];
+const NOT_BUILT: &[&str] = &["cloudflare", "tailscale", "ngrok"];
 
 /// Turns serde's error into a diagnostic: the key path from serde_path_to_error, the position
 /// from serde_yaml where it has one that fits, and the message without the path and position
@@ -510,14 +510,14 @@ version: 1
 services:
   - name: a
     tunnels:
-      - name: vps
-        ssh: { host: vps.example.com }
-        provider: ssh
+      - name: cf
+        token_file: /etc/tunnelkeeper/cf_token
+        provider: cloudflare
 ";
         assert_eq!(
             one_error(text),
-            "7:9 services[0].tunnels[0].provider: provider `ssh` is not available in this build \
-             yet (so `ssh` is not read either)"
+            "7:9 services[0].tunnels[0].provider: provider `cloudflare` is not available in this \
+             build yet (so `token_file` is not read either)"
         );
     }
 

@@ -179,20 +179,78 @@ pub struct VerifySection {
     pub expect: Option<String>,
 }
 
-/// SSH connection settings (routers and, later, ssh tunnels).
+/// SSH connection settings, of an `ssh` tunnel or a router.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SshSection {
-    /// Host name or address.
+    /// Host name, address, or a `Host` alias of `ssh_config`.
     pub host: String,
-    /// Port (default 22).
+    /// Port (default: from ssh_config, else 22).
     pub port: Option<u16>,
-    /// Login user.
+    /// Login user (default: from ssh_config, else the daemon's user).
     pub user: Option<String>,
-    /// Private key file.
+    /// Private key file (ed25519, ecdsa, RSA).
     pub identity_file: Option<PathBuf>,
-    /// known_hosts file for strict host-key checking.
+    /// File holding the key's passphrase.
+    pub passphrase_file: Option<PathBuf>,
+    /// File holding a password for password authentication.
+    pub password_file: Option<PathBuf>,
+    /// Also try the keys of the ssh-agent at `$SSH_AUTH_SOCK`.
+    pub agent: Option<bool>,
+    /// known_hosts file for strict host-key checking (default: `known_hosts` next to the
+    /// config file).
     pub known_hosts: Option<PathBuf>,
+    /// `strict` (default) or `accept_new`.
+    pub host_key_policy: Option<HostKeyPolicyName>,
+    /// ssh_config file whose Host aliases apply.
+    pub ssh_config: Option<PathBuf>,
+    /// Limit for TCP connect and key exchange.
+    #[serde(default, with = "humantime_serde")]
+    pub connect_timeout: Option<Duration>,
+    /// Limit for authentication.
+    #[serde(default, with = "humantime_serde")]
+    pub auth_timeout: Option<Duration>,
+    /// Keepalive interval.
+    #[serde(default, with = "humantime_serde")]
+    pub keepalive_interval: Option<Duration>,
+    /// Unanswered keepalives before the session counts as dead.
+    pub keepalive_max: Option<u32>,
+    /// Channels per session before the pool opens another (OpenSSH MaxSessions).
+    pub max_channels: Option<u32>,
+    /// An unused session closes after this long.
+    #[serde(default, with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
+    /// Sessions are replaced after this long.
+    #[serde(default, with = "humantime_serde")]
+    pub max_age: Option<Duration>,
+}
+
+/// `host_key_policy:`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostKeyPolicyName {
+    /// Refuse unknown host keys.
+    Strict,
+    /// Record unknown host keys (trust on first use).
+    AcceptNew,
+}
+
+/// `remote_forward:` of an `ssh` tunnel (`-R`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteForwardSection {
+    /// `host:port` the server listens on (port 0: the server picks).
+    pub bind: String,
+    /// Local `host:port` each forwarded connection goes to.
+    pub to: String,
+}
+
+/// `local_forward:` of an `ssh` tunnel (`-L`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalForwardSection {
+    /// `host:port` as seen from the server.
+    pub to: String,
 }
 
 /// One entry of `services:`.
@@ -331,4 +389,12 @@ pub struct TunnelSection {
     /// `command`: extra environment for the program.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+
+    // --- ssh ---
+    /// `ssh`: the server and how to log in.
+    pub ssh: Option<SshSection>,
+    /// `ssh`: a remote forward (`-R`).
+    pub remote_forward: Option<RemoteForwardSection>,
+    /// `ssh`: a local forward (`-L`).
+    pub local_forward: Option<LocalForwardSection>,
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use tunnelkeeper_providers::command::{CommandSpec, EndpointSource};
 use tunnelkeeper_providers::direct::DirectSpec;
+use tunnelkeeper_providers::ssh::SshSpec;
 
 use super::model::{HookCommand, OnFailover, ProviderKind, Standby};
 use crate::election::Policy;
@@ -145,6 +146,8 @@ pub enum ProviderSpec {
     Direct(DirectSpec),
     /// `command`
     Command(CommandSpec),
+    /// `ssh`
+    Ssh(SshSpec),
 }
 
 impl PartialEq for ProviderSpec {
@@ -179,6 +182,8 @@ impl PartialEq for ProviderSpec {
                     && *start_timeout == b.start_timeout
                     && *stop_grace == b.stop_grace
             }
+            // SshSpec derives PartialEq over plain data (paths, not secrets).
+            (ProviderSpec::Ssh(a), ProviderSpec::Ssh(b)) => a == b,
             _ => false,
         }
     }
@@ -190,6 +195,7 @@ impl ProviderSpec {
         match self {
             ProviderSpec::Direct(_) => ProviderKind::Direct,
             ProviderSpec::Command(_) => ProviderKind::Command,
+            ProviderSpec::Ssh(_) => ProviderKind::Ssh,
         }
     }
 }

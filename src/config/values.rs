@@ -132,6 +132,36 @@ pub(super) fn check_host_port(text: &str) -> Result<(), String> {
     check_port(port, text)
 }
 
+/// The `bind` of a remote forward: `host:port` where port 0 asks the server to pick one.
+pub(super) fn check_bind_address(text: &str) -> Result<(), String> {
+    match text.rsplit_once(':') {
+        Some((host, "0")) => {
+            check_host_port(&format!("{host}:1")).map_err(|e| e.replace(":1`", ":0`"))
+        }
+        _ => check_host_port(text),
+    }
+}
+
+/// A secret file path: `$CREDENTIALS_DIRECTORY/NAME` (or `${CREDENTIALS_DIRECTORY}/NAME`) is
+/// expanded from the environment systemd sets for `LoadCredential=`, so tokens and keys need
+/// not be readable by anyone but the service.
+pub(super) fn credential_path(path: &std::path::Path) -> Result<std::path::PathBuf, String> {
+    let text = path.to_string_lossy();
+    let rest = text
+        .strip_prefix("$CREDENTIALS_DIRECTORY/")
+        .or_else(|| text.strip_prefix("${CREDENTIALS_DIRECTORY}/"));
+    let Some(rest) = rest else {
+        return Ok(path.to_path_buf());
+    };
+    match std::env::var_os("CREDENTIALS_DIRECTORY") {
+        Some(dir) => Ok(std::path::Path::new(&dir).join(rest)),
+        None => Err(format!(
+            "`{text}` names a systemd credential, but $CREDENTIALS_DIRECTORY is not set (add \
+             LoadCredential= to the unit, or use a plain path)"
+        )),
+    }
+}
+
 /// A decimal port 1-65535; `whole` is the address it came from, for the message.
 pub(super) fn check_port(port: &str, whole: &str) -> Result<(), String> {
     if port.is_empty() {

@@ -20,17 +20,19 @@ use std::time::Duration;
 use tunnelkeeper_providers::command::{CommandSpec, EndpointSource};
 use tunnelkeeper_providers::direct::DirectSpec;
 
-use super::locate::KeyPath;
-use super::model::{
+mod ssh;
+
+use crate::config::locate::KeyPath;
+use crate::config::model::{
     ConfigFile, DaemonSection, DefaultsSection, DnsSection, FailoverSection, HookCommand,
     HookSection, OnFailover, ProbeSection, ProviderKind, RestartSection, RouterSection,
     ServiceSection, Standby, TunnelSection,
 };
-use super::spec::{
+use crate::config::spec::{
     default, Config, DaemonSpec, ExtraCheck, HookSpec, ProbeSpec, ProviderSpec, RestartSpec,
     ServiceSpec, TunnelSpec,
 };
-use super::values::{
+use crate::config::values::{
     check_host_port, check_hostname, check_http_url, check_name, compile_endpoint_regex,
     parse_reader,
 };
@@ -56,7 +58,10 @@ pub(crate) struct Issue {
 /// Checks `file` and resolves it into the configuration the daemon runs on. `source` is
 /// recorded in the result for reloads and messages.
 pub(crate) fn validate(file: &ConfigFile, source: &Path) -> Result<Config, Vec<Issue>> {
-    let mut v = Validator::default();
+    let mut v = Validator {
+        issues: Vec::new(),
+        config_dir: source.parent().map(Path::to_path_buf).unwrap_or_default(),
+    };
     let root = KeyPath::root();
 
     if file.version != 1 {
@@ -100,9 +105,10 @@ pub(crate) fn validate(file: &ConfigFile, source: &Path) -> Result<Config, Vec<I
 }
 
 /// Collects issues while walking the model.
-#[derive(Default)]
 struct Validator {
     issues: Vec<Issue>,
+    /// Directory of the config file: relative defaults (known_hosts) live there.
+    config_dir: std::path::PathBuf,
 }
 
 /// Names seen so far at one level, to report duplicates against their first use.
@@ -170,6 +176,23 @@ fn origin<T>(layered: &Layered<T>) -> String {
 
 fn human(duration: Duration) -> String {
     humantime::format_duration(duration).to_string()
+}
+
+/// Every provider-specific key of a tunnel: whether it is set, and the provider it belongs to.
+fn provider_keys(t: &TunnelSection) -> [(&'static str, bool, ProviderKind); 10] {
+    use ProviderKind::{Command, Direct, Ssh};
+    [
+        ("address", t.address.is_some(), Direct),
+        ("run", t.run.is_some(), Command),
+        ("endpoint", t.endpoint.is_some(), Command),
+        ("endpoint_regex", t.endpoint_regex.is_some(), Command),
+        ("start_timeout", t.start_timeout.is_some(), Command),
+        ("stop_grace", t.stop_grace.is_some(), Command),
+        ("env", !t.env.is_empty(), Command),
+        ("ssh", t.ssh.is_some(), Ssh),
+        ("remote_forward", t.remote_forward.is_some(), Ssh),
+        ("local_forward", t.local_forward.is_some(), Ssh),
+    ]
 }
 
 fn provider_name(kind: ProviderKind) -> &'static str {
@@ -740,27 +763,19 @@ impl Validator {
     /// The provider's own settings; keys of other providers are errors.
     fn provider(&mut self, tunnel: &TunnelSection, path: &KeyPath) -> Option<ProviderSpec> {
         let kind = provider_name(tunnel.provider);
-        let command_keys = [
-            ("run", tunnel.run.is_some()),
-            ("endpoint", tunnel.endpoint.is_some()),
-            ("endpoint_regex", tunnel.endpoint_regex.is_some()),
-            ("start_timeout", tunnel.start_timeout.is_some()),
-            ("stop_grace", tunnel.stop_grace.is_some()),
-            ("env", !tunnel.env.is_empty()),
-        ];
+        for (key, set, owner) in provider_keys(tunnel) {
+            if set && owner != tunnel.provider {
+                self.error(
+                    path.key(key),
+                    format!(
+                        "`{key}` does not apply to provider `{kind}` (it belongs to provider `{}`)",
+                        provider_name(owner)
+                    ),
+                );
+            }
+        }
         match tunnel.provider {
             ProviderKind::Direct => {
-                for (key, set) in command_keys {
-                    if set {
-                        self.error(
-                            path.key(key),
-                            format!(
-                                "`{key}` does not apply to provider `direct` (it belongs to \
-                                 provider `command`)"
-                            ),
-                        );
-                    }
-                }
                 let Some(address) = &tunnel.address else {
                     self.error(
                         path.key("address"),
@@ -776,10 +791,8 @@ impl Validator {
                     })
             }
             ProviderKind::Command => self.command(tunnel, path).map(ProviderSpec::Command),
-            ProviderKind::Ssh
-            | ProviderKind::Cloudflare
-            | ProviderKind::Tailscale
-            | ProviderKind::Ngrok => {
+            ProviderKind::Ssh => self.ssh_tunnel(tunnel, path).map(ProviderSpec::Ssh),
+            ProviderKind::Cloudflare | ProviderKind::Tailscale | ProviderKind::Ngrok => {
                 self.error(
                     path.key("provider"),
                     format!("provider `{kind}` is not available in this build yet"),
@@ -791,14 +804,6 @@ impl Validator {
 
     fn command(&mut self, tunnel: &TunnelSection, path: &KeyPath) -> Option<CommandSpec> {
         let before = self.issues.len();
-        if tunnel.address.is_some() {
-            self.error(
-                path.key("address"),
-                "`address` does not apply to provider `command` (it belongs to provider \
-                 `direct`; a command tunnel's address is `endpoint` or `endpoint_regex`)"
-                    .to_owned(),
-            );
-        }
         let run = match &tunnel.run {
             Some(run) => {
                 self.argv(run, &path.key("run"));

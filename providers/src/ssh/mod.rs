@@ -1,0 +1,34 @@
+//! The `ssh` provider and the shared SSH session pool, on russh (no `ssh` binary is spawned).
+//!
+//! - [`SshPool`]: one per daemon. Every tunnel, probe and router command to the same server
+//!   (same user, host, port and identity after ssh_config resolution) shares its sessions.
+//!   [`SshPool::exec`] runs router commands; [`SshPool::stats`] feeds `/v1/status`.
+//! - [`SshProvider`]: a remote forward (`-R`, the server listens and connections come back to
+//!   a local `to`) or a local forward (`-L`, `dial()` opens a `direct-tcpip` channel to `to`
+//!   through the server; no local port).
+//!
+//! Host keys are checked strictly against known_hosts (module `hostkeys`); a session's death is
+//! the hard signal of every tunnel on it ([`crate::Tunnel::closed`] resolves at once).
+//!
+//! Modules, one job each: [`spec`] (settings), `config` (ssh_config aliases, pool key),
+//! `hostkeys` (known_hosts), `auth` (login), `session` (one connection), `net` (its TCP socket), `pool` (sharing,
+//! limits, idle/age), `stream` (channel streams, bridging), `remote` / `local` (the two
+//! forwards), `provider` (the [`crate::Provider`]), `exec` (commands).
+
+mod auth;
+mod config;
+mod exec;
+mod hostkeys;
+mod local;
+mod net;
+mod pool;
+mod provider;
+mod remote;
+mod session;
+pub mod spec;
+mod stream;
+
+pub use exec::ExecOutput;
+pub use pool::{PoolStats, SshPool, TargetStats};
+pub use provider::SshProvider;
+pub use spec::*;

@@ -1,0 +1,722 @@
+//! One SSH connection: connecting (TCP, key exchange, host key check, login) within the
+//! configured time limits, the russh [`Handler`] that receives server-initiated events, and the
+//! bookkeeping the pool needs (channels in use, tunnels attached, why it closed).
+//!
+//! The moment the connection ends — the server went away, keepalives went unanswered, or the
+//! pool closed it — [`Shared::closed`] is cancelled. Everything attached to a session (tunnels,
+//! bridges, the pool's monitor) selects on that token, which is what makes a disconnect a hard
+//! signal for every tunnel on it at once.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fmt;
+use std::net::Shutdown;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use russh::client::{self, DisconnectReason, Handle, Msg};
+use russh::keys::{Algorithm, PublicKeyOrCertificate};
+use russh::{Channel, ChannelId, ChannelOpenFailure, Disconnect, Preferred};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use super::auth;
+use super::config::{PoolKey, Resolved};
+use super::hostkeys::{self, Accepted, HostKeyCheck};
+use super::net;
+use crate::{ProviderError, Resolver};
+
+/// How long a polite close (SSH `DISCONNECT`) may take before the socket is shut down under it.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// A connection handed a server-initiated `forwarded-tcpip` channel to this callback.
+pub(crate) struct Incoming {
+    /// The channel (usable once `reply` accepted it).
+    pub channel: Channel<Msg>,
+    /// Accept or reject; dropping it rejects.
+    pub reply: client::ChannelOpenHandle,
+    /// Who connected to the server's port, for logs.
+    pub originator: String,
+}
+
+/// Receives the connections of one remote forward. Called on the session's own task: it must
+/// hand the work off (spawn) and return at once.
+pub(crate) type IncomingSink = Arc<dyn Fn(Incoming) + Send + Sync>;
+
+/// One remote forward listening on the server, as registered on its session.
+struct Route {
+    id: u64,
+    address: String,
+    /// The port the server listens on; 0 while the `tcpip-forward` reply is outstanding.
+    port: u32,
+    sink: IncomingSink,
+}
+
+/// Channels and tunnels currently using a session.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Usage {
+    /// Open channels (dials, execs, forwarded connections).
+    pub channels: u32,
+    /// Tunnels holding the session (a remote forward lives on it; a local tunnel watches it).
+    pub leases: u32,
+    /// Since when nothing has used the session.
+    pub idle_since: Instant,
+    /// The server refused a channel for lack of room (OpenSSH `MaxSessions`): take no more
+    /// channels until one of ours closes.
+    pub saturated: bool,
+    /// Taken out of service (idle or too old): no new channels or leases.
+    pub retired: bool,
+}
+
+/// State shared between a session, its handler (which runs on russh's task), and the guards
+/// handed out for its channels. It holds no russh handle, so guards do not keep a dead
+/// connection alive.
+pub(crate) struct Shared {
+    /// Pool-unique number, for logs.
+    pub id: u64,
+    /// Who the session is logged in as, where.
+    pub key: PoolKey,
+    /// When the session was established.
+    pub created: Instant,
+    /// Channels the session carries before the pool opens another.
+    pub max_channels: u32,
+    usage: Mutex<Usage>,
+    /// Signalled whenever [`Usage`] changes, for the pool's idle monitor.
+    pub usage_changed: Notify,
+    routes: Mutex<Vec<Route>>,
+    /// One token per open channel, cancelled when the server closes the channel (or the
+    /// connection ends: they are children of `closed`). russh gives a writer no signal when
+    /// the channel it waits on for window space is gone; these do.
+    channel_tokens: Mutex<HashMap<ChannelId, CancellationToken>>,
+    /// Cancelled when the connection has ended.
+    pub closed: CancellationToken,
+    reason: Mutex<Option<String>>,
+    /// Set when the pool closed the session on purpose (idle, too old), so the loss is not
+    /// counted as a reconnect-worthy failure.
+    closed_on_purpose: AtomicBool,
+    keepalive: (Duration, u32),
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Session")
+            .field("id", &self.id)
+            .field("target", &self.key.to_string())
+            .field("usage", &self.usage())
+            .field("closed", &self.closed.is_cancelled())
+            .finish()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The data behind these locks stays consistent even if a holder panicked mid-way (plain
+    // counters and lists), so a poisoned lock is still usable.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Shared {
+    /// A snapshot of the usage counters.
+    pub fn usage(&self) -> Usage {
+        *lock(&self.usage)
+    }
+
+    /// Changes the usage counters under the lock; notifies the monitor if `change` says it
+    /// changed something.
+    pub fn update(&self, change: impl FnOnce(&mut Usage) -> bool) -> bool {
+        let changed = {
+            let mut usage = lock(&self.usage);
+            let changed = change(&mut usage);
+            if changed && usage.channels == 0 && usage.leases == 0 {
+                usage.idle_since = Instant::now();
+            }
+            changed
+        };
+        if changed {
+            self.usage_changed.notify_one();
+        }
+        changed
+    }
+
+    /// Counts a channel the server opened (a forwarded connection) until the guard drops.
+    pub fn track_channel(self: &Arc<Self>) -> ChannelGuard {
+        self.update(|usage| {
+            usage.channels += 1;
+            true
+        });
+        ChannelGuard::reserved(self.clone())
+    }
+
+    /// Why the session ended (or "open").
+    pub fn reason(&self) -> String {
+        lock(&self.reason)
+            .clone()
+            .unwrap_or_else(|| "ssh session closed".to_string())
+    }
+
+    /// Records why the session ended; the first reason wins (it is the cause, later ones are
+    /// consequences).
+    fn set_reason(&self, reason: String) {
+        let mut slot = lock(&self.reason);
+        if slot.is_none() {
+            *slot = Some(reason);
+        }
+    }
+
+    /// Whether the pool itself closed the session.
+    pub fn closed_on_purpose(&self) -> bool {
+        self.closed_on_purpose.load(Ordering::SeqCst)
+    }
+
+    /// Whether the session can take another channel of ours.
+    pub fn has_room(&self, usage: &Usage, max_age_end: Instant, now: Instant) -> bool {
+        usage.channels < self.max_channels
+            && !usage.saturated
+            && self.usable(usage, max_age_end, now)
+    }
+
+    /// Whether the session may take new work at all (channels or tunnels).
+    pub fn usable(&self, usage: &Usage, max_age_end: Instant, now: Instant) -> bool {
+        !usage.retired && now < max_age_end && !self.closed.is_cancelled()
+    }
+
+    /// The token that is cancelled when the server closes channel `id` (already cancelled if
+    /// it is gone).
+    pub fn channel_token(&self, id: ChannelId) -> CancellationToken {
+        match lock(&self.channel_tokens).get(&id) {
+            Some(token) => token.clone(),
+            None => {
+                let token = CancellationToken::new();
+                token.cancel();
+                token
+            }
+        }
+    }
+
+    fn channel_opened(&self, id: ChannelId) {
+        lock(&self.channel_tokens).insert(id, self.closed.child_token());
+    }
+
+    fn channel_closed(&self, id: ChannelId) {
+        if let Some(token) = lock(&self.channel_tokens).remove(&id) {
+            token.cancel();
+        }
+    }
+
+    /// Registers a remote forward's sink; `port` 0 while the server has not said which port.
+    pub fn add_route(&self, id: u64, address: &str, port: u32, sink: IncomingSink) {
+        lock(&self.routes).push(Route {
+            id,
+            address: address.to_string(),
+            port,
+            sink,
+        });
+    }
+
+    /// Sets the port of a route once the server allocated it.
+    pub fn set_route_port(&self, id: u64, port: u32) {
+        if let Some(route) = lock(&self.routes).iter_mut().find(|r| r.id == id) {
+            route.port = port;
+        }
+    }
+
+    /// Unregisters a remote forward.
+    pub fn remove_route(&self, id: u64) {
+        lock(&self.routes).retain(|r| r.id != id);
+    }
+
+    /// The sink for a connection the server reports as arriving on `address:port`. OpenSSH
+    /// echoes the address as it was requested, but be lenient: an exact match first, then the
+    /// only forward on that port, then the only forward still waiting for its port number
+    /// (a connection can beat the `tcpip-forward` reply to our task).
+    fn route_for(&self, address: &str, port: u32) -> Option<IncomingSink> {
+        let routes = lock(&self.routes);
+        if let Some(route) = routes
+            .iter()
+            .find(|r| r.port == port && r.address == address)
+        {
+            return Some(route.sink.clone());
+        }
+        let mut same_port = routes.iter().filter(|r| r.port == port);
+        if let (Some(route), None) = (same_port.next(), same_port.next()) {
+            return Some(route.sink.clone());
+        }
+        let mut pending = routes.iter().filter(|r| r.port == 0);
+        if let (Some(route), None) = (pending.next(), pending.next()) {
+            return Some(route.sink.clone());
+        }
+        None
+    }
+}
+
+/// One channel counted against its session; dropping it frees the slot.
+pub(crate) struct ChannelGuard {
+    shared: Arc<Shared>,
+    /// Already given back (by [`ChannelGuard::refused`]).
+    released: bool,
+}
+
+impl ChannelGuard {
+    /// Counts a channel the pool reserved (the count was already raised under its lock).
+    pub(crate) fn reserved(shared: Arc<Shared>) -> ChannelGuard {
+        ChannelGuard {
+            shared,
+            released: false,
+        }
+    }
+
+    /// The server refused this channel for lack of room: frees the slot and marks the session
+    /// full in one step (a plain drop would mark it as having room again).
+    pub(crate) fn refused(mut self) {
+        self.released = true;
+        self.shared.update(|usage| {
+            usage.channels = usage.channels.saturating_sub(1);
+            usage.saturated = true;
+            true
+        });
+    }
+}
+
+impl fmt::Debug for ChannelGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ChannelGuard(session {})", self.shared.id)
+    }
+}
+
+impl Drop for ChannelGuard {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        self.shared.update(|usage| {
+            usage.channels = usage.channels.saturating_sub(1);
+            // A slot freed up on the server too: worth trying this session again.
+            usage.saturated = false;
+            true
+        });
+    }
+}
+
+/// An established, logged-in SSH connection.
+pub(crate) struct Session {
+    /// State shared with the handler and the guards.
+    pub shared: Arc<Shared>,
+    handle: Handle<ClientHandler>,
+    /// A duplicate of the connection's socket: shutting it down ends russh's task even if it
+    /// is stuck writing to a dead peer.
+    socket: std::net::TcpStream,
+}
+
+impl fmt::Debug for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.shared.fmt(f)
+    }
+}
+
+impl Session {
+    /// Opens a `direct-tcpip` channel to `host:port` as seen from the server.
+    pub async fn open_direct_tcpip(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> Result<Channel<Msg>, russh::Error> {
+        self.handle
+            .channel_open_direct_tcpip(host, u32::from(port), "127.0.0.1", 0)
+            .await
+    }
+
+    /// Opens a `session` channel (for exec).
+    pub async fn open_session(&self) -> Result<Channel<Msg>, russh::Error> {
+        self.handle.channel_open_session().await
+    }
+
+    /// Asks the server to listen on `address:port`; returns the port it listens on.
+    pub async fn tcpip_forward(&self, address: &str, port: u16) -> Result<u16, russh::Error> {
+        let allocated = self.handle.tcpip_forward(address, u32::from(port)).await?;
+        // The server only reports the port when it picked one (port 0 requested).
+        if port == 0 {
+            u16::try_from(allocated).map_err(|_| russh::Error::Inconsistent)
+        } else {
+            Ok(port)
+        }
+    }
+
+    /// Asks the server to stop listening on `address:port`.
+    pub async fn cancel_tcpip_forward(&self, address: &str, port: u16) -> Result<(), russh::Error> {
+        self.handle
+            .cancel_tcpip_forward(address, u32::from(port))
+            .await
+    }
+
+    /// One SSH round trip (a global request the server must answer). russh reports success
+    /// even when the connection died while waiting, so the caller checks `closed` after.
+    pub async fn ping(&self) -> Result<(), russh::Error> {
+        self.handle.send_ping().await
+    }
+
+    /// Closes the connection on purpose: a polite `DISCONNECT`, then the socket is shut down if
+    /// the connection has not ended within [`CLOSE_GRACE`].
+    pub async fn close(&self, why: &str) {
+        self.shared.closed_on_purpose.store(true, Ordering::SeqCst);
+        self.shared.set_reason(format!("ssh session closed: {why}"));
+        // `disconnect` only queues a message; bounded in case russh's queue is full.
+        let _ = tokio::time::timeout(
+            CLOSE_GRACE,
+            self.handle.disconnect(Disconnect::ByApplication, why, "en"),
+        )
+        .await;
+        let closed = self.shared.closed.clone();
+        let socket = self.socket.try_clone();
+        tokio::spawn(async move {
+            if tokio::time::timeout(CLOSE_GRACE, closed.cancelled())
+                .await
+                .is_err()
+            {
+                if let Ok(socket) = socket {
+                    let _ = socket.shutdown(Shutdown::Both);
+                }
+            }
+        });
+    }
+}
+
+/// What the handler can fail with: russh's own errors, or a refused host key (kept apart so
+/// the caller gets the full message instead of russh's "Unknown server key").
+#[derive(Debug)]
+pub(crate) enum HandlerError {
+    /// A protocol or I/O error.
+    Ssh(russh::Error),
+    /// The host key was refused; the message says why and what to do.
+    HostKey(String),
+}
+
+impl From<russh::Error> for HandlerError {
+    fn from(err: russh::Error) -> Self {
+        HandlerError::Ssh(err)
+    }
+}
+
+/// The russh client handler of one connection. It lives on russh's session task, so dropping
+/// it (when that task ends, however it ends) is the most reliable "connection gone" signal.
+pub(crate) struct ClientHandler {
+    host_check: HostKeyCheck,
+    shared: Arc<Shared>,
+    /// Cancels [`Shared::closed`] when the handler is dropped.
+    _closed_on_drop: DropGuard,
+}
+
+impl client::Handler for ClientHandler {
+    type Error = HandlerError;
+
+    async fn check_server_key(
+        &mut self,
+        server_public_key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        let key = match server_public_key {
+            PublicKeyOrCertificate::PublicKey { key, .. } => key.clone(),
+            // Host certificates are never requested (no `@cert-authority` support), so a
+            // certificate here is unexpected: refuse rather than guess.
+            PublicKeyOrCertificate::Certificate(_) => {
+                return Err(HandlerError::HostKey(format!(
+                    "{} presented a host certificate, which tunnelkeeper does not verify; \
+                     connection refused",
+                    hostkeys::host_entry_name(&self.host_check.host, self.host_check.port)
+                )))
+            }
+        };
+        let check = self.host_check.clone();
+        // known_hosts is read (and maybe appended to) with blocking file I/O.
+        match tokio::task::spawn_blocking(move || check.verify(&key)).await {
+            Ok(Ok(Accepted::Known)) => Ok(true),
+            Ok(Ok(Accepted::Recorded(line))) => {
+                tracing::warn!(
+                    target = %self.shared.key,
+                    known_hosts = %self.host_check.path.display(),
+                    %line,
+                    "new host key accepted and recorded (host_key_policy: accept_new)"
+                );
+                Ok(true)
+            }
+            Ok(Err(message)) => Err(HandlerError::HostKey(message)),
+            Err(err) => Err(HandlerError::HostKey(format!(
+                "host key check did not complete: {err}"
+            ))),
+        }
+    }
+
+    async fn server_channel_open_forwarded_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        connected_address: &str,
+        connected_port: u32,
+        originator_address: &str,
+        originator_port: u32,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.shared.channel_opened(channel.id());
+        match self.shared.route_for(connected_address, connected_port) {
+            Some(sink) => sink(Incoming {
+                channel,
+                reply,
+                originator: format!("{originator_address}:{originator_port}"),
+            }),
+            None => {
+                tracing::debug!(
+                    target = %self.shared.key,
+                    address = connected_address,
+                    port = connected_port,
+                    "forwarded connection for a port no tunnel holds; rejected"
+                );
+                reply
+                    .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                    .await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn channel_open_confirmation(
+        &mut self,
+        id: ChannelId,
+        _max_packet_size: u32,
+        _window_size: u32,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        // Runs on russh's task in protocol order, before the opener sees the channel.
+        self.shared.channel_opened(id);
+        Ok(())
+    }
+
+    async fn channel_close(
+        &mut self,
+        id: ChannelId,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.shared.channel_closed(id);
+        Ok(())
+    }
+
+    async fn disconnected(
+        &mut self,
+        reason: DisconnectReason<Self::Error>,
+    ) -> Result<(), Self::Error> {
+        let text = match &reason {
+            DisconnectReason::ReceivedDisconnect(info) => {
+                format!("the server disconnected: {}", info.message)
+            }
+            DisconnectReason::Error(err) => describe_handler_error(err, self.shared.keepalive),
+        };
+        self.shared
+            .set_reason(format!("ssh session to {} lost: {text}", self.shared.key));
+        self.shared.closed.cancel();
+        match reason {
+            DisconnectReason::ReceivedDisconnect(_) => Ok(()),
+            DisconnectReason::Error(err) => Err(err),
+        }
+    }
+}
+
+/// Words for a russh error that ended or failed a connection.
+pub(crate) fn describe_error(err: &russh::Error, keepalive: (Duration, u32)) -> String {
+    let (interval, max) = keepalive;
+    match err {
+        russh::Error::KeepaliveTimeout => {
+            format!("no answer to {max} keepalives sent {interval:?} apart")
+        }
+        russh::Error::InactivityTimeout => {
+            format!(
+                "nothing received for {:?}",
+                inactivity_timeout(interval, max)
+            )
+        }
+        russh::Error::Disconnect | russh::Error::HUP | russh::Error::SendError => {
+            "connection closed by the server".to_string()
+        }
+        russh::Error::IO(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            "connection closed by the server".to_string()
+        }
+        russh::Error::IO(io) => format!("connection error: {io}"),
+        other => other.to_string(),
+    }
+}
+
+fn describe_handler_error(err: &HandlerError, keepalive: (Duration, u32)) -> String {
+    match err {
+        HandlerError::Ssh(err) => describe_error(err, keepalive),
+        HandlerError::HostKey(message) => message.clone(),
+    }
+}
+
+/// russh's inactivity limit. Keepalives detect a silent server after `max` unanswered ones,
+/// i.e. `interval × (max + 1)` after the last sign of life; this backstop is one interval
+/// later, so the clearer keepalive reason is the one reported, and it still ends a session
+/// whose keepalives are disabled (`keepalive_max: 0`) once the server stops answering.
+fn inactivity_timeout(interval: Duration, max: u32) -> Duration {
+    interval.saturating_mul(max.saturating_add(2))
+}
+
+/// Host key algorithms to ask for, those already recorded for this host first (as OpenSSH
+/// does): a server with several keys then presents the one we can check.
+fn preferred_algorithms(known: &[Algorithm]) -> Preferred {
+    let mut preferred = Preferred::default();
+    if known.is_empty() {
+        return preferred;
+    }
+    let all: Vec<Algorithm> = preferred.key.to_vec();
+    let is_known = |a: &Algorithm| known.iter().any(|k| hostkeys::same_type(k, a));
+    let mut ordered: Vec<Algorithm> = all.iter().filter(|a| is_known(a)).cloned().collect();
+    ordered.extend(all.iter().filter(|a| !is_known(a)).cloned());
+    preferred.key = Cow::Owned(ordered);
+    preferred
+}
+
+/// Connects, verifies the host key, and logs in, within `connect_timeout` (TCP and key
+/// exchange) and `auth_timeout` (login).
+pub(crate) async fn connect(
+    resolved: &Resolved,
+    resolver: Option<&Resolver>,
+    id: u64,
+) -> Result<Session, ProviderError> {
+    let target = &resolved.target;
+    let key = &resolved.key;
+    let failed = |detail: String| ProviderError::Ssh {
+        target: key.to_string(),
+        detail,
+    };
+    let connect_deadline = Instant::now() + target.connect_timeout;
+
+    let tcp = net::tcp_connect(key, resolver, target.connect_timeout, connect_deadline).await?;
+    let std_socket = tcp
+        .into_std()
+        .map_err(|err| failed(format!("socket: {err}")))?;
+    let killer = std_socket
+        .try_clone()
+        .map_err(|err| failed(format!("socket: {err}")))?;
+    let tcp = TcpStream::from_std(std_socket).map_err(|err| failed(format!("socket: {err}")))?;
+    let tcp = net::QuickAck::new(tcp);
+
+    let known_hosts = target.known_hosts.clone();
+    let (host, port) = (key.host.clone(), key.port);
+    let known =
+        tokio::task::spawn_blocking(move || hostkeys::known_algorithms(&known_hosts, &host, port))
+            .await
+            .unwrap_or_default();
+
+    let keepalive = (target.keepalive_interval, target.keepalive_max);
+    let interval = (!target.keepalive_interval.is_zero()).then_some(target.keepalive_interval);
+    let config = client::Config {
+        keepalive_interval: interval,
+        keepalive_max: usize::try_from(target.keepalive_max).unwrap_or(usize::MAX),
+        inactivity_timeout: interval.map(|i| inactivity_timeout(i, target.keepalive_max)),
+        nodelay: true,
+        preferred: preferred_algorithms(&known),
+        ..client::Config::default()
+    };
+
+    let closed = CancellationToken::new();
+    let shared = Arc::new(Shared {
+        id,
+        key: key.clone(),
+        created: Instant::now(),
+        max_channels: target.max_channels.max(1),
+        usage: Mutex::new(Usage {
+            channels: 0,
+            leases: 0,
+            idle_since: Instant::now(),
+            saturated: false,
+            retired: false,
+        }),
+        usage_changed: Notify::new(),
+        routes: Mutex::new(Vec::new()),
+        channel_tokens: Mutex::new(HashMap::new()),
+        closed: closed.clone(),
+        reason: Mutex::new(None),
+        closed_on_purpose: AtomicBool::new(false),
+        keepalive,
+    });
+    let handler = ClientHandler {
+        host_check: HostKeyCheck {
+            host: key.host.clone(),
+            port: key.port,
+            path: target.known_hosts.clone(),
+            policy: target.host_key_policy,
+        },
+        shared: shared.clone(),
+        _closed_on_drop: closed.clone().drop_guard(),
+    };
+
+    // Whatever fails from here on, the socket is shut down so russh's task ends with it.
+    let abort = |socket: &std::net::TcpStream| {
+        let _ = socket.shutdown(Shutdown::Both);
+    };
+    let remaining = connect_deadline.saturating_duration_since(Instant::now());
+    let handshake = tokio::time::timeout(
+        remaining,
+        client::connect_stream(Arc::new(config), tcp, handler),
+    )
+    .await;
+    let mut handle = match handshake {
+        Ok(Ok(handle)) => handle,
+        Ok(Err(HandlerError::HostKey(message))) => {
+            abort(&killer);
+            return Err(ProviderError::HostKey(message));
+        }
+        Ok(Err(HandlerError::Ssh(err))) => {
+            abort(&killer);
+            return Err(failed(format!(
+                "key exchange failed: {}",
+                describe_error(&err, keepalive)
+            )));
+        }
+        Err(_) => {
+            abort(&killer);
+            return Err(ProviderError::Timeout {
+                what: format!("ssh connect to {key} (TCP and key exchange)"),
+                after: target.connect_timeout,
+            });
+        }
+    };
+
+    match tokio::time::timeout(
+        target.auth_timeout,
+        auth::authenticate(&mut handle, resolved),
+    )
+    .await
+    {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => {
+            abort(&killer);
+            return Err(err);
+        }
+        Err(_) => {
+            abort(&killer);
+            return Err(ProviderError::Timeout {
+                what: format!("ssh authentication to {key}"),
+                after: target.auth_timeout,
+            });
+        }
+    }
+    Ok(Session {
+        shared,
+        handle,
+        socket: killer,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_algorithms_go_first() {
+        let preferred = preferred_algorithms(&[Algorithm::Rsa { hash: None }]);
+        assert!(matches!(preferred.key[0], Algorithm::Rsa { .. }));
+        assert!(matches!(preferred.key[1], Algorithm::Rsa { .. }));
+        assert_eq!(preferred.key.len(), Preferred::default().key.len());
+        let untouched = preferred_algorithms(&[]);
+        assert_eq!(untouched.key[0], Algorithm::Ed25519);
+    }
+}
