@@ -85,12 +85,18 @@ impl Daemon {
             ))
             .spawn()
             .unwrap();
+        let mut child = child;
         let client = Client::new(&socket);
         let deadline = Instant::now() + Duration::from_secs(20);
+        let log = || std::fs::read_to_string(dir.path().join("daemon.log")).unwrap_or_default();
         while client.status_json().await.is_err() {
+            if let Ok(Some(exit)) = child.try_wait() {
+                panic!("daemon exited ({exit}) before answering:\n{}", log());
+            }
             assert!(
                 Instant::now() < deadline,
-                "daemon never answered on its socket"
+                "daemon never answered on its socket:\n{}",
+                log()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

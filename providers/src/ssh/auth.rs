@@ -16,7 +16,7 @@ use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg};
 use russh::MethodSet;
 
 use super::config::Resolved;
-use super::session::ClientHandler;
+use super::handler::ClientHandler;
 use crate::ProviderError;
 
 /// What was tried so far, for the error message.

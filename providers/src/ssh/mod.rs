@@ -11,13 +11,14 @@
 //! the hard signal of every tunnel on it ([`crate::Tunnel::closed`] resolves at once).
 //!
 //! Modules, one job each: [`spec`] (settings), `config` (ssh_config aliases, pool key),
-//! `hostkeys` (known_hosts), `auth` (login), `session` (one connection), `net` (its TCP socket), `pool` (sharing,
+//! `hostkeys` (known_hosts), `auth` (login), `session` (one connection), `handler` (russh's callbacks), `net` (its TCP socket), `pool` (sharing,
 //! limits, idle/age), `stream` (channel streams, bridging), `remote` / `local` (the two
 //! forwards), `provider` (the [`crate::Provider`]), `exec` (commands).
 
 mod auth;
 mod config;
 mod exec;
+mod handler;
 mod hostkeys;
 mod local;
 mod net;

@@ -1,6 +1,6 @@
 //! One SSH connection: connecting (TCP, key exchange, host key check, login) within the
-//! configured time limits, the russh [`Handler`] that receives server-initiated events, and the
-//! bookkeeping the pool needs (channels in use, tunnels attached, why it closed).
+//! configured time limits, and the bookkeeping the pool needs (channels in use, tunnels
+//! attached, why it closed). The russh handler it runs with is in `handler`.
 //!
 //! The moment the connection ends — the server went away, keepalives went unanswered, or the
 //! pool closed it — [`Shared::closed`] is cancelled. Everything attached to a session (tunnels,
@@ -15,17 +15,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use russh::client::{self, DisconnectReason, Handle, Msg};
-use russh::keys::{Algorithm, PublicKeyOrCertificate};
-use russh::{Channel, ChannelId, ChannelOpenFailure, Disconnect, Preferred};
+use russh::client::{self, Handle, Msg};
+use russh::keys::Algorithm;
+use russh::{Channel, ChannelId, Disconnect, Preferred};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
-use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::sync::CancellationToken;
 
 use super::auth;
 use super::config::{PoolKey, Resolved};
-use super::hostkeys::{self, Accepted, HostKeyCheck};
+use super::handler::{describe_error, inactivity_timeout, ClientHandler, HandlerError};
+use super::hostkeys::{self, HostKeyCheck};
 use super::net;
 use crate::{ProviderError, Resolver};
 
@@ -97,7 +98,8 @@ pub(crate) struct Shared {
     /// Set when the pool closed the session on purpose (idle, too old), so the loss is not
     /// counted as a reconnect-worthy failure.
     closed_on_purpose: AtomicBool,
-    keepalive: (Duration, u32),
+    /// Keepalive interval and count, for messages.
+    pub keepalive: (Duration, u32),
 }
 
 impl fmt::Debug for Shared {
@@ -158,7 +160,7 @@ impl Shared {
 
     /// Records why the session ended; the first reason wins (it is the cause, later ones are
     /// consequences).
-    fn set_reason(&self, reason: String) {
+    pub(super) fn set_reason(&self, reason: String) {
         let mut slot = lock(&self.reason);
         if slot.is_none() {
             *slot = Some(reason);
@@ -195,11 +197,11 @@ impl Shared {
         }
     }
 
-    fn channel_opened(&self, id: ChannelId) {
+    pub(super) fn channel_opened(&self, id: ChannelId) {
         lock(&self.channel_tokens).insert(id, self.closed.child_token());
     }
 
-    fn channel_closed(&self, id: ChannelId) {
+    pub(super) fn channel_closed(&self, id: ChannelId) {
         if let Some(token) = lock(&self.channel_tokens).remove(&id) {
             token.cancel();
         }
@@ -231,7 +233,7 @@ impl Shared {
     /// echoes the address as it was requested, but be lenient: an exact match first, then the
     /// only forward on that port, then the only forward still waiting for its port number
     /// (a connection can beat the `tcpip-forward` reply to our task).
-    fn route_for(&self, address: &str, port: u32) -> Option<IncomingSink> {
+    pub(super) fn route_for(&self, address: &str, port: u32) -> Option<IncomingSink> {
         let routes = lock(&self.routes);
         if let Some(route) = routes
             .iter()
@@ -382,182 +384,6 @@ impl Session {
     }
 }
 
-/// What the handler can fail with: russh's own errors, or a refused host key (kept apart so
-/// the caller gets the full message instead of russh's "Unknown server key").
-#[derive(Debug)]
-pub(crate) enum HandlerError {
-    /// A protocol or I/O error.
-    Ssh(russh::Error),
-    /// The host key was refused; the message says why and what to do.
-    HostKey(String),
-}
-
-impl From<russh::Error> for HandlerError {
-    fn from(err: russh::Error) -> Self {
-        HandlerError::Ssh(err)
-    }
-}
-
-/// The russh client handler of one connection. It lives on russh's session task, so dropping
-/// it (when that task ends, however it ends) is the most reliable "connection gone" signal.
-pub(crate) struct ClientHandler {
-    host_check: HostKeyCheck,
-    shared: Arc<Shared>,
-    /// Cancels [`Shared::closed`] when the handler is dropped.
-    _closed_on_drop: DropGuard,
-}
-
-impl client::Handler for ClientHandler {
-    type Error = HandlerError;
-
-    async fn check_server_key(
-        &mut self,
-        server_public_key: &PublicKeyOrCertificate,
-    ) -> Result<bool, Self::Error> {
-        let key = match server_public_key {
-            PublicKeyOrCertificate::PublicKey { key, .. } => key.clone(),
-            // Host certificates are never requested (no `@cert-authority` support), so a
-            // certificate here is unexpected: refuse rather than guess.
-            PublicKeyOrCertificate::Certificate(_) => {
-                return Err(HandlerError::HostKey(format!(
-                    "{} presented a host certificate, which tunnelkeeper does not verify; \
-                     connection refused",
-                    hostkeys::host_entry_name(&self.host_check.host, self.host_check.port)
-                )))
-            }
-        };
-        let check = self.host_check.clone();
-        // known_hosts is read (and maybe appended to) with blocking file I/O.
-        match tokio::task::spawn_blocking(move || check.verify(&key)).await {
-            Ok(Ok(Accepted::Known)) => Ok(true),
-            Ok(Ok(Accepted::Recorded(line))) => {
-                tracing::warn!(
-                    target = %self.shared.key,
-                    known_hosts = %self.host_check.path.display(),
-                    %line,
-                    "new host key accepted and recorded (host_key_policy: accept_new)"
-                );
-                Ok(true)
-            }
-            Ok(Err(message)) => Err(HandlerError::HostKey(message)),
-            Err(err) => Err(HandlerError::HostKey(format!(
-                "host key check did not complete: {err}"
-            ))),
-        }
-    }
-
-    async fn server_channel_open_forwarded_tcpip(
-        &mut self,
-        channel: Channel<Msg>,
-        connected_address: &str,
-        connected_port: u32,
-        originator_address: &str,
-        originator_port: u32,
-        reply: client::ChannelOpenHandle,
-        _session: &mut client::Session,
-    ) -> Result<(), Self::Error> {
-        self.shared.channel_opened(channel.id());
-        match self.shared.route_for(connected_address, connected_port) {
-            Some(sink) => sink(Incoming {
-                channel,
-                reply,
-                originator: format!("{originator_address}:{originator_port}"),
-            }),
-            None => {
-                tracing::debug!(
-                    target = %self.shared.key,
-                    address = connected_address,
-                    port = connected_port,
-                    "forwarded connection for a port no tunnel holds; rejected"
-                );
-                reply
-                    .reject(ChannelOpenFailure::AdministrativelyProhibited)
-                    .await;
-            }
-        }
-        Ok(())
-    }
-
-    async fn channel_open_confirmation(
-        &mut self,
-        id: ChannelId,
-        _max_packet_size: u32,
-        _window_size: u32,
-        _session: &mut client::Session,
-    ) -> Result<(), Self::Error> {
-        // Runs on russh's task in protocol order, before the opener sees the channel.
-        self.shared.channel_opened(id);
-        Ok(())
-    }
-
-    async fn channel_close(
-        &mut self,
-        id: ChannelId,
-        _session: &mut client::Session,
-    ) -> Result<(), Self::Error> {
-        self.shared.channel_closed(id);
-        Ok(())
-    }
-
-    async fn disconnected(
-        &mut self,
-        reason: DisconnectReason<Self::Error>,
-    ) -> Result<(), Self::Error> {
-        let text = match &reason {
-            DisconnectReason::ReceivedDisconnect(info) => {
-                format!("the server disconnected: {}", info.message)
-            }
-            DisconnectReason::Error(err) => describe_handler_error(err, self.shared.keepalive),
-        };
-        self.shared
-            .set_reason(format!("ssh session to {} lost: {text}", self.shared.key));
-        self.shared.closed.cancel();
-        match reason {
-            DisconnectReason::ReceivedDisconnect(_) => Ok(()),
-            DisconnectReason::Error(err) => Err(err),
-        }
-    }
-}
-
-/// Words for a russh error that ended or failed a connection.
-pub(crate) fn describe_error(err: &russh::Error, keepalive: (Duration, u32)) -> String {
-    let (interval, max) = keepalive;
-    match err {
-        russh::Error::KeepaliveTimeout => {
-            format!("no answer to {max} keepalives sent {interval:?} apart")
-        }
-        russh::Error::InactivityTimeout => {
-            format!(
-                "nothing received for {:?}",
-                inactivity_timeout(interval, max)
-            )
-        }
-        russh::Error::Disconnect | russh::Error::HUP | russh::Error::SendError => {
-            "connection closed by the server".to_string()
-        }
-        russh::Error::IO(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
-            "connection closed by the server".to_string()
-        }
-        russh::Error::IO(io) => format!("connection error: {io}"),
-        other => other.to_string(),
-    }
-}
-
-fn describe_handler_error(err: &HandlerError, keepalive: (Duration, u32)) -> String {
-    match err {
-        HandlerError::Ssh(err) => describe_error(err, keepalive),
-        HandlerError::HostKey(message) => message.clone(),
-    }
-}
-
-/// russh's inactivity limit. Keepalives detect a silent server after `max` unanswered ones,
-/// i.e. `interval × (max + 1)` after the last sign of life; this backstop is one interval
-/// later, so the clearer keepalive reason is the one reported, and it still ends a session
-/// whose keepalives are disabled (`keepalive_max: 0`) once the server stops answering.
-fn inactivity_timeout(interval: Duration, max: u32) -> Duration {
-    interval.saturating_mul(max.saturating_add(2))
-}
-
 /// Host key algorithms to ask for, those already recorded for this host first (as OpenSSH
 /// does): a server with several keys then presents the one we can check.
 fn preferred_algorithms(known: &[Algorithm]) -> Preferred {
@@ -637,16 +463,16 @@ pub(crate) async fn connect(
         closed_on_purpose: AtomicBool::new(false),
         keepalive,
     });
-    let handler = ClientHandler {
-        host_check: HostKeyCheck {
+    let handler = ClientHandler::new(
+        HostKeyCheck {
             host: key.host.clone(),
             port: key.port,
             path: target.known_hosts.clone(),
             policy: target.host_key_policy,
         },
-        shared: shared.clone(),
-        _closed_on_drop: closed.clone().drop_guard(),
-    };
+        shared.clone(),
+        closed.clone(),
+    );
 
     // Whatever fails from here on, the socket is shut down so russh's task ends with it.
     let abort = |socket: &std::net::TcpStream| {
