@@ -20,6 +20,7 @@ use tunnelkeeper_providers::{Provider, Resolver};
 use crate::bus::{Bus, EventKind, DEFAULT_JOURNAL};
 use crate::config::spec::{Config, ProviderSpec};
 use crate::control::{self, ControlState};
+use crate::forward::{Acceptor, ListenerStats};
 use crate::service::ServiceHandle;
 use crate::status::{self, DaemonInfo, DaemonStatus, SharedStatus};
 use crate::systemd;
@@ -54,10 +55,24 @@ impl Daemon {
         let socket = config.daemon.control_socket.clone();
         let listener = control::server::bind(&socket).await?;
 
+        // Every listener is bound before anything starts: a taken address fails the start
+        // cleanly, with nothing to tear down.
+        let mut acceptors = Vec::new();
+        for spec in &config.services {
+            acceptors.push(match &spec.listen {
+                Some(listen) => Some(
+                    Acceptor::bind(&listen.address)
+                        .await
+                        .with_context(|| format!("service `{}`", spec.name))?,
+                ),
+                None => None,
+            });
+        }
         let services: Vec<ServiceHandle> = config
             .services
             .iter()
-            .map(|spec| {
+            .zip(acceptors)
+            .map(|(spec, acceptor)| {
                 let providers = spec
                     .tunnels
                     .iter()
@@ -66,6 +81,7 @@ impl Daemon {
                 ServiceHandle::start(
                     spec.clone(),
                     providers,
+                    acceptor,
                     bus.clone(),
                     resolver.clone(),
                     &cancel,
@@ -116,9 +132,12 @@ impl Daemon {
 
     /// Stops every tunnel (children get SIGTERM, then SIGKILL after their grace), bounded by
     /// `daemon.shutdown_grace`, then closes and removes the control socket.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
         self.bus.publish(EventKind::DaemonStopping {});
         let grace = self.config.daemon.shutdown_grace;
+        // Listeners first: stop accepting and let open connections finish, while the tunnels
+        // they use are still up.
+        futures_util::future::join_all(self.services.iter_mut().map(|s| s.drain(grace))).await;
         let stops = futures_util::future::join_all(self.services.into_iter().map(|s| s.stop()));
         if tokio::time::timeout(grace, stops).await.is_err() {
             tracing::warn!(
@@ -143,7 +162,10 @@ fn status_source(
     ssh: &SshPool,
 ) -> Arc<dyn Fn() -> DaemonStatus + Send + Sync> {
     let ssh = ssh.clone();
-    let shared: Vec<SharedStatus> = services.iter().map(|s| s.status.clone()).collect();
+    let shared: Vec<(SharedStatus, Option<ListenerStats>)> = services
+        .iter()
+        .map(|s| (s.status.clone(), s.listener_stats()))
+        .collect();
     let bus = bus.clone();
     let config_path = config.source.display().to_string();
     let started_wall = status::rfc3339(SystemTime::now());
@@ -157,7 +179,14 @@ fn status_source(
             uptime_s: started.elapsed().as_secs(),
             last_seq: bus.last_seq(),
         },
-        services: shared.iter().map(status::read).collect(),
+        services: shared
+            .iter()
+            .map(|(status, listener)| {
+                let mut s = status::read(status);
+                s.listener = listener.as_ref().map(ListenerStats::status);
+                s
+            })
+            .collect(),
         ssh_pool: serde_json::to_value(ssh.stats()).unwrap_or_default(),
     })
 }

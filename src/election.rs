@@ -281,6 +281,31 @@ pub fn elect(input: &Input<'_>) -> Decision {
 
 /// The first contender with this name (names are unique per service; the first one wins if
 /// the caller ever passes duplicates, which keeps the answer deterministic).
+/// The order in which the data plane tries tunnels for a new connection: the primary first,
+/// then the other healthy tunnels, then the degraded ones (each group by the mode's rank).
+/// Tunnels that are down are left out — unless nothing else is left, when every tunnel is
+/// worth a try (probes may lag behind a path that has just come back).
+#[must_use]
+pub fn dial_order(contenders: &[Contender], policy: &Policy, primary: Option<&str>) -> Vec<String> {
+    let mut up: Vec<&Contender> = contenders
+        .iter()
+        .filter(|c| c.up && Some(c.name.as_str()) != primary)
+        .collect();
+    up.sort_by(|a, b| {
+        is_degraded(a, policy)
+            .cmp(&is_degraded(b, policy))
+            .then_with(|| rank(a, b, policy.mode))
+    });
+    let mut order: Vec<String> = primary.map(str::to_owned).into_iter().collect();
+    order.extend(up.into_iter().map(|c| c.name.clone()));
+    if order.is_empty() {
+        let mut all: Vec<&Contender> = contenders.iter().collect();
+        all.sort_by(|a, b| rank(a, b, policy.mode));
+        order.extend(all.into_iter().map(|c| c.name.clone()));
+    }
+    order
+}
+
 fn find<'c>(contenders: &'c [Contender], name: &str) -> Option<&'c Contender> {
     contenders.iter().find(|c| c.name == name)
 }

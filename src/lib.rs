@@ -15,6 +15,7 @@ pub mod control;
 pub mod daemon;
 pub mod demo;
 pub mod election;
+pub mod forward;
 pub mod hooks;
 pub mod http_client;
 pub mod probe;

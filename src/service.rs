@@ -12,14 +12,15 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tunnelkeeper_providers::{Provider, Resolver, StartContext};
+use tunnelkeeper_providers::{Provider, Resolver, StartContext, Tunnel};
 
 use crate::bus::{Bus, EventKind};
 use crate::config::spec::ServiceSpec;
 use crate::election::{self, Contender, Dampening, Decision, Input, Mode};
+use crate::forward::{Acceptor, Listener, ListenerStats};
 use crate::probe::Transition;
 use crate::status::{self, ServiceStatus, SharedStatus, TunnelState, TunnelStatus};
-use crate::supervisor::{Report, TaggedReport, TunnelTask};
+use crate::supervisor::{LiveTunnel, Report, TaggedReport, TunnelTask};
 
 /// The current primary of a service, published for the data plane (and tests).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -28,6 +29,41 @@ pub struct Primary {
     pub tunnel: Option<String>,
     /// True when it is only a fallback.
     pub degraded: bool,
+    /// The order in which a new connection tries tunnels (see [`election::dial_order`]).
+    pub order: Vec<String>,
+}
+
+/// What the data plane needs of a service: its tunnels as they run, where to report failures
+/// that real traffic meets, and the current primary and dial order.
+#[derive(Clone)]
+pub struct Routes {
+    /// Tunnel names in config order (indexes match `live` and `passive`).
+    pub names: Vec<String>,
+    /// Each tunnel's running instance, if started.
+    pub live: Vec<LiveTunnel>,
+    /// Each tunnel task's passive-failure inbox.
+    pub passive: Vec<mpsc::UnboundedSender<String>>,
+    /// Primary and dial order.
+    pub primary: watch::Receiver<Primary>,
+}
+
+impl Routes {
+    /// The index and running instance of the tunnel called `name`, if it is started.
+    pub fn get(&self, name: &str) -> Option<(usize, Arc<dyn Tunnel>)> {
+        let index = self.names.iter().position(|n| n == name)?;
+        let tunnel = self.live[index]
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()?;
+        Some((index, tunnel))
+    }
+
+    /// Reports a failure real traffic met on tunnel `index`; it counts like a failed probe.
+    pub fn report_failure(&self, index: usize, reason: String) {
+        if let Some(tx) = self.passive.get(index) {
+            let _ = tx.send(reason);
+        }
+    }
 }
 
 /// A running service.
@@ -38,16 +74,21 @@ pub struct ServiceHandle {
     pub status: SharedStatus,
     /// Its primary, for whoever steers traffic.
     pub primary: watch::Receiver<Primary>,
+    /// Its tunnels, for the data plane.
+    pub routes: Routes,
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<()>,
     hooks: JoinSet<()>,
+    listener: Option<Listener>,
 }
 
 impl ServiceHandle {
     /// Starts the service's tunnels and its election loop.
+    /// `acceptor` is the service's bound failover listener, if it has `listen:`.
     pub fn start(
         spec: ServiceSpec,
         providers: Vec<Arc<dyn Provider>>,
+        acceptor: Option<Acceptor>,
         bus: Arc<Bus>,
         resolver: Resolver,
         parent: &CancellationToken,
@@ -57,7 +98,13 @@ impl ServiceHandle {
         let (primary_tx, primary_rx) = watch::channel(Primary::default());
         let (reports_tx, reports_rx) = mpsc::unbounded_channel();
         let mut tunnels = JoinSet::new();
+        let mut live = Vec::new();
+        let mut passive = Vec::new();
         for (index, (tunnel, provider)) in spec.tunnels.iter().zip(providers).enumerate() {
+            let slot = LiveTunnel::default();
+            let (passive_tx, passive_rx) = mpsc::unbounded_channel();
+            live.push(slot.clone());
+            passive.push(passive_tx);
             let task = TunnelTask {
                 index,
                 service: spec.name.clone(),
@@ -71,30 +118,60 @@ impl ServiceHandle {
                 bus: bus.clone(),
                 reports: reports_tx.clone(),
                 cancel: cancel.child_token(),
+                live: slot,
             };
-            tunnels.spawn(task.run());
+            tunnels.spawn(task.run(passive_rx));
         }
+        let routes = Routes {
+            names: spec.tunnels.iter().map(|t| t.name.clone()).collect(),
+            live,
+            passive,
+            primary: primary_rx.clone(),
+        };
         drop(reports_tx);
         let hooks = crate::hooks::start(&spec.name, &spec.hooks, &bus, cancel.child_token());
+        let listener = match (acceptor, &spec.listen) {
+            (Some(acceptor), Some(listen)) => {
+                Some(Listener::start(acceptor, &spec, listen, routes.clone()))
+            }
+            _ => None,
+        };
         let election = Election::new(&spec, bus, status.clone(), primary_tx, cancel.clone());
         let task = tokio::spawn(election.run(reports_rx, tunnels));
         ServiceHandle {
             spec,
             status,
             primary: primary_rx,
+            routes,
             cancel,
             task,
             hooks,
+            listener,
         }
+    }
+
+    /// A handle on the listener's figures, if the service has a listener.
+    pub fn listener_stats(&self) -> Option<ListenerStats> {
+        self.listener.as_ref().map(Listener::stats)
     }
 
     /// A copy of the current status.
     pub fn status(&self) -> ServiceStatus {
-        status::read(&self.status)
+        let mut status = status::read(&self.status);
+        status.listener = self.listener.as_ref().map(|l| l.stats().status());
+        status
+    }
+
+    /// Stops the listener: no new connections; open ones may finish for up to `grace`.
+    pub async fn drain(&mut self, grace: Duration) {
+        if let Some(listener) = self.listener.take() {
+            listener.stop(grace).await;
+        }
     }
 
     /// Stops every tunnel (each bounded by its provider's grace) and the election loop.
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
+        self.drain(Duration::ZERO).await;
         self.cancel.cancel();
         let _ = self.task.await;
         // A hook still running is killed (its process group) as its task is dropped.
@@ -132,6 +209,7 @@ fn initial_status(spec: &ServiceSpec) -> ServiceStatus {
                 hold_ms: t_hold_ms(spec.policy.failback_hold),
             })
             .collect(),
+        listener: None,
     }
 }
 
@@ -347,12 +425,18 @@ impl Election {
                 board.reason = decision.reason.to_string();
             }
         }
-        if changed {
-            self.primary_tx.send_replace(Primary {
-                tunnel: self.current.clone(),
-                degraded: self.degraded,
-            });
-        }
+        let order =
+            election::dial_order(&self.contenders, &self.spec.policy, self.current.as_deref());
+        let routing = Primary {
+            tunnel: self.current.clone(),
+            degraded: self.degraded,
+            order,
+        };
+        self.primary_tx.send_if_modified(|p| {
+            let modified = *p != routing;
+            *p = routing;
+            modified
+        });
         if decision.primary != previous {
             self.bus.publish(EventKind::PrimaryChanged {
                 service: self.spec.name.clone(),
@@ -435,6 +519,7 @@ mod tests {
             },
             connect_timeout: Duration::from_secs(1),
             on_failover: OnFailover::Keep,
+            listen: None,
             hooks: vec![],
             tunnels: vec![tunnel("a", 10), tunnel("b", 20)],
         };

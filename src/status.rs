@@ -70,6 +70,9 @@ pub struct ServiceStatus {
     pub mode: String,
     /// Tunnels in config order.
     pub tunnels: Vec<TunnelStatus>,
+    /// The failover listener's figures, if the service has one.
+    #[serde(default)]
+    pub listener: Option<crate::forward::ListenerStatus>,
 }
 
 impl ServiceStatus {

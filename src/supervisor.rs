@@ -78,7 +78,15 @@ pub struct TunnelTask {
     pub reports: mpsc::UnboundedSender<TaggedReport>,
     /// Cancelled to stop the tunnel for good.
     pub cancel: CancellationToken,
+    /// Where the started tunnel is published for the data plane (None while not started).
+    pub live: LiveTunnel,
 }
+
+/// The running tunnel of one tunnel task, shared with the data plane.
+pub type LiveTunnel = Arc<std::sync::RwLock<Option<Arc<dyn Tunnel>>>>;
+
+/// Failures seen by real traffic (a listener's failed dial), fed to the tunnel's probe counter.
+pub type PassiveFailures = mpsc::UnboundedReceiver<String>;
 
 /// How one started tunnel ended.
 enum Ending {
@@ -87,8 +95,9 @@ enum Ending {
 }
 
 impl TunnelTask {
-    /// Runs until cancelled; stops the tunnel before returning.
-    pub async fn run(self) {
+    /// Runs until cancelled; stops the tunnel before returning. `passive` carries failures that
+    /// real traffic met on this tunnel: they count like failed probes.
+    pub async fn run(self, mut passive: PassiveFailures) {
         let mut attempt: u32 = 0;
         loop {
             self.publish(EventKind::TunnelStarting {
@@ -103,16 +112,16 @@ impl TunnelTask {
             };
             let alive_since = Instant::now();
             match started {
-                Ok(tunnel) => match self.watch(tunnel.as_ref()).await {
-                    Ending::Cancelled => {
-                        tunnel.stop().await;
-                        break;
+                Ok(tunnel) => {
+                    self.set_live(Some(tunnel.clone()));
+                    let ending = self.watch(tunnel.as_ref(), &mut passive).await;
+                    self.set_live(None);
+                    tunnel.stop().await;
+                    match ending {
+                        Ending::Cancelled => break,
+                        Ending::Died(reason) => self.died(reason),
                     }
-                    Ending::Died(reason) => {
-                        tunnel.stop().await;
-                        self.died(reason);
-                    }
-                },
+                }
                 Err(e) => self.died(format!("start failed: {e}")),
             }
             if alive_since.elapsed() >= self.spec.restart.max {
@@ -137,7 +146,7 @@ impl TunnelTask {
     }
 
     /// Probes a started tunnel until it dies or the task is cancelled.
-    async fn watch(&self, tunnel: &dyn Tunnel) -> Ending {
+    async fn watch(&self, tunnel: &dyn Tunnel, passive: &mut PassiveFailures) -> Ending {
         let endpoint = tunnel.endpoint().to_string();
         self.report(Report::Started {
             endpoint: endpoint.clone(),
@@ -147,12 +156,17 @@ impl TunnelTask {
             biased;
             _ = self.cancel.cancelled() => Ending::Cancelled,
             reason = tunnel.closed() => Ending::Died(reason),
-            never = self.probe_loop(tunnel, &endpoint) => match never {},
+            never = self.probe_loop(tunnel, &endpoint, passive) => match never {},
         }
     }
 
     /// Probes every `interval` forever; the caller's `select!` ends it.
-    async fn probe_loop(&self, tunnel: &dyn Tunnel, endpoint: &str) -> std::convert::Infallible {
+    async fn probe_loop(
+        &self,
+        tunnel: &dyn Tunnel,
+        endpoint: &str,
+        passive: &mut PassiveFailures,
+    ) -> std::convert::Infallible {
         let spec = &self.spec.probe;
         let mut counter = Counter::new(spec.rise, spec.fall);
         let mut latency = Ewma::default();
@@ -160,9 +174,13 @@ impl TunnelTask {
         // After a slow probe, wait a full interval rather than firing a burst to catch up.
         ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let tag = format!("{}/{}", self.service, self.spec.name);
+        // Failures real traffic met before this start belong to the previous incarnation.
+        while passive.try_recv().is_ok() {}
         loop {
-            ticks.tick().await;
-            let result = probe::probe(tunnel, spec, &self.ctx.resolver, &tag).await;
+            let result = tokio::select! {
+                _ = ticks.tick() => probe::probe(tunnel, spec, &self.ctx.resolver, &tag).await,
+                Some(reason) = passive.recv() => Err(format!("real traffic: {reason}")),
+            };
             let failures_before = counter.failures();
             let transition = counter.record(result.is_ok());
             let error = match result {
@@ -213,6 +231,10 @@ impl TunnelTask {
                 transition,
             });
         }
+    }
+
+    fn set_live(&self, tunnel: Option<Arc<dyn Tunnel>>) {
+        *self.live.write().unwrap_or_else(|p| p.into_inner()) = tunnel;
     }
 
     fn died(&self, reason: String) {
@@ -367,9 +389,11 @@ mod paused_tests {
             bus: bus.clone(),
             reports,
             cancel: cancel.clone(),
+            live: Default::default(),
         };
         let t0 = Instant::now();
-        let handle = tokio::spawn(task.run());
+        let (_passive_tx, passive) = mpsc::unbounded_channel();
+        let handle = tokio::spawn(task.run(passive));
         tokio::time::sleep(window).await;
         cancel.cancel();
         handle.await.unwrap();

@@ -813,3 +813,25 @@ proptest! {
         prop_assert_eq!(s.elect(), reversed.elect());
     }
 }
+
+#[test]
+fn dial_order_tries_the_primary_then_healthy_then_degraded_and_skips_down_ones() {
+    use tunnelkeeper::election::dial_order;
+    let mut clock = Clock::new();
+    let (t0, _) = clock.later(secs(60));
+    let mut slow = up("slow", 5, t0);
+    slow.latency = Some(Duration::from_secs(2));
+    let tunnels = [
+        up("c", 30, t0),
+        down("a", 10, "probe", false),
+        slow,
+        up("b", 20, t0),
+        up("d", 40, t0),
+    ];
+    let p = policy(Mode::Priority);
+    assert_eq!(dial_order(&tunnels, &p, Some("d")), ["d", "b", "c", "slow"]);
+    assert_eq!(dial_order(&tunnels, &p, None), ["b", "c", "d", "slow"]);
+    // Nothing up: every tunnel is worth a try, best first.
+    let all_down = [down("y", 2, "x", true), down("x", 1, "x", true)];
+    assert_eq!(dial_order(&all_down, &p, None), ["x", "y"]);
+}

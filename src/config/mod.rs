@@ -462,8 +462,8 @@ services:
         assert_eq!(
             one_error(text),
             "4:5 services[0].bogus: unknown field `bogus`, expected one of `name`, `listen`, \
-             `connect_timeout`, `on_failover`, `standby`, `failover`, `probe`, `restart`, \
-             `hooks`, `tunnels`"
+             `connect_timeout`, `on_failover`, `retries`, `max_connections`, `idle_timeout`, \
+             `replay_unanswered`, `standby`, `failover`, `probe`, `restart`, `hooks`, `tunnels`"
         );
         let text = "version: 1\nservices:\n  - name: a\n    tunnels:\n      - { name: x, provider: wireguard }\n";
         let error = one_error(text);

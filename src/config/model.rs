@@ -266,6 +266,16 @@ pub struct ServiceSection {
     pub connect_timeout: Option<Duration>,
     /// What happens to open connections on failover: `keep` or `close`.
     pub on_failover: Option<OnFailover>,
+    /// Further tunnels a new connection may try after the first dial fails (default: all).
+    pub retries: Option<u32>,
+    /// Connections served at once; beyond it the listener stops accepting (default 1024).
+    pub max_connections: Option<u32>,
+    /// Close a connection after this long without traffic either way (default: never).
+    #[serde(default, with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
+    /// Re-dial through the next tunnel and replay what the client sent when a tunnel fails
+    /// before its first reply byte (default true).
+    pub replay_unanswered: Option<bool>,
     /// `hot` or `cold` for every tunnel of the service.
     pub standby: Option<Standby>,
     /// Election overrides.

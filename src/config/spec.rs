@@ -49,6 +49,8 @@ pub mod default {
     pub const RESTART_JITTER: f64 = 0.2;
     /// service `connect_timeout`
     pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+    /// service `max_connections`
+    pub const MAX_CONNECTIONS: u32 = 1024;
     /// hook `timeout`
     pub const HOOK_TIMEOUT: Duration = Duration::from_secs(10);
     /// command `start_timeout`
@@ -103,10 +105,45 @@ pub struct ServiceSpec {
     pub connect_timeout: Duration,
     /// What happens to open connections on failover.
     pub on_failover: OnFailover,
+    /// The local failover listener, if any.
+    pub listen: Option<ListenSpec>,
     /// Commands run on events.
     pub hooks: Vec<HookSpec>,
     /// Tunnels in file order.
     pub tunnels: Vec<TunnelSpec>,
+}
+
+/// A service's local failover listener.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenSpec {
+    /// Where it accepts.
+    pub address: ListenAddress,
+    /// Further tunnels one connection may try after its first dial fails.
+    pub retries: u32,
+    /// Connections served at once.
+    pub max_connections: u32,
+    /// Idle connections are closed after this long.
+    pub idle_timeout: Option<Duration>,
+    /// Re-dial and replay when a tunnel fails before its first reply byte.
+    pub replay_unanswered: bool,
+}
+
+/// Where a listener accepts connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddress {
+    /// TCP on an IP address (v4 or v6).
+    Tcp(std::net::SocketAddr),
+    /// A Unix stream socket at this path.
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for ListenAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddress::Tcp(a) => write!(f, "{a}"),
+            ListenAddress::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
 }
 
 /// One hook.

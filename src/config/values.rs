@@ -132,6 +132,28 @@ pub(super) fn check_host_port(text: &str) -> Result<(), String> {
     check_port(port, text)
 }
 
+/// A listener address: an absolute path is a Unix socket, anything else must be an IP address
+/// with a port (`127.0.0.1:2222`, `[::1]:2222`) — a listener binds, so a name would be ambiguous.
+pub(super) fn parse_listen(text: &str) -> Result<super::spec::ListenAddress, String> {
+    use super::spec::ListenAddress;
+    if text.starts_with('/') {
+        return if text.len() > 107 {
+            Err(format!(
+                "`{text}` is longer than a Unix socket path may be (107 bytes)"
+            ))
+        } else {
+            Ok(ListenAddress::Unix(text.into()))
+        };
+    }
+    match text.parse::<std::net::SocketAddr>() {
+        Ok(addr) => Ok(ListenAddress::Tcp(addr)),
+        Err(_) => Err(format!(
+            "`{text}` is not an IP address with a port (e.g. 127.0.0.1:2222 or [::1]:2222) nor \
+             an absolute Unix socket path"
+        )),
+    }
+}
+
 /// The `bind` of a remote forward: `host:port` where port 0 asks the server to pick one.
 pub(super) fn check_bind_address(text: &str) -> Result<(), String> {
     match text.rsplit_once(':') {

@@ -29,12 +29,12 @@ use crate::config::model::{
     ServiceSection, Standby, TunnelSection,
 };
 use crate::config::spec::{
-    default, Config, DaemonSpec, ExtraCheck, HookSpec, ProbeSpec, ProviderSpec, RestartSpec,
-    ServiceSpec, TunnelSpec,
+    default, Config, DaemonSpec, ExtraCheck, HookSpec, ListenSpec, ProbeSpec, ProviderSpec,
+    RestartSpec, ServiceSpec, TunnelSpec,
 };
 use crate::config::values::{
     check_host_port, check_hostname, check_http_url, check_name, compile_endpoint_regex,
-    parse_reader,
+    parse_listen, parse_reader,
 };
 use crate::election::{Failback, Mode, Policy};
 
@@ -461,15 +461,7 @@ impl Validator {
         defaults: &DefaultsSection,
         routers: &BTreeSet<String>,
     ) -> ServiceSpec {
-        if let Some(listen) = &service.listen {
-            self.error(
-                path.key("listen"),
-                format!(
-                    "the failover listener (`listen: {listen}`) is not available in this build \
-                     yet; remove the key"
-                ),
-            );
-        }
+        let listen = self.listen(service, path);
         self.positive(service.connect_timeout, &path.key("connect_timeout"));
         if service.standby == Some(Standby::Cold) {
             self.error(path.key("standby"), cold_standby_message());
@@ -542,9 +534,51 @@ impl Validator {
             policy,
             connect_timeout: service.connect_timeout.unwrap_or(default::CONNECT_TIMEOUT),
             on_failover: service.on_failover.unwrap_or(OnFailover::Keep),
+            listen,
             hooks,
             tunnels,
         }
+    }
+
+    /// The failover listener: `listen` plus the keys that only make sense with it.
+    fn listen(&mut self, service: &ServiceSection, path: &KeyPath) -> Option<ListenSpec> {
+        let Some(listen) = &service.listen else {
+            for (key, set) in [
+                ("retries", service.retries.is_some()),
+                ("max_connections", service.max_connections.is_some()),
+                ("idle_timeout", service.idle_timeout.is_some()),
+                ("replay_unanswered", service.replay_unanswered.is_some()),
+            ] {
+                if set {
+                    self.error(
+                        path.key(key),
+                        format!(
+                            "`{key}` configures the failover listener, and there is no `listen`"
+                        ),
+                    );
+                }
+            }
+            return None;
+        };
+        self.positive(service.idle_timeout, &path.key("idle_timeout"));
+        if service.max_connections == Some(0) {
+            self.error(path.key("max_connections"), "must be at least 1".to_owned());
+        }
+        let address = match parse_listen(listen) {
+            Ok(address) => address,
+            Err(message) => {
+                self.error(path.key("listen"), message);
+                return None;
+            }
+        };
+        let tunnels = u32::try_from(service.tunnels.len()).unwrap_or(u32::MAX);
+        Some(ListenSpec {
+            address,
+            retries: service.retries.unwrap_or_else(|| tunnels.saturating_sub(1)),
+            max_connections: service.max_connections.unwrap_or(default::MAX_CONNECTIONS),
+            idle_timeout: service.idle_timeout,
+            replay_unanswered: service.replay_unanswered.unwrap_or(true),
+        })
     }
 
     fn hook(&mut self, hook: &HookSection, path: &KeyPath) -> HookSpec {

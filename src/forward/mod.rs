@@ -1,0 +1,596 @@
+//! The failover listener: a stable local address that always leads to a working path.
+//!
+//! A service with `listen:` accepts connections (TCP on IPv4/IPv6, or a Unix socket). Each
+//! connection dials the tunnels in the service's dial order — the primary first — through their
+//! own [`Tunnel::dial`](tunnelkeeper_providers::Tunnel::dial), each within `connect_timeout`;
+//! a failed dial moves on to the next tunnel within the same client connection (up to
+//! `retries` more) and counts as a failed probe of that tunnel. Until the first reply byte, what
+//! the client sent is kept (up to [`REPLAY_LIMIT`]): if the tunnel fails before answering, the
+//! next one gets the same bytes, so a primary killed mid-request is invisible to the client.
+//! After that, bytes flow with `splice(2)` when both sides are TCP sockets and with a plain
+//! buffered copy otherwise (SSH channels), half-closes passed through in each direction.
+//!
+//! `max_connections` is enforced by not accepting (the kernel backlog holds the rest);
+//! `EMFILE`/`ENFILE` make the accept loop back off instead of spinning. `on_failover: close`
+//! closes connections left on a tunnel that is no longer primary. On shutdown the listener
+//! stops accepting and drains open connections for up to the shutdown grace.
+
+mod splice;
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tunnelkeeper_providers::Dial;
+
+use crate::config::model::OnFailover;
+use crate::config::spec::{ListenAddress, ListenSpec, ServiceSpec};
+use crate::service::Routes;
+
+/// Client bytes kept for a replay while no reply has arrived. Requests bigger than this are not
+/// replayed: they go through unbuffered once the limit is reached.
+pub const REPLAY_LIMIT: usize = 64 * 1024;
+/// Buffer of the non-splice copy path, per direction.
+const COPY_BUFFER: usize = 64 * 1024;
+
+/// A bound listening socket, ready to serve.
+pub enum Acceptor {
+    /// TCP.
+    Tcp(TcpListener),
+    /// Unix stream socket (removed again when the listener stops).
+    Unix(UnixListener, PathBuf),
+}
+
+impl Acceptor {
+    /// Binds `address`. A stale Unix socket file is replaced; a live one is an error.
+    pub async fn bind(address: &ListenAddress) -> anyhow::Result<Acceptor> {
+        match address {
+            ListenAddress::Tcp(addr) => {
+                Ok(Acceptor::Tcp(TcpListener::bind(addr).await.with_context(
+                    || format!("binding the failover listener on {addr}"),
+                )?))
+            }
+            ListenAddress::Unix(path) => {
+                if path.exists() {
+                    if tokio::net::UnixStream::connect(path).await.is_ok() {
+                        anyhow::bail!("{} is in use by another process", path.display());
+                    }
+                    std::fs::remove_file(path)
+                        .with_context(|| format!("removing stale socket {}", path.display()))?;
+                }
+                let listener = UnixListener::bind(path).with_context(|| {
+                    format!("binding the failover listener on {}", path.display())
+                })?;
+                Ok(Acceptor::Unix(listener, path.clone()))
+            }
+        }
+    }
+
+    /// The bound address, for status and logs (a TCP port 0 resolved to the real one).
+    pub fn local_address(&self) -> String {
+        match self {
+            Acceptor::Tcp(l) => l
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "?".into()),
+            Acceptor::Unix(_, path) => format!("unix:{}", path.display()),
+        }
+    }
+
+    async fn accept(&self) -> io::Result<Dial> {
+        match self {
+            Acceptor::Tcp(l) => {
+                let (stream, _) = l.accept().await?;
+                let _ = stream.set_nodelay(true);
+                Ok(Dial::Tcp(stream))
+            }
+            Acceptor::Unix(l, _) => {
+                let (stream, _) = l.accept().await?;
+                Ok(Dial::Stream(Box::new(stream)))
+            }
+        }
+    }
+}
+
+/// Live counters of one listener.
+#[derive(Debug, Default)]
+pub struct Counters {
+    active: AtomicU64,
+    total: AtomicU64,
+    replayed: AtomicU64,
+    unserved: AtomicU64,
+    to_service: AtomicU64,
+    to_client: AtomicU64,
+    failed_dials: Vec<AtomicU64>,
+}
+
+/// The listener figures in `/v1/status`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ListenerStatus {
+    /// Where it accepts.
+    pub address: String,
+    /// Connections open now.
+    pub active: u64,
+    /// Connections accepted since start.
+    pub total: u64,
+    /// Connections that no tunnel could take.
+    pub unserved: u64,
+    /// Connections moved to another tunnel after a failure before the first reply.
+    pub replayed: u64,
+    /// Bytes from clients to the service.
+    pub bytes_to_service: u64,
+    /// Bytes from the service to clients.
+    pub bytes_to_client: u64,
+    /// Failed dials (and failures before the first reply) per tunnel.
+    pub failed_dials: BTreeMap<String, u64>,
+}
+
+/// A cheap handle on a listener's figures, for the status document.
+#[derive(Debug, Clone)]
+pub struct ListenerStats {
+    address: String,
+    counters: Arc<Counters>,
+    names: Vec<String>,
+}
+
+/// A running listener.
+pub struct Listener {
+    stats: ListenerStats,
+    accepting: CancellationToken,
+    connections: CancellationToken,
+    tracker: TaskTracker,
+}
+
+/// Everything a connection needs, shared by all of them.
+struct Shared {
+    service: String,
+    spec: ListenSpec,
+    connect_timeout: Duration,
+    routes: Routes,
+    counters: Arc<Counters>,
+    /// Open connections: id → (tunnel index, its cancel token), for `on_failover: close`.
+    open: Mutex<HashMap<u64, (usize, CancellationToken)>>,
+    next_id: AtomicU64,
+    epoch: Instant,
+}
+
+impl Listener {
+    /// Starts serving `acceptor` for `service`.
+    pub fn start(
+        acceptor: Acceptor,
+        service: &ServiceSpec,
+        listen: &ListenSpec,
+        routes: Routes,
+    ) -> Listener {
+        let counters = Arc::new(Counters {
+            failed_dials: routes.names.iter().map(|_| AtomicU64::new(0)).collect(),
+            ..Counters::default()
+        });
+        let address = acceptor.local_address();
+        let names = routes.names.clone();
+        let shared = Arc::new(Shared {
+            service: service.name.clone(),
+            spec: listen.clone(),
+            connect_timeout: service.connect_timeout,
+            routes,
+            counters: counters.clone(),
+            open: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+            epoch: Instant::now(),
+        });
+        let accepting = CancellationToken::new();
+        let connections = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        tracker.spawn(accept_loop(
+            acceptor,
+            shared.clone(),
+            accepting.clone(),
+            connections.clone(),
+            tracker.clone(),
+        ));
+        if service.on_failover == OnFailover::Close {
+            tracker.spawn(close_on_failover(shared, connections.clone()));
+        }
+        tracing::info!(service = %service.name, %address, "failover listener ready");
+        Listener {
+            stats: ListenerStats {
+                address,
+                counters,
+                names,
+            },
+            accepting,
+            connections,
+            tracker,
+        }
+    }
+
+    /// A handle on the listener's figures.
+    pub fn stats(&self) -> ListenerStats {
+        self.stats.clone()
+    }
+
+    /// Stops accepting, lets open connections finish for up to `grace`, then closes the rest.
+    pub async fn stop(self, grace: Duration) {
+        self.accepting.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::info!(
+                address = %self.stats.address,
+                open = self.stats.counters.active.load(Ordering::Relaxed),
+                "drain grace over; closing the remaining connections"
+            );
+        }
+        self.connections.cancel();
+        self.tracker.wait().await;
+    }
+}
+
+impl ListenerStats {
+    /// The figures for `/v1/status`.
+    pub fn status(&self) -> ListenerStatus {
+        let c = &self.counters;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ListenerStatus {
+            address: self.address.clone(),
+            active: load(&c.active),
+            total: load(&c.total),
+            unserved: load(&c.unserved),
+            replayed: load(&c.replayed),
+            bytes_to_service: load(&c.to_service),
+            bytes_to_client: load(&c.to_client),
+            failed_dials: self
+                .names
+                .iter()
+                .zip(&c.failed_dials)
+                .map(|(n, a)| (n.clone(), load(a)))
+                .collect(),
+        }
+    }
+}
+
+async fn accept_loop(
+    acceptor: Acceptor,
+    shared: Arc<Shared>,
+    accepting: CancellationToken,
+    connections: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let slots = Arc::new(Semaphore::new(shared.spec.max_connections as usize));
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        // Backpressure: at max_connections, stop accepting; the kernel backlog holds the rest.
+        let permit = tokio::select! {
+            _ = accepting.cancelled() => break,
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        };
+        let accepted = tokio::select! {
+            _ = accepting.cancelled() => break,
+            a = acceptor.accept() => a,
+        };
+        match accepted {
+            Ok(client) => {
+                backoff = Duration::from_millis(10);
+                let shared = shared.clone();
+                let token = connections.child_token();
+                tracker.spawn(async move {
+                    serve(client, &shared, token).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                // Out of descriptors or memory: wait for connections to close rather than
+                // spinning on an accept that keeps failing.
+                tracing::warn!(service = %shared.service, "accept: {e}; retrying in {backoff:?}");
+                tokio::select! {
+                    _ = accepting.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+    if let Acceptor::Unix(_, path) = &acceptor {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// `on_failover: close`: when the primary changes, connections on other tunnels are closed so
+/// their clients reconnect through the new primary.
+async fn close_on_failover(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut primary = shared.routes.primary.clone();
+    let mut current = primary.borrow().tunnel.clone();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            changed = primary.changed() => if changed.is_err() { return },
+        }
+        let now = primary.borrow_and_update().tunnel.clone();
+        if now == current {
+            continue;
+        }
+        current = now;
+        let Some(keep) = current
+            .as_deref()
+            .and_then(|name| shared.routes.names.iter().position(|n| n == name))
+        else {
+            continue;
+        };
+        let open = shared.open.lock().unwrap_or_else(|p| p.into_inner());
+        for (tunnel, token) in open.values() {
+            if *tunnel != keep {
+                token.cancel();
+            }
+        }
+    }
+}
+
+/// Removes a connection from the registry and the active count when it ends, however it ends.
+struct Guard<'a> {
+    shared: &'a Shared,
+    id: u64,
+}
+
+impl Drop for Guard<'_> {
+    fn drop(&mut self) {
+        self.shared.counters.active.fetch_sub(1, Ordering::Relaxed);
+        self.shared
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
+}
+
+/// How the wait for the first reply ended.
+enum FirstReply {
+    /// The tunnel answered (and the answer was passed on): stream from here.
+    Answered,
+    /// No answer yet, but the request can no longer be replayed: stream from here.
+    Unbuffered,
+    /// The tunnel failed before answering.
+    Failed(String),
+    /// Both sides finished without a reply (a one-way exchange), or the client went away.
+    Done,
+}
+
+async fn serve(mut client: Dial, shared: &Shared, token: CancellationToken) {
+    let counters = &shared.counters;
+    counters.active.fetch_add(1, Ordering::Relaxed);
+    counters.total.fetch_add(1, Ordering::Relaxed);
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let _guard = Guard { shared, id };
+
+    let order = shared.routes.primary.borrow().order.clone();
+    let attempts = order.iter().take(shared.spec.retries as usize + 1);
+    let mut sent: Vec<u8> = Vec::new();
+    let mut replayable = shared.spec.replay_unanswered;
+    let mut client_done = false;
+    let mut tried = 0usize;
+    for name in attempts {
+        let Some((index, tunnel)) = shared.routes.get(name) else {
+            continue;
+        };
+        tried += 1;
+        let mut upstream = match tunnel.dial(shared.connect_timeout).await {
+            Ok(stream) => stream,
+            Err(e) => {
+                fail(shared, index, name, format!("dial: {e}"));
+                continue;
+            }
+        };
+        if tried > 1 {
+            counters.replayed.fetch_add(1, Ordering::Relaxed);
+        }
+        shared
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, (index, token.clone()));
+        if let Err(e) = resend(&mut upstream, &sent, client_done).await {
+            fail(shared, index, name, format!("replay: {e}"));
+            continue;
+        }
+        let first = tokio::select! {
+            _ = token.cancelled() => return,
+            r = first_reply(&mut client, &mut upstream, &mut sent, &mut replayable, &mut client_done, counters) => r,
+        };
+        match first {
+            FirstReply::Answered | FirstReply::Unbuffered => {
+                stream(client, upstream, client_done, shared, &token).await;
+                return;
+            }
+            FirstReply::Done => return,
+            FirstReply::Failed(reason) if replayable => {
+                fail(shared, index, name, reason);
+                continue;
+            }
+            FirstReply::Failed(reason) => {
+                fail(shared, index, name, reason);
+                return;
+            }
+        }
+    }
+    counters.unserved.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(
+        service = %shared.service,
+        tried,
+        "no tunnel could take a connection; closing it"
+    );
+}
+
+/// A failure real traffic met: counted, logged, and fed to the tunnel's probe counter.
+fn fail(shared: &Shared, index: usize, name: &str, reason: String) {
+    if let Some(c) = shared.counters.failed_dials.get(index) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+    tracing::debug!(service = %shared.service, tunnel = name, "connection through tunnel failed: {reason}");
+    shared.routes.report_failure(index, reason);
+}
+
+/// Sends a new upstream what the client already sent (and its half-close, if any).
+async fn resend(upstream: &mut Dial, sent: &[u8], client_done: bool) -> io::Result<()> {
+    if !sent.is_empty() {
+        upstream.write_all(sent).await?;
+    }
+    if client_done {
+        upstream.shutdown().await?;
+    }
+    Ok(())
+}
+
+/// Relays client bytes (keeping a copy) until the upstream's first reply byte arrives.
+async fn first_reply(
+    client: &mut Dial,
+    upstream: &mut Dial,
+    sent: &mut Vec<u8>,
+    replayable: &mut bool,
+    client_done: &mut bool,
+    counters: &Counters,
+) -> FirstReply {
+    let mut from_client = vec![0u8; 16 * 1024];
+    let mut from_upstream = vec![0u8; 16 * 1024];
+    loop {
+        if !*replayable {
+            return FirstReply::Unbuffered;
+        }
+        tokio::select! {
+            r = client.read(&mut from_client), if !*client_done => match r {
+                Ok(0) => {
+                    *client_done = true;
+                    if let Err(e) = upstream.shutdown().await {
+                        return FirstReply::Failed(format!("half-close: {e}"));
+                    }
+                }
+                Ok(n) => {
+                    if sent.len() + n > REPLAY_LIMIT {
+                        *replayable = false;
+                        sent.clear();
+                    } else {
+                        sent.extend_from_slice(&from_client[..n]);
+                    }
+                    if let Err(e) = upstream.write_all(&from_client[..n]).await {
+                        return FirstReply::Failed(format!("write: {e}"));
+                    }
+                    counters.to_service.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Err(_) => return FirstReply::Done,
+            },
+            r = upstream.read(&mut from_upstream) => match r {
+                Ok(0) if *client_done => {
+                    // A one-way exchange that ended normally: nothing to replay.
+                    let _ = client.shutdown().await;
+                    return FirstReply::Done;
+                }
+                Ok(0) => return FirstReply::Failed("closed before replying".into()),
+                Ok(n) => {
+                    if client.write_all(&from_upstream[..n]).await.is_err() {
+                        return FirstReply::Done;
+                    }
+                    counters.to_client.fetch_add(n as u64, Ordering::Relaxed);
+                    return FirstReply::Answered;
+                }
+                Err(e) => return FirstReply::Failed(format!("read: {e}")),
+            },
+        }
+    }
+}
+
+/// Streams both ways until both directions are done, the connection is cancelled
+/// (`on_failover: close`, shutdown), or it stays idle for `idle_timeout`.
+async fn stream(
+    client: Dial,
+    upstream: Dial,
+    client_done: bool,
+    shared: &Shared,
+    token: &CancellationToken,
+) {
+    let counters = &shared.counters;
+    let last = AtomicU64::new(0);
+    let touch = || {
+        let ms = shared.epoch.elapsed().as_millis() as u64;
+        last.store(ms, Ordering::Relaxed);
+    };
+    touch();
+    let copy = async {
+        match (client, upstream) {
+            (Dial::Tcp(c), Dial::Tcp(u)) => {
+                let up = async {
+                    if !client_done {
+                        splice::one_way(&c, &u, &counters.to_service, &touch).await?;
+                    }
+                    Ok::<(), io::Error>(())
+                };
+                let down = splice::one_way(&u, &c, &counters.to_client, &touch);
+                let _ = tokio::try_join!(up, down);
+            }
+            (c, u) => {
+                let (mut cr, mut cw) = tokio::io::split(c);
+                let (mut ur, mut uw) = tokio::io::split(u);
+                let up = async {
+                    if !client_done {
+                        copy_one_way(&mut cr, &mut uw, &counters.to_service, &touch).await?;
+                    }
+                    Ok::<(), io::Error>(())
+                };
+                let down = copy_one_way(&mut ur, &mut cw, &counters.to_client, &touch);
+                let _ = tokio::try_join!(up, down);
+            }
+        }
+    };
+    let idle = async {
+        let Some(limit) = shared.spec.idle_timeout else {
+            return std::future::pending::<()>().await;
+        };
+        loop {
+            let since = shared.epoch.elapsed().as_millis() as u64 - last.load(Ordering::Relaxed);
+            let since = Duration::from_millis(since);
+            if since >= limit {
+                return;
+            }
+            tokio::time::sleep(limit - since).await;
+        }
+    };
+    tokio::select! {
+        _ = copy => {}
+        _ = token.cancelled() => {}
+        _ = idle => tracing::debug!(service = %shared.service, "closing an idle connection"),
+    }
+}
+
+/// The buffered copy for streams that are not two TCP sockets: read, write, count, repeat; on
+/// end of stream, half-close the writer.
+async fn copy_one_way<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    counter: &AtomicU64,
+    touch: &(dyn Fn() + Sync),
+) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; COPY_BUFFER];
+    loop {
+        let n = reader.read(&mut buf).await?;
+        if n == 0 {
+            writer.shutdown().await?;
+            return Ok(());
+        }
+        writer.write_all(&buf[..n]).await?;
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+        touch();
+    }
+}
