@@ -426,3 +426,70 @@ services:
         )
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_and_shutdown_drains_open_ones() {
+    let echo = echo_server().await;
+    let (idle_port, busy_port) = (free_port(), free_port());
+    let config = format!(
+        r#"version: 1
+daemon: {{ control_socket: "@DIR@/control.sock", state_dir: "@DIR@/state", shutdown_grace: 3s }}
+defaults:
+  probe: {{ interval: 200ms, timeout: 200ms, rise: 1, fall: 3, send: "x", expect: "x" }}
+services:
+  - name: idle
+    listen: "127.0.0.1:{idle_port}"
+    idle_timeout: 300ms
+    tunnels:
+      - {{ name: lan, provider: direct, address: "{echo}" }}
+  - name: busy
+    listen: "127.0.0.1:{busy_port}"
+    tunnels:
+      - {{ name: lan, provider: direct, address: "{echo}" }}
+"#
+    );
+    let mut daemon = Daemon::start(&config).await;
+    let mut events = daemon.follow();
+    for service in ["idle", "busy"] {
+        events
+            .wait(Duration::from_secs(20), "elected", |v| {
+                v["type"] == "primary_changed" && v["service"] == service
+            })
+            .await;
+    }
+    // Idle: used once, then silent past idle_timeout → closed by the listener.
+    let mut idle = tokio::net::TcpStream::connect(("127.0.0.1", idle_port))
+        .await
+        .unwrap();
+    exchange(&mut idle, 1).await.unwrap();
+    let mut buf = [0u8; 8];
+    let closed = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut buf)).await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
+
+    // Drain: a connection open at SIGTERM keeps working during the grace, new ones are refused.
+    let mut open = tokio::net::TcpStream::connect(("127.0.0.1", busy_port))
+        .await
+        .unwrap();
+    exchange(&mut open, 2).await.unwrap();
+    let pid = Pid::from_raw(daemon.child.id() as i32);
+    kill(pid, Signal::SIGTERM).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    exchange(&mut open, 3)
+        .await
+        .expect("an open connection survives into the drain");
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", busy_port))
+            .await
+            .is_err(),
+        "the listener stops accepting at once"
+    );
+    drop(open);
+    // With nothing left open the drain ends early and the daemon exits cleanly.
+    let started = Instant::now();
+    let exit = daemon.terminate();
+    assert!(exit.success(), "{exit:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "drain waited for nothing"
+    );
+}
