@@ -7,35 +7,25 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tunnelkeeper_providers::Resolver;
+use tunnelkeeper_providers::{http, Resolver};
 
 /// Sends one request on `stream` and returns the response with its body still streaming.
 pub async fn send<S>(stream: S, request: Request<Full<Bytes>>) -> anyhow::Result<Response<Incoming>>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .context("HTTP handshake")?;
-    // The connection future drives the socket; it ends when the response is fully read.
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    sender.send_request(request).await.context("HTTP request")
+    http::send(stream, request).await.context("HTTP request")
 }
 
 /// Reads a whole response body (bounded by `limit` bytes).
 pub async fn read_body(response: Response<Incoming>, limit: usize) -> anyhow::Result<Bytes> {
-    let body = http_body_util::Limited::new(response.into_body(), limit);
-    body.collect()
+    http::read_body(response, limit)
         .await
-        .map(|c| c.to_bytes())
-        .map_err(|e| anyhow!("reading body: {e}"))
+        .map_err(|e| anyhow!(e))
 }
 
 /// `GET http://host[:port]/path` within `timeout`; returns the status code.

@@ -15,6 +15,7 @@
 
 pub mod command;
 pub mod direct;
+pub mod http;
 pub mod process;
 pub mod resolve;
 pub mod ssh;
