@@ -21,6 +21,7 @@ pub mod http_client;
 pub mod probe;
 pub mod relay;
 pub mod service;
+pub mod standby;
 pub mod status;
 pub mod supervisor;
 pub mod systemd;

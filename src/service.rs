@@ -15,10 +15,12 @@ use tokio_util::sync::CancellationToken;
 use tunnelkeeper_providers::{Provider, Resolver, StartContext, Tunnel};
 
 use crate::bus::{Bus, EventKind};
+use crate::config::model::Standby;
 use crate::config::spec::ServiceSpec;
 use crate::election::{self, Contender, Dampening, Decision, Input, Mode};
 use crate::forward::{Acceptor, Listener, ListenerStats};
 use crate::probe::Transition;
+use crate::standby;
 use crate::status::{self, ServiceStatus, SharedStatus, TunnelState, TunnelStatus};
 use crate::supervisor::{LiveTunnel, Report, TaggedReport, TunnelTask};
 
@@ -100,9 +102,13 @@ impl ServiceHandle {
         let mut tunnels = JoinSet::new();
         let mut live = Vec::new();
         let mut passive = Vec::new();
+        let mut wanted = Vec::new();
         for (index, (tunnel, provider)) in spec.tunnels.iter().zip(providers).enumerate() {
             let slot = LiveTunnel::default();
             let (passive_tx, passive_rx) = mpsc::unbounded_channel();
+            // Hot tunnels run at once; cold ones wait for the election loop to wake them.
+            let (wanted_tx, wanted_rx) = watch::channel(tunnel.standby == Standby::Hot);
+            wanted.push(wanted_tx);
             live.push(slot.clone());
             passive.push(passive_tx);
             let task = TunnelTask {
@@ -119,6 +125,7 @@ impl ServiceHandle {
                 reports: reports_tx.clone(),
                 cancel: cancel.child_token(),
                 live: slot,
+                wanted: wanted_rx,
             };
             tunnels.spawn(task.run(passive_rx));
         }
@@ -136,7 +143,14 @@ impl ServiceHandle {
             }
             _ => None,
         };
-        let election = Election::new(&spec, bus, status.clone(), primary_tx, cancel.clone());
+        let election = Election::new(
+            &spec,
+            bus,
+            status.clone(),
+            primary_tx,
+            cancel.clone(),
+            wanted,
+        );
         let task = tokio::spawn(election.run(reports_rx, tunnels));
         ServiceHandle {
             spec,
@@ -231,6 +245,12 @@ struct Election {
     recheck_at: Option<Instant>,
     /// Once cancelled, tunnels stopping is not news: no more elections or events.
     stopping: CancellationToken,
+    /// Per tunnel: whether it should run (flipped for `standby: cold` only).
+    wanted: Vec<watch::Sender<bool>>,
+    /// Per tunnel: started or starting (not parked in standby, not stopped).
+    running: Vec<bool>,
+    /// When the service started (cold standby's start-up grace).
+    started: Instant,
 }
 
 impl Election {
@@ -240,6 +260,7 @@ impl Election {
         status: SharedStatus,
         primary_tx: watch::Sender<Primary>,
         stopping: CancellationToken,
+        wanted: Vec<watch::Sender<bool>>,
     ) -> Election {
         let contenders = spec
             .tunnels
@@ -267,6 +288,9 @@ impl Election {
             pin: None,
             recheck_at: None,
             stopping,
+            running: vec![false; spec.tunnels.len()],
+            wanted,
+            started: Instant::now(),
         }
     }
 
@@ -319,8 +343,20 @@ impl Election {
                 t.since = status::rfc3339(SystemTime::now());
             }
         };
+        if let Some(running) = self.running.get_mut(index) {
+            *running = !matches!(report, Report::Standby | Report::Stopped);
+        }
         match report {
             Report::Starting => set_state(t, TunnelState::Starting),
+            Report::Standby => {
+                contender.up = false;
+                contender.up_since = None;
+                contender.latency = None;
+                t.latency_ms = None;
+                t.pid = None;
+                t.reason = Some("cold standby: not needed while a better tunnel is up".into());
+                set_state(t, TunnelState::Standby);
+            }
             Report::Started { endpoint, pid } => {
                 t.endpoint = Some(endpoint);
                 t.pid = pid;
@@ -399,16 +435,20 @@ impl Election {
             pin: self.pin.as_deref(),
             now,
         });
-        // A dampened hold also shrinks when old failures leave the window: wake for that too.
-        let expiry = self
-            .dampening
-            .iter()
-            .filter_map(|d| d.next_expiry(now))
-            .min();
-        self.recheck_at = match (decision.recheck_at, expiry) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        // A dampened hold also shrinks when old failures leave the window, and a cold tunnel's
+        // fate can change when a hold or its start-up grace runs out: wake for those too.
+        let mut wakes: Vec<Instant> = decision.recheck_at.into_iter().collect();
+        wakes.extend(self.dampening.iter().filter_map(|d| d.next_expiry(now)));
+        for (i, spec) in self.spec.tunnels.iter().enumerate() {
+            if spec.standby != Standby::Cold {
+                continue;
+            }
+            let (want, recheck) =
+                standby::wanted(&self.contenders, i, self.running[i], self.started, now);
+            wakes.extend(recheck);
+            self.wanted[i].send_if_modified(|w| std::mem::replace(w, want) != want);
+        }
+        self.recheck_at = wakes.into_iter().min();
         let previous = self.current.clone();
         let was_degraded = self.degraded;
         let changed = decision.primary != previous || decision.degraded != was_degraded;
@@ -528,7 +568,19 @@ mod tests {
         let status = Arc::new(RwLock::new(initial_status(&spec)));
         let (primary_tx, primary) = watch::channel(Primary::default());
         let (reports, rx) = mpsc::unbounded_channel();
-        let election = Election::new(&spec, bus, status, primary_tx, CancellationToken::new());
+        let wanted = spec
+            .tunnels
+            .iter()
+            .map(|_| watch::channel(true).0)
+            .collect();
+        let election = Election::new(
+            &spec,
+            bus,
+            status,
+            primary_tx,
+            CancellationToken::new(),
+            wanted,
+        );
         tokio::spawn(election.run(rx, JoinSet::new()));
         Harness {
             reports,

@@ -24,6 +24,8 @@ pub enum TunnelState {
     Restarting,
     /// Stopped for good.
     Stopped,
+    /// Cold standby: not started while a better tunnel is up.
+    Standby,
 }
 
 /// One tunnel in the status.

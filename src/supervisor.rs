@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tunnelkeeper_providers::{Provider, StartContext, Tunnel};
@@ -55,6 +55,8 @@ pub enum Report {
     },
     /// Stopped for good (shutdown or removal).
     Stopped,
+    /// A cold-standby tunnel that is not needed now (not started, or stopped again).
+    Standby,
 }
 
 /// A report tagged with the tunnel's index in its service.
@@ -80,6 +82,9 @@ pub struct TunnelTask {
     pub cancel: CancellationToken,
     /// Where the started tunnel is published for the data plane (None while not started).
     pub live: LiveTunnel,
+    /// Whether the tunnel should run now: always true for hot standby; the service flips it
+    /// for `standby: cold`.
+    pub wanted: watch::Receiver<bool>,
 }
 
 /// The running tunnel of one tunnel task, shared with the data plane.
@@ -92,6 +97,8 @@ pub type PassiveFailures = mpsc::UnboundedReceiver<String>;
 enum Ending {
     Died(String),
     Cancelled,
+    /// Cold standby: a better tunnel has held its place; stop without a restart.
+    Parked,
 }
 
 impl TunnelTask {
@@ -100,6 +107,16 @@ impl TunnelTask {
     pub async fn run(self, mut passive: PassiveFailures) {
         let mut attempt: u32 = 0;
         loop {
+            if !*self.wanted.borrow() {
+                self.report(Report::Standby);
+                let mut wanted = self.wanted.clone();
+                tokio::select! {
+                    biased;
+                    _ = self.cancel.cancelled() => break,
+                    woken = async { wanted.wait_for(|w| *w).await.is_ok() } => if !woken { break },
+                }
+                attempt = 0;
+            }
             self.publish(EventKind::TunnelStarting {
                 service: self.service.clone(),
                 tunnel: self.spec.name.clone(),
@@ -120,6 +137,15 @@ impl TunnelTask {
                     match ending {
                         Ending::Cancelled => break,
                         Ending::Died(reason) => self.died(reason),
+                        Ending::Parked => {
+                            self.publish(EventKind::TunnelDown {
+                                service: self.service.clone(),
+                                tunnel: self.spec.name.clone(),
+                                reason: "cold standby: a better tunnel is up again".into(),
+                                hard: false,
+                            });
+                            continue;
+                        }
                     }
                 }
                 Err(e) => self.died(format!("start failed: {e}")),
@@ -152,10 +178,18 @@ impl TunnelTask {
             endpoint: endpoint.clone(),
             pid: tunnel.pid(),
         });
+        let mut wanted = self.wanted.clone();
+        let parked = async move {
+            // (A closed channel means the service is going away; cancellation will follow.)
+            if wanted.wait_for(|w| !*w).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
         tokio::select! {
             biased;
             _ = self.cancel.cancelled() => Ending::Cancelled,
             reason = tunnel.closed() => Ending::Died(reason),
+            _ = parked => Ending::Parked,
             never = self.probe_loop(tunnel, &endpoint, passive) => match never {},
         }
     }
@@ -390,6 +424,7 @@ mod paused_tests {
             reports,
             cancel: cancel.clone(),
             live: Default::default(),
+            wanted: watch::channel(true).1,
         };
         let t0 = Instant::now();
         let (_passive_tx, passive) = mpsc::unbounded_channel();

@@ -443,3 +443,114 @@ services:
     );
     assert!(daemon.terminate().success());
 }
+
+/// Pids of processes whose command line contains `needle`.
+fn processes_with(needle: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(needle) && alive(pid) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_standby_tunnel_runs_only_while_the_better_one_is_down() {
+    assert_socat();
+    let echo = echo_server().await;
+    let (hot_port, cold_port) = (free_port(), free_port());
+    let config = format!(
+        r#"version: 1
+daemon: {{ control_socket: "@DIR@/control.sock", state_dir: "@DIR@/state" }}
+defaults:
+  probe: {{ interval: 200ms, timeout: 200ms, rise: 2, fall: 3, send: "ping\n", expect: "ping" }}
+  failover: {{ failback_hold: 1s }}
+services:
+  - name: svc
+    tunnels:
+      - name: hot
+        provider: command
+        priority: 10
+        run: ["{SOCAT}", "TCP-LISTEN:{hot_port},bind=127.0.0.1,fork,reuseaddr", "TCP:{echo}"]
+        endpoint: 127.0.0.1:{hot_port}
+        restart: {{ initial: 1500ms, max: 2s, jitter: 0.0 }}
+      - name: cold
+        provider: command
+        priority: 50
+        standby: cold
+        run: ["{SOCAT}", "TCP-LISTEN:{cold_port},bind=127.0.0.1,fork,reuseaddr", "TCP:{echo}"]
+        endpoint: 127.0.0.1:{cold_port}
+"#
+    );
+    let cold_marker = format!("TCP-LISTEN:{cold_port},");
+    let daemon = Daemon::start(&config).await;
+    let mut events = daemon.follow();
+    events
+        .wait(
+            Duration::from_secs(20),
+            "hot elected",
+            primary_changed(Some("hot"), None),
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        processes_with(&cold_marker).is_empty(),
+        "cold tunnel started while hot is up"
+    );
+    let status = daemon.status().await;
+    assert_eq!(status.services[0].tunnels[1].state, TunnelState::Standby);
+
+    // The better tunnel dies: the cold one is started and takes over.
+    let pid = daemon.tunnel_pid("svc", "hot").await;
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+    events
+        .wait(
+            Duration::from_secs(10),
+            "cold starting",
+            tunnel_event("tunnel_starting", "cold"),
+        )
+        .await;
+    events
+        .wait(
+            Duration::from_secs(10),
+            "cold primary",
+            primary_changed(Some("cold"), None),
+        )
+        .await;
+    assert_eq!(processes_with(&cold_marker).len(), 1);
+
+    // The better tunnel recovers and holds its place for the hold: the cold one is stopped.
+    events
+        .wait(
+            Duration::from_secs(10),
+            "failback",
+            primary_changed(Some("hot"), Some("cold")),
+        )
+        .await;
+    let (_, e) = events
+        .wait(
+            Duration::from_secs(10),
+            "cold parked",
+            tunnel_event("tunnel_down", "cold"),
+        )
+        .await;
+    assert!(
+        e["reason"].as_str().unwrap().contains("cold standby"),
+        "{e}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !processes_with(&cold_marker).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "cold tunnel's process still running"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = daemon.status().await;
+    assert_eq!(status.services[0].tunnels[1].state, TunnelState::Standby);
+}

@@ -463,9 +463,6 @@ impl Validator {
     ) -> ServiceSpec {
         let listen = self.listen(service, path);
         self.positive(service.connect_timeout, &path.key("connect_timeout"));
-        if service.standby == Some(Standby::Cold) {
-            self.error(path.key("standby"), cold_standby_message());
-        }
         self.probe_section(&service.probe, &path.key("probe"));
         self.failover_section(&service.failover, &path.key("failover"));
         self.restart_section(&service.restart, &path.key("restart"));
@@ -627,9 +624,6 @@ impl Validator {
     ) -> Option<TunnelSpec> {
         let label = format!("tunnel `{}` of service `{}`", tunnel.name, cx.service.name);
 
-        if tunnel.standby == Some(Standby::Cold) {
-            self.error(path.key("standby"), cold_standby_message());
-        }
         if let Some(router) = &tunnel.via_router {
             if !cx.routers.contains(router) {
                 let known = if cx.routers.is_empty() {
@@ -923,10 +917,4 @@ struct TunnelContext<'a> {
     routers: &'a BTreeSet<String>,
     /// 0-based position in the service's list, for the default priority.
     position: usize,
-}
-
-fn cold_standby_message() -> String {
-    "`standby: cold` is not available in this build yet; use `hot` (the default) or leave the \
-     key out"
-        .to_owned()
 }

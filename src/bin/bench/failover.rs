@@ -1,63 +1,36 @@
-//! `bench`: benchmark harnesses for tunnelkeeper; they print figures, they do not pass or fail.
+//! The `failover` bench: how long the real daemon takes to move a service off a failed primary.
 //!
-//! `bench failover [--reps N] [--quick]` measures how long the real daemon takes to move a
-//! service off a failed primary. Each scenario starts a fresh in-process [`Daemon`] from YAML
-//! text loaded through `tunnelkeeper::config::parse` (the path `tunnelkeeper run` takes), with an
-//! in-process loopback echo server as the service and three `command` tunnels that are real
-//! child processes (`tunnelkeeper relay --to ECHO`, the binary next to this one). A repetition
-//! waits until the preferred tunnel is primary and every tunnel is up, waits a random fraction of
-//! a probe interval (so the fault lands at a uniformly random point of the probe cycle), then
-//! either kills the primary's child with SIGKILL (a hard failure, noticed from the child's exit)
-//! or freezes it with SIGSTOP (a blackhole: the kernel still completes TCP handshakes, so only
-//! the send/expect probe notices). The figure is the time from just before `kill(2)` to the
-//! moment this process receives the `primary_changed` event moving away from the victim on the
-//! bus (so it includes bus delivery); the event's own timestamp gives a second, millisecond
-//! resolution figure without the delivery. The victim is then let back (SIGCONT, or the
-//! supervisor's restart) and the bench waits for failback before the next repetition. Results
-//! and method are written up in `docs/BENCHMARKS.md`.
-
-#![forbid(unsafe_code)]
+//! Each scenario starts a fresh in-process [`Daemon`] from YAML text loaded through
+//! `tunnelkeeper::config::parse` (the path `tunnelkeeper run` takes), with an in-process loopback
+//! echo server as the service and three `command` tunnels that are real child processes
+//! (`tunnelkeeper relay --to ECHO`, the binary next to this one). A repetition waits until the
+//! preferred tunnel is primary and every tunnel is up, waits a random fraction of a probe
+//! interval (so the fault lands at a uniformly random point of the probe cycle), then either
+//! kills the primary's child with SIGKILL (a hard failure, noticed from the child's exit) or
+//! freezes it with SIGSTOP (a blackhole: the kernel still completes TCP handshakes, so only the
+//! send/expect probe notices). The figure is the time from just before `kill(2)` to the moment
+//! this process receives the `primary_changed` event moving away from the victim on the bus (so
+//! it includes bus delivery); the event's own timestamp gives a second, millisecond resolution
+//! figure without the delivery. The victim is then let back (SIGCONT, or the supervisor's
+//! restart) and the bench waits for failback before the next repetition. Results and method are
+//! written up in `docs/BENCHMARKS.md`.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
 use futures_util::FutureExt;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use rand::Rng;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tunnelkeeper::bus::{Delivery, Event, EventKind, Subscription};
 use tunnelkeeper::daemon::Daemon;
 use tunnelkeeper::status::TunnelState;
 
-/// Benchmark harnesses for tunnelkeeper (results are recorded in docs/BENCHMARKS.md).
-#[derive(Parser, Debug)]
-#[command(name = "bench")]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand, Debug)]
-enum Command {
-    /// Failover time after kill -9 and SIGSTOP of the primary's child, at two probe settings.
-    Failover {
-        /// Repetitions per scenario (default 20, or 3 with --quick).
-        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000))]
-        reps: Option<u32>,
-        /// Smoke check: 3 repetitions of the 100ms probe setting only.
-        #[arg(long)]
-        quick: bool,
-    },
-}
+use crate::common::{fmt_d, fmt_ms, ms, verdict, Echo, Stats, TempDir};
 
 /// The service name in the generated configuration.
 const SERVICE: &str = "bench";
@@ -208,38 +181,8 @@ struct Outcome {
     rejected: Vec<String>,
     wall: Duration,
 }
-
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    if std::env::var_os("RUST_LOG").is_some() {
-        // Only on request: the daemon's logs (every event, every child line) would drown the
-        // figures, and formatting them costs time on the paths being measured.
-        tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_writer(std::io::stderr)
-            .init();
-    }
-    let result = match cli.command {
-        Command::Failover { reps, quick } => {
-            let reps = reps.unwrap_or(if quick { 3 } else { 20 });
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("starting the tokio runtime")
-                .and_then(|rt| rt.block_on(failover(reps, quick)))
-        }
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("bench: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
 /// Runs every failover scenario and prints the per-scenario figures and a summary.
-async fn failover(reps: u32, quick: bool) -> anyhow::Result<()> {
+pub(crate) async fn failover(reps: u32, quick: bool) -> anyhow::Result<()> {
     let relay = relay_binary()?;
     let settings: &[Setting] = if quick { &[FAST] } else { &[FAST, DEFAULTS] };
     let scenarios: Vec<Scenario> = settings
@@ -314,7 +257,7 @@ async fn run_scenario(
     reps: u32,
     index: usize,
 ) -> anyhow::Result<Outcome> {
-    let dir = TempDir::new(index)?;
+    let dir = TempDir::new(&index.to_string())?;
     let echo = Echo::start().await?;
     let text = config_text(&scenario.setting, &dir.0, relay, echo.addr);
     let config = tunnelkeeper::config::parse(&text, &dir.0.join("bench.yaml"))
@@ -614,50 +557,6 @@ fn signed_ms(a: SystemTime, b: SystemTime) -> f64 {
     }
 }
 
-/// Nearest-rank percentile of sorted values (`p` in 0..=100); NaN for no values.
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
-    sorted
-        .get(rank.min(sorted.len()) - 1)
-        .copied()
-        .unwrap_or(f64::NAN)
-}
-
-/// Order statistics of one scenario, in milliseconds.
-struct Stats {
-    n: usize,
-    min: f64,
-    p50: f64,
-    p90: f64,
-    p99: f64,
-    max: f64,
-    mean: f64,
-}
-
-impl Stats {
-    fn of(values: impl IntoIterator<Item = f64>) -> Stats {
-        let mut v: Vec<f64> = values.into_iter().filter(|x| x.is_finite()).collect();
-        v.sort_by(f64::total_cmp);
-        let mean = if v.is_empty() {
-            f64::NAN
-        } else {
-            v.iter().sum::<f64>() / v.len() as f64
-        };
-        Stats {
-            n: v.len(),
-            min: v.first().copied().unwrap_or(f64::NAN),
-            p50: percentile(&v, 50.0),
-            p90: percentile(&v, 90.0),
-            p99: percentile(&v, 99.0),
-            max: v.last().copied().unwrap_or(f64::NAN),
-            mean,
-        }
-    }
-}
-
 fn print_outcome(o: &Outcome) {
     let received = Stats::of(o.samples.iter().map(|s| s.received.as_secs_f64() * 1000.0));
     let stamped = Stats::of(o.samples.iter().map(|s| s.stamped_ms));
@@ -714,87 +613,5 @@ fn print_summary(outcomes: &[Outcome]) {
             verdict(s.p99, target),
             ms(o.scenario.floor()),
         );
-    }
-}
-
-fn verdict(p99: f64, target: f64) -> &'static str {
-    if p99 <= target {
-        "PASS"
-    } else {
-        "MISS"
-    }
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn fmt_ms(v: f64) -> String {
-    if v.abs() >= 1000.0 {
-        format!("{:.3}s", v / 1000.0)
-    } else {
-        format!("{v:.1}ms")
-    }
-}
-
-fn fmt_d(d: Duration) -> String {
-    fmt_ms(ms(d))
-}
-
-/// The loopback echo server standing in for the service; stopped when dropped.
-struct Echo {
-    addr: std::net::SocketAddr,
-    task: JoinHandle<()>,
-}
-
-impl Echo {
-    async fn start() -> anyhow::Result<Echo> {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .context("binding the echo server on 127.0.0.1")?;
-        let addr = listener
-            .local_addr()
-            .context("reading the echo server's address")?;
-        let task = tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 4096];
-                    while let Ok(n) = stream.read(&mut buf).await {
-                        if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
-                            break;
-                        }
-                    }
-                });
-            }
-        });
-        Ok(Echo { addr, task })
-    }
-}
-
-impl Drop for Echo {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// A private directory (control socket, state) removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(index: usize) -> anyhow::Result<TempDir> {
-        // The runtime dir keeps the socket path short and private; /tmp is the fallback.
-        let base = std::env::var_os("XDG_RUNTIME_DIR")
-            .map(PathBuf::from)
-            .filter(|p| p.is_dir())
-            .unwrap_or_else(std::env::temp_dir);
-        let dir = base.join(format!("tunnelkeeper-bench-{}-{index}", std::process::id()));
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(TempDir(dir))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
