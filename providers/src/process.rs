@@ -420,6 +420,28 @@ async fn reap(mut child: Child, pid: u32, tag: String, exit_tx: watch::Sender<Op
     exit_tx.send_replace(Some(info));
 }
 
+/// Removes terminal colour and cursor sequences (`ESC [ ... letter`): many tunnel clients colour
+/// their logs even into a pipe, and the codes would end up in the journal and in endpoints
+/// captured by `endpoint_regex`.
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            chars.next();
+            // Parameters and intermediates, up to the final byte (a letter, @ to ~).
+            for d in chars.by_ref() {
+                if ('@'..='~').contains(&d) {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Reads one pipe line by line into tracing and the shared output.
 async fn forward_lines(
     pipe: Option<BoxedPipe>,
@@ -439,7 +461,7 @@ async fn forward_lines(
                     break;
                 }
             }
-            let text = String::from_utf8_lossy(&buf).into_owned();
+            let text = strip_ansi(&String::from_utf8_lossy(&buf));
             tracing::info!(target: LOG_TARGET, tunnel = %tag, stream = stream.as_str(), "{text}");
             let line = OutputLine { stream, text };
             let mut state = lock(&output);
@@ -739,5 +761,18 @@ fn spawn_error(err: io::Error, argv: &[String], cwd: Option<&PathBuf>) -> Provid
             ProviderError::Spawn(format!("cannot start `{program}`: not executable ({err})"))
         }
         _ => ProviderError::Spawn(format!("cannot start `{program}`: {err}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::strip_ansi;
+
+    #[test]
+    fn strips_colour_codes_and_keeps_text() {
+        let line =
+            "\u{1b}[2m2026\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m listening at 127.0.0.1:40121\u{1b}[0m";
+        assert_eq!(strip_ansi(line), "2026  INFO listening at 127.0.0.1:40121");
+        assert_eq!(strip_ansi("plain"), "plain");
     }
 }
