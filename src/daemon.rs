@@ -12,9 +12,12 @@ use std::time::{Instant, SystemTime};
 use anyhow::Context;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tunnelkeeper_providers::cloudflare::CloudflareProvider;
 use tunnelkeeper_providers::command::CommandProvider;
 use tunnelkeeper_providers::direct::DirectProvider;
+use tunnelkeeper_providers::ngrok::NgrokProvider;
 use tunnelkeeper_providers::ssh::{SshPool, SshProvider};
+use tunnelkeeper_providers::tailscale::TailscaleProvider;
 use tunnelkeeper_providers::{Provider, Resolver};
 
 use crate::bus::{Bus, EventKind, DEFAULT_JOURNAL};
@@ -42,6 +45,9 @@ pub fn provider_for(spec: &ProviderSpec, ssh: &SshPool) -> Arc<dyn Provider> {
         ProviderSpec::Direct(s) => Arc::new(DirectProvider::new(s.clone())),
         ProviderSpec::Command(s) => Arc::new(CommandProvider::new(s.clone())),
         ProviderSpec::Ssh(s) => Arc::new(SshProvider::new(s.clone(), ssh.clone())),
+        ProviderSpec::Cloudflare(s) => Arc::new(CloudflareProvider::new(s.clone())),
+        ProviderSpec::Tailscale(s) => Arc::new(TailscaleProvider::new(s.clone())),
+        ProviderSpec::Ngrok(s) => Arc::new(NgrokProvider::new(s.clone())),
     }
 }
 

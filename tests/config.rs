@@ -217,6 +217,9 @@ fn example_config_resolves_as_documented() {
                 ProviderSpec::Direct(_) => "direct",
                 ProviderSpec::Command(_) => "command",
                 ProviderSpec::Ssh(_) => "ssh",
+                ProviderSpec::Cloudflare(_) => "cloudflare",
+                ProviderSpec::Tailscale(_) => "tailscale",
+                ProviderSpec::Ngrok(_) => "ngrok",
             };
             (t.name.as_str(), kind)
         })
@@ -228,7 +231,10 @@ fn example_config_resolves_as_documented() {
             ("bore", "command"),
             ("socat", "command"),
             ("vps", "ssh"),
-            ("bastion", "ssh")
+            ("bastion", "ssh"),
+            ("cf", "cloudflare"),
+            ("ts", "tailscale"),
+            ("ng", "ngrok")
         ]
     );
     let lan = &service.tunnels[0];

@@ -13,6 +13,7 @@
 // `unsafe` is denied everywhere except `sys`, the small syscall module that needs a `pre_exec` hook.
 #![deny(unsafe_code)]
 
+pub mod cloudflare;
 pub mod command;
 pub mod direct;
 pub mod http;
@@ -265,3 +266,5 @@ pub async fn dial_tcp(target: std::net::SocketAddr, timeout: Duration) -> Result
         }),
     }
 }
+pub mod ngrok;
+pub mod tailscale;

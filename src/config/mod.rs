@@ -64,11 +64,6 @@ fn diagnostic(file: &Path, at: Position, key: &KeyPath, message: String) -> Diag
     }
 }
 
-/// Providers that exist in the model but not in this build. A tunnel using one usually also
-/// has that provider's keys, which the model does not know; the operator should hear about the
-/// provider, not about its first key.
-const NOT_BUILT: &[&str] = &["cloudflare", "tailscale", "ngrok"];
-
 /// Turns serde's error into a diagnostic: the key path from serde_path_to_error, the position
 /// from serde_yaml where it has one that fits, and the message without the path and position
 /// serde_yaml already wrote into it.
@@ -87,19 +82,6 @@ fn serde_diagnostic(
     let locator = Locator::new(text);
 
     if let Some(field) = quoted_after(&message, "unknown field `") {
-        if let Some(tunnel) = not_built_tunnel(text, &path) {
-            let (provider, tunnel_path) = tunnel;
-            let provider_path = tunnel_path.key("provider");
-            return diagnostic(
-                file,
-                locator.locate(&provider_path),
-                &provider_path,
-                format!(
-                    "provider `{provider}` is not available in this build yet (so `{field}` is \
-                     not read either)"
-                ),
-            );
-        }
         // The path usually ends in the unknown key already; make sure it does.
         if path.segments().last() != Some(&Segment::Key(field.to_owned())) {
             path = path.key(field);
@@ -185,37 +167,6 @@ fn is_empty_document(text: &str) -> bool {
         serde_yaml::from_str::<serde_yaml::Value>(text),
         Ok(serde_yaml::Value::Null)
     )
-}
-
-/// If `path` points inside `services[i].tunnels[j]` and that tunnel's provider is one this
-/// build lacks, the provider's name and the tunnel's path.
-fn not_built_tunnel(text: &str, path: &KeyPath) -> Option<(String, KeyPath)> {
-    let [Segment::Key(services), Segment::Index(i), Segment::Key(tunnels), Segment::Index(j), ..] =
-        path.segments()
-    else {
-        return None;
-    };
-    if services != "services" || tunnels != "tunnels" {
-        return None;
-    }
-    let value: serde_yaml::Value = serde_yaml::from_str(text).ok()?;
-    let provider = value
-        .get("services")?
-        .get(*i)?
-        .get("tunnels")?
-        .get(*j)?
-        .get("provider")?
-        .as_str()?;
-    NOT_BUILT.contains(&provider).then(|| {
-        (
-            provider.to_owned(),
-            KeyPath::root()
-                .key("services")
-                .index(*i)
-                .key("tunnels")
-                .index(*j),
-        )
-    })
 }
 
 #[cfg(test)]
@@ -501,24 +452,6 @@ services:
         );
         let text = "version: 1\nservices: []\nversion: 2\n";
         assert_eq!(one_error(text), "3:1 version: duplicate field `version`");
-    }
-
-    #[test]
-    fn a_provider_not_in_this_build_wins_over_its_unknown_keys() {
-        let text = "\
-version: 1
-services:
-  - name: a
-    tunnels:
-      - name: cf
-        token_file: /etc/tunnelkeeper/cf_token
-        provider: cloudflare
-";
-        assert_eq!(
-            one_error(text),
-            "7:9 services[0].tunnels[0].provider: provider `cloudflare` is not available in this \
-             build yet (so `token_file` is not read either)"
-        );
     }
 
     #[test]

@@ -400,6 +400,42 @@ pub struct TunnelSection {
     #[serde(default)]
     pub env: BTreeMap<String, String>,
 
+    // --- cloudflare, tailscale, ngrok ---
+    /// The provider's CLI (default: `cloudflared` / `tailscale` / `ngrok` from PATH).
+    pub binary: Option<String>,
+    /// `cloudflare`: `tunnel` or `access`; `tailscale`: `peer`, `serve` or `funnel`.
+    pub mode: Option<String>,
+    /// `cloudflare` tunnel mode: file holding the tunnel token (none: a quick tunnel).
+    pub token_file: Option<PathBuf>,
+    /// `cloudflare`: the public hostname (tunnel) or the Access hostname (access).
+    pub hostname: Option<String>,
+    /// `cloudflare` quick tunnel: the local service URL; `ngrok`: a reserved URL or domain.
+    pub url: Option<String>,
+    /// `cloudflare`: port dialled on `hostname` (default 443); `tailscale`: port on the peer,
+    /// or the local port to serve.
+    pub port: Option<u16>,
+    /// `cloudflare`: how long start waits for `/ready`.
+    #[serde(default, with = "humantime_serde")]
+    pub ready_timeout: Option<Duration>,
+    /// `tailscale`: the tailscaled socket (`--socket`), for a userspace tailscaled.
+    pub socket: Option<PathBuf>,
+    /// `tailscale` peer mode: the peer's HostName, MagicDNS name or Tailscale IP.
+    pub peer: Option<String>,
+    /// `tailscale`: limit for each CLI call.
+    #[serde(default, with = "humantime_serde")]
+    pub check_timeout: Option<Duration>,
+    /// `tailscale`: `host:port` dialled instead of the peer's Tailscale IP (e.g. a MagicDNS
+    /// name resolved through `dns.nameservers: [100.100.100.100]`).
+    pub dial_address: Option<String>,
+    /// `ngrok`: `tcp` or `http`.
+    pub proto: Option<String>,
+    /// `ngrok`: the local `host:port` to expose.
+    pub to: Option<String>,
+    /// `ngrok`: file holding the authtoken.
+    pub authtoken_file: Option<PathBuf>,
+    /// `ngrok`: region.
+    pub region: Option<String>,
+
     // --- ssh ---
     /// `ssh`: the server and how to log in.
     pub ssh: Option<SshSection>,

@@ -8,9 +8,12 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use tunnelkeeper_providers::cloudflare::CloudflareSpec;
 use tunnelkeeper_providers::command::{CommandSpec, EndpointSource};
 use tunnelkeeper_providers::direct::DirectSpec;
+use tunnelkeeper_providers::ngrok::NgrokSpec;
 use tunnelkeeper_providers::ssh::SshSpec;
+use tunnelkeeper_providers::tailscale::TailscaleSpec;
 
 use super::model::{HookCommand, OnFailover, ProviderKind, Standby};
 use crate::election::Policy;
@@ -185,6 +188,12 @@ pub enum ProviderSpec {
     Command(CommandSpec),
     /// `ssh`
     Ssh(SshSpec),
+    /// `cloudflare`
+    Cloudflare(CloudflareSpec),
+    /// `tailscale`
+    Tailscale(TailscaleSpec),
+    /// `ngrok`
+    Ngrok(NgrokSpec),
 }
 
 impl PartialEq for ProviderSpec {
@@ -221,6 +230,16 @@ impl PartialEq for ProviderSpec {
             }
             // SshSpec derives PartialEq over plain data (paths, not secrets).
             (ProviderSpec::Ssh(a), ProviderSpec::Ssh(b)) => a == b,
+            // These hold settings and secret *paths* only, all shown by Debug.
+            (ProviderSpec::Cloudflare(a), ProviderSpec::Cloudflare(b)) => {
+                format!("{a:?}") == format!("{b:?}")
+            }
+            (ProviderSpec::Tailscale(a), ProviderSpec::Tailscale(b)) => {
+                format!("{a:?}") == format!("{b:?}")
+            }
+            (ProviderSpec::Ngrok(a), ProviderSpec::Ngrok(b)) => {
+                format!("{a:?}") == format!("{b:?}")
+            }
             _ => false,
         }
     }
@@ -233,6 +252,9 @@ impl ProviderSpec {
             ProviderSpec::Direct(_) => ProviderKind::Direct,
             ProviderSpec::Command(_) => ProviderKind::Command,
             ProviderSpec::Ssh(_) => ProviderKind::Ssh,
+            ProviderSpec::Cloudflare(_) => ProviderKind::Cloudflare,
+            ProviderSpec::Tailscale(_) => ProviderKind::Tailscale,
+            ProviderSpec::Ngrok(_) => ProviderKind::Ngrok,
         }
     }
 }

@@ -1,12 +1,13 @@
 //! Helpers shared by the benches: order statistics, duration formatting, a loopback echo
 //! server, and a private temporary directory.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::TcpSocket;
 use tokio::task::JoinHandle;
 
 /// Nearest-rank percentile of sorted values (`p` in 0..=100); NaN for no values.
@@ -89,19 +90,30 @@ pub(crate) fn fmt_d(d: Duration) -> String {
     fmt_ms(ms(d))
 }
 
+/// Listen backlog of the echo server (see [`Echo::start`]).
+const ECHO_BACKLOG: u32 = 4096;
+
 /// The loopback echo server standing in for the service; stopped when dropped.
 pub(crate) struct Echo {
     /// Where it listens.
-    pub(crate) addr: std::net::SocketAddr,
+    pub(crate) addr: SocketAddr,
     task: JoinHandle<()>,
 }
 
 impl Echo {
     /// Starts it on `127.0.0.1:0`.
     pub(crate) async fn start() -> anyhow::Result<Echo> {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
+        let socket = TcpSocket::new_v4().context("creating the echo server's socket")?;
+        socket
+            .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
             .context("binding the echo server on 127.0.0.1")?;
+        // `TcpListener::bind` listens with a backlog of 128: the ssh bench's bursts of 1000
+        // connects (sshd dialling us for every channel at once) would overflow it, and every
+        // dropped SYN costs its connection the 1 s retransmission timeout. The kernel caps
+        // this at `net.core.somaxconn`.
+        let listener = socket
+            .listen(ECHO_BACKLOG)
+            .context("listening on the echo server's socket")?;
         let addr = listener
             .local_addr()
             .context("reading the echo server's address")?;

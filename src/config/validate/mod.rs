@@ -20,6 +20,7 @@ use std::time::Duration;
 use tunnelkeeper_providers::command::{CommandSpec, EndpointSource};
 use tunnelkeeper_providers::direct::DirectSpec;
 
+mod clis;
 mod ssh;
 
 use crate::config::locate::KeyPath;
@@ -60,6 +61,7 @@ pub(crate) struct Issue {
 pub(crate) fn validate(file: &ConfigFile, source: &Path) -> Result<Config, Vec<Issue>> {
     let mut v = Validator {
         issues: Vec::new(),
+        state_dir: std::path::PathBuf::from(default::STATE_DIR),
         config_dir: source.parent().map(Path::to_path_buf).unwrap_or_default(),
     };
     let root = KeyPath::root();
@@ -74,6 +76,7 @@ pub(crate) fn validate(file: &ConfigFile, source: &Path) -> Result<Config, Vec<I
         );
     }
     let daemon = v.daemon(&file.daemon, &root.key("daemon"));
+    v.state_dir = daemon.state_dir.clone();
     let nameservers = v.nameservers(&file.dns, &root.key("dns"));
     v.defaults(&file.defaults, &root.key("defaults"));
     let routers = v.routers(&file.routers, &root.key("routers"));
@@ -107,6 +110,8 @@ pub(crate) fn validate(file: &ConfigFile, source: &Path) -> Result<Config, Vec<I
 /// Collects issues while walking the model.
 struct Validator {
     issues: Vec<Issue>,
+    /// The daemon's state directory (providers keep generated files under it).
+    state_dir: std::path::PathBuf,
     /// Directory of the config file: relative defaults (known_hosts) live there.
     config_dir: std::path::PathBuf,
 }
@@ -178,20 +183,39 @@ fn human(duration: Duration) -> String {
     humantime::format_duration(duration).to_string()
 }
 
-/// Every provider-specific key of a tunnel: whether it is set, and the provider it belongs to.
-fn provider_keys(t: &TunnelSection) -> [(&'static str, bool, ProviderKind); 10] {
-    use ProviderKind::{Command, Direct, Ssh};
+/// Every provider-specific key of a tunnel: whether it is set, and the providers it belongs to.
+fn provider_keys(t: &TunnelSection) -> [(&'static str, bool, &'static [ProviderKind]); 25] {
+    use ProviderKind::{Cloudflare as Cf, Command, Direct, Ngrok, Ssh, Tailscale as Ts};
     [
-        ("address", t.address.is_some(), Direct),
-        ("run", t.run.is_some(), Command),
-        ("endpoint", t.endpoint.is_some(), Command),
-        ("endpoint_regex", t.endpoint_regex.is_some(), Command),
-        ("start_timeout", t.start_timeout.is_some(), Command),
-        ("stop_grace", t.stop_grace.is_some(), Command),
-        ("env", !t.env.is_empty(), Command),
-        ("ssh", t.ssh.is_some(), Ssh),
-        ("remote_forward", t.remote_forward.is_some(), Ssh),
-        ("local_forward", t.local_forward.is_some(), Ssh),
+        ("address", t.address.is_some(), &[Direct]),
+        ("run", t.run.is_some(), &[Command]),
+        ("endpoint", t.endpoint.is_some(), &[Command]),
+        ("endpoint_regex", t.endpoint_regex.is_some(), &[Command]),
+        (
+            "start_timeout",
+            t.start_timeout.is_some(),
+            &[Command, Ngrok],
+        ),
+        ("stop_grace", t.stop_grace.is_some(), &[Command, Cf, Ngrok]),
+        ("env", !t.env.is_empty(), &[Command]),
+        ("ssh", t.ssh.is_some(), &[Ssh]),
+        ("remote_forward", t.remote_forward.is_some(), &[Ssh]),
+        ("local_forward", t.local_forward.is_some(), &[Ssh]),
+        ("binary", t.binary.is_some(), &[Cf, Ts, Ngrok]),
+        ("mode", t.mode.is_some(), &[Cf, Ts]),
+        ("token_file", t.token_file.is_some(), &[Cf]),
+        ("hostname", t.hostname.is_some(), &[Cf]),
+        ("url", t.url.is_some(), &[Cf, Ngrok]),
+        ("port", t.port.is_some(), &[Cf, Ts]),
+        ("ready_timeout", t.ready_timeout.is_some(), &[Cf]),
+        ("socket", t.socket.is_some(), &[Ts]),
+        ("peer", t.peer.is_some(), &[Ts]),
+        ("check_timeout", t.check_timeout.is_some(), &[Ts]),
+        ("dial_address", t.dial_address.is_some(), &[Ts]),
+        ("proto", t.proto.is_some(), &[Ngrok]),
+        ("to", t.to.is_some(), &[Ngrok]),
+        ("authtoken_file", t.authtoken_file.is_some(), &[Ngrok]),
+        ("region", t.region.is_some(), &[Ngrok]),
     ]
 }
 
@@ -791,13 +815,17 @@ impl Validator {
     /// The provider's own settings; keys of other providers are errors.
     fn provider(&mut self, tunnel: &TunnelSection, path: &KeyPath) -> Option<ProviderSpec> {
         let kind = provider_name(tunnel.provider);
-        for (key, set, owner) in provider_keys(tunnel) {
-            if set && owner != tunnel.provider {
+        for (key, set, owners) in provider_keys(tunnel) {
+            if set && !owners.contains(&tunnel.provider) {
+                let owners: Vec<String> = owners
+                    .iter()
+                    .map(|o| format!("`{}`", provider_name(*o)))
+                    .collect();
                 self.error(
                     path.key(key),
                     format!(
-                        "`{key}` does not apply to provider `{kind}` (it belongs to provider `{}`)",
-                        provider_name(owner)
+                        "`{key}` does not apply to provider `{kind}` (it belongs to provider {})",
+                        owners.join(" / ")
                     ),
                 );
             }
@@ -820,13 +848,9 @@ impl Validator {
             }
             ProviderKind::Command => self.command(tunnel, path).map(ProviderSpec::Command),
             ProviderKind::Ssh => self.ssh_tunnel(tunnel, path).map(ProviderSpec::Ssh),
-            ProviderKind::Cloudflare | ProviderKind::Tailscale | ProviderKind::Ngrok => {
-                self.error(
-                    path.key("provider"),
-                    format!("provider `{kind}` is not available in this build yet"),
-                );
-                None
-            }
+            ProviderKind::Cloudflare => self.cloudflare(tunnel, path).map(ProviderSpec::Cloudflare),
+            ProviderKind::Tailscale => self.tailscale(tunnel, path).map(ProviderSpec::Tailscale),
+            ProviderKind::Ngrok => self.ngrok(tunnel, path).map(ProviderSpec::Ngrok),
         }
     }
 

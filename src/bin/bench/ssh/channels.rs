@@ -41,6 +41,9 @@ pub(crate) struct Wave {
     pub(crate) held: PoolStats,
     /// Channels that echoed their line back.
     pub(crate) echoed: usize,
+    /// Growth of the kernel's `ListenOverflows` counter during the wave (system-wide): SYNs
+    /// dropped because a listener's accept queue was full, each costing a 1 s retransmission.
+    pub(crate) listen_overflows: Option<u64>,
 }
 
 /// What the channels part measured.
@@ -142,6 +145,7 @@ async fn wave(
     count: usize,
     label: String,
 ) -> anyhow::Result<Wave> {
+    let overflows_before = listen_overflows();
     let deadline = Instant::now() + WAVE_LIMIT;
     let started = Instant::now();
     let mut dials = JoinSet::new();
@@ -170,6 +174,9 @@ async fn wave(
         }
     }
     let wall = started.elapsed();
+    let overflows = listen_overflows()
+        .zip(overflows_before)
+        .map(|(after, before)| after.saturating_sub(before));
     if !failures.is_empty() {
         bail!(
             "{label} wave: {} of {count} dials failed; first: {}",
@@ -212,7 +219,20 @@ async fn wave(
         wall,
         held,
         echoed,
+        listen_overflows: overflows,
     })
+}
+
+/// The kernel's `TcpExt: ListenOverflows` counter, from `/proc/net/netstat` (a header line of
+/// names followed by a line of values).
+fn listen_overflows() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/net/netstat").ok()?;
+    let mut lines = text.lines().filter(|line| line.starts_with("TcpExt:"));
+    let (names, values) = (lines.next()?, lines.next()?);
+    let index = names
+        .split_whitespace()
+        .position(|n| n == "ListenOverflows")?;
+    values.split_whitespace().nth(index)?.parse().ok()
 }
 
 /// Waits until the pool counts no channel in use (dropped streams release their slots).
@@ -233,10 +253,11 @@ pub(crate) async fn wait_drained(pool: &SshPool) -> anyhow::Result<()> {
     }
 }
 
+/// One line per wave, as it finishes.
 fn print_wave(wave: &Wave) {
     let stats = crate::common::Stats::of(wave.dials.iter().map(|d| crate::common::ms(*d)));
     println!(
-        "   {:<7} {} dials in {}: p50 {}  p99 {}  max {}; held {} sessions, {} channels; {} echoed",
+        "   {:<7} {} dials in {}: p50 {}  p99 {}  max {}; held {} sessions, {} channels; {} echoed; listen overflows {}",
         wave.label,
         wave.dials.len(),
         crate::common::fmt_d(wave.wall),
@@ -246,5 +267,7 @@ fn print_wave(wave: &Wave) {
         wave.held.sessions,
         wave.held.channels_in_use,
         wave.echoed,
+        wave.listen_overflows
+            .map_or("unknown".to_string(), |n| n.to_string()),
     );
 }

@@ -33,8 +33,11 @@ const WARMUP: u32 = 3;
 /// The three ways of running a command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Method {
+    /// [`SshPool::exec`] on an open session.
     Pooled,
+    /// A new `ssh` process and connection per command.
     Fresh,
+    /// `ssh -S SOCK` through a running ControlMaster.
     Master,
 }
 
@@ -210,6 +213,7 @@ impl Master {
         }
     }
 
+    /// Fails once the master has exited.
     fn check_alive(&mut self) -> anyhow::Result<()> {
         match self.child.try_wait() {
             Ok(None) => Ok(()),

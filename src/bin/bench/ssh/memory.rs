@@ -131,6 +131,7 @@ pub(crate) async fn measure(
     Ok(MemoryReport { steps, ssh_client })
 }
 
+/// Reads both sides' memory after letting the step settle.
 async fn read_step(pool: &SshPool, sshd: &Sshd) -> anyhow::Result<Step> {
     tokio::time::sleep(SETTLE).await;
     let server_pids = sshd.descendants();

@@ -42,8 +42,11 @@ pub(crate) struct Settings {
     /// Rounds of the latency comparison (each method once per round); also the number of
     /// sequential single dials.
     runs: u32,
+    /// Small counts (a smoke check).
     quick: bool,
+    /// Commands run with the account's real HOME (its ~/.bashrc runs).
     login_home: bool,
+    /// Extra sshd_config lines.
     sshd_options: Vec<String>,
     /// Concurrent dials per wave.
     channels: usize,
@@ -218,6 +221,7 @@ pub(crate) async fn ssh(settings: Settings) -> anyhow::Result<()> {
     }
 }
 
+/// What ran where, before any figure.
 fn print_header(settings: &Settings, sshd: &Sshd) {
     println!("tunnelkeeper ssh bench — loopback only, one sshd started by the bench");
     println!(
@@ -250,6 +254,7 @@ fn print_header(settings: &Settings, sshd: &Sshd) {
     }
 }
 
+/// The latency table: each method with its ratios to ControlMaster and to a fresh `ssh`.
 fn print_latency(latency: &Latency) {
     let stats = |m: Method| Stats::of(latency.samples(m).iter().map(|d| ms(*d)));
     let master = stats(Method::Master);
@@ -295,6 +300,7 @@ fn print_latency(latency: &Latency) {
     }
 }
 
+/// The pool's acquire percentiles and the single-dial figure (the waves print as they go).
 fn print_channels(c: &Channels) {
     let acquire = |s: &tunnelkeeper_providers::ssh::PoolStats| {
         format!(
@@ -333,6 +339,7 @@ fn print_channels(c: &Channels) {
     );
 }
 
+/// KiB per idle session between steps, and the OpenSSH anchors.
 fn print_memory(report: &MemoryReport, latency: Option<&Latency>) {
     println!("\n== memory per idle session (from the first part)");
     for (from, to, [own_rss, own_anon, sshd_rss, sshd_anon]) in report.per_session() {
@@ -354,6 +361,7 @@ fn print_memory(report: &MemoryReport, latency: Option<&Latency>) {
     }
 }
 
+/// MB/s per route, with the ratio to direct loopback.
 fn print_throughput(t: &Throughput) {
     let direct = median_mb(&t.of(Route::Direct));
     println!(
@@ -384,6 +392,7 @@ fn median_mb(runs: &[throughput::Transfer]) -> f64 {
     Stats::of(runs.iter().map(|r| r.mb_per_s())).p50
 }
 
+/// The headline figures of every part that completed, one line each.
 fn print_summary(
     latency: Option<&Latency>,
     channels: Option<&Channels>,
@@ -489,6 +498,7 @@ fn acquire_verdict(p99_us: Option<u64>) -> &'static str {
     }
 }
 
+/// The CPU's model name from `/proc/cpuinfo`.
 fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -501,6 +511,7 @@ fn cpu_model() -> String {
         .unwrap_or_else(|| "unknown CPU".to_string())
 }
 
+/// The 1, 5 and 15 minute load averages.
 fn load_average() -> String {
     read_trimmed("/proc/loadavg")
         .split_whitespace()
@@ -509,6 +520,7 @@ fn load_average() -> String {
         .join(" ")
 }
 
+/// A small `/proc` file's text, or `?`.
 fn read_trimmed(path: &str) -> String {
     std::fs::read_to_string(path)
         .map(|text| text.trim().to_string())

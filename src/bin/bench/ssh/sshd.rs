@@ -253,6 +253,7 @@ async fn banner(port: u16) -> bool {
     )
 }
 
+/// The generated sshd_config: `extra` first, then the bench's settings.
 fn config_text(
     dir: &Path,
     port: u16,
@@ -429,6 +430,7 @@ impl Memory {
         Memory::read(&format!("/proc/{pid}/status"))
     }
 
+    /// Parses `VmRSS` and `RssAnon` from a `/proc/.../status` file.
     fn read(path: &str) -> anyhow::Result<Memory> {
         let text = fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
         let field = |name: &str| -> anyhow::Result<u64> {

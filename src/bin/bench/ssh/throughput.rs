@@ -36,8 +36,11 @@ const FORWARD_LIMIT: Duration = Duration::from_secs(10);
 /// The three routes to the sink.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Route {
+    /// Plain TCP to the sink.
     Direct,
+    /// A `dial()`ed `direct-tcpip` channel.
     Russh,
+    /// OpenSSH's `ssh -L` port.
     OpenSsh,
 }
 
@@ -200,6 +203,7 @@ struct Sink {
 }
 
 impl Sink {
+    /// Starts it on `127.0.0.1:0`.
     async fn start() -> anyhow::Result<Sink> {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
@@ -241,6 +245,7 @@ struct OpenSshForward {
 }
 
 impl OpenSshForward {
+    /// Starts the forward and waits until its port accepts connections.
     async fn start(sshd: &Sshd, sink: SocketAddr) -> anyhow::Result<OpenSshForward> {
         let port = free_port()?;
         let spec = format!("127.0.0.1:{port}:{}:{}", sink.ip(), sink.port());
@@ -274,6 +279,7 @@ impl OpenSshForward {
         }
     }
 
+    /// Kills the client (its forward has no other way to end).
     async fn stop(mut self) {
         let _ = self.child.start_kill();
         let _ = self.child.wait().await;

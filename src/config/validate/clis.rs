@@ -1,0 +1,197 @@
+//! Validation of the tunnels run by a provider's own CLI: `cloudflare`, `tailscale`, `ngrok`.
+//!
+//! Each resolves into the providers crate's spec with its defaults; what the CLI would only
+//! reject at start (a missing hostname, a mode that needs a peer, an unreadable secret path
+//! form) is caught here, at its key.
+
+use tunnelkeeper_providers::cloudflare::{CloudflareMode, CloudflareSpec};
+use tunnelkeeper_providers::ngrok::{NgrokProto, NgrokSpec};
+use tunnelkeeper_providers::tailscale::{TailscaleMode, TailscaleSpec};
+
+use super::Validator;
+use crate::config::locate::KeyPath;
+use crate::config::model::TunnelSection;
+use crate::config::values::{check_host_port, credential_path};
+
+impl Validator {
+    pub(super) fn cloudflare(
+        &mut self,
+        t: &TunnelSection,
+        path: &KeyPath,
+    ) -> Option<CloudflareSpec> {
+        let before = self.issues.len();
+        let mode = match t.mode.as_deref().unwrap_or("tunnel") {
+            "tunnel" => CloudflareMode::Tunnel,
+            "access" => CloudflareMode::Access,
+            other => {
+                self.error(
+                    path.key("mode"),
+                    format!("unknown cloudflare mode `{other}`: use `tunnel` or `access`"),
+                );
+                return None;
+            }
+        };
+        let mut spec = CloudflareSpec::new(mode);
+        spec.binary = t.binary.clone();
+        spec.token_file = self.secret_file(t.token_file.as_ref(), &path.key("token_file"));
+        spec.hostname = t.hostname.clone();
+        spec.url = t.url.clone();
+        match mode {
+            CloudflareMode::Tunnel if t.token_file.is_some() && t.hostname.is_none() => self.error(
+                path.key("hostname"),
+                "a named tunnel (`token_file`) needs `hostname`: the public name its probe dials"
+                    .to_owned(),
+            ),
+            CloudflareMode::Tunnel if t.token_file.is_none() && t.url.is_none() => self.error(
+                path.key("token_file"),
+                "give `token_file` (a named tunnel) or `url` (a quick tunnel to that local service)"
+                    .to_owned(),
+            ),
+            CloudflareMode::Access if t.hostname.is_none() => self.error(
+                path.key("hostname"),
+                "access mode needs `hostname`: the Access application to reach".to_owned(),
+            ),
+            CloudflareMode::Access if t.token_file.is_some() => self.error(
+                path.key("token_file"),
+                "`token_file` is for `mode: tunnel`; access mode logs in through Access".to_owned(),
+            ),
+            _ => {}
+        }
+        if let Some(port) = t.port {
+            self.nonzero_port(port, &path.key("port"));
+            spec.port = port;
+        }
+        self.positive(t.ready_timeout, &path.key("ready_timeout"));
+        self.positive(t.stop_grace, &path.key("stop_grace"));
+        if let Some(d) = t.ready_timeout {
+            spec.ready_timeout = d;
+        }
+        if let Some(d) = t.stop_grace {
+            spec.stop_grace = d;
+        }
+        (self.issues.len() == before).then_some(spec)
+    }
+
+    pub(super) fn tailscale(&mut self, t: &TunnelSection, path: &KeyPath) -> Option<TailscaleSpec> {
+        let before = self.issues.len();
+        let mode = match t.mode.as_deref().unwrap_or("peer") {
+            "peer" => TailscaleMode::Peer,
+            "serve" => TailscaleMode::Serve,
+            "funnel" => TailscaleMode::Funnel,
+            other => {
+                self.error(
+                    path.key("mode"),
+                    format!("unknown tailscale mode `{other}`: use `peer`, `serve` or `funnel`"),
+                );
+                return None;
+            }
+        };
+        let Some(port) = t.port else {
+            self.error(
+                path.key("port"),
+                "tailscale needs `port`: the service's port on the peer, or the local port to \
+                 serve"
+                    .to_owned(),
+            );
+            return None;
+        };
+        self.nonzero_port(port, &path.key("port"));
+        let mut spec = TailscaleSpec::new(mode, port);
+        spec.binary = t.binary.clone();
+        spec.socket = t.socket.clone();
+        spec.peer = t.peer.clone();
+        match (mode, &t.peer) {
+            (TailscaleMode::Peer, None) => self.error(
+                path.key("peer"),
+                "peer mode needs `peer`: the node's HostName, MagicDNS name or Tailscale IP"
+                    .to_owned(),
+            ),
+            (TailscaleMode::Serve | TailscaleMode::Funnel, Some(_)) => self.error(
+                path.key("peer"),
+                "`peer` is for `mode: peer`; serve and funnel expose this node's own port"
+                    .to_owned(),
+            ),
+            _ => {}
+        }
+        self.positive(t.check_timeout, &path.key("check_timeout"));
+        if let Some(d) = t.check_timeout {
+            spec.check_timeout = d;
+        }
+        if let Some(address) = &t.dial_address {
+            self.check(&path.key("dial_address"), check_host_port(address));
+            spec.dial_address = Some(address.clone());
+        }
+        (self.issues.len() == before).then_some(spec)
+    }
+
+    pub(super) fn ngrok(&mut self, t: &TunnelSection, path: &KeyPath) -> Option<NgrokSpec> {
+        let before = self.issues.len();
+        let proto = match t.proto.as_deref().unwrap_or("tcp") {
+            "tcp" => NgrokProto::Tcp,
+            "http" => NgrokProto::Http,
+            other => {
+                self.error(
+                    path.key("proto"),
+                    format!("unknown ngrok proto `{other}`: use `tcp` or `http`"),
+                );
+                return None;
+            }
+        };
+        let Some(to) = &t.to else {
+            self.error(
+                path.key("to"),
+                "ngrok needs `to`: the local host:port to expose".to_owned(),
+            );
+            return None;
+        };
+        self.check(&path.key("to"), check_host_port(to));
+        let Some(token) = self.secret_file(t.authtoken_file.as_ref(), &path.key("authtoken_file"))
+        else {
+            if t.authtoken_file.is_none() {
+                self.error(
+                    path.key("authtoken_file"),
+                    "ngrok needs `authtoken_file`: the file holding the agent's authtoken"
+                        .to_owned(),
+                );
+            }
+            return None;
+        };
+        // The agent's 0600 config file lives under the daemon's state directory.
+        let mut spec = NgrokSpec::new(proto, to.clone(), token, self.state_dir.join("ngrok"));
+        spec.binary = t.binary.clone();
+        spec.url = t.url.clone();
+        spec.region = t.region.clone();
+        self.positive(t.start_timeout, &path.key("start_timeout"));
+        self.positive(t.stop_grace, &path.key("stop_grace"));
+        if let Some(d) = t.start_timeout {
+            spec.start_timeout = d;
+        }
+        if let Some(d) = t.stop_grace {
+            spec.stop_grace = d;
+        }
+        (self.issues.len() == before).then_some(spec)
+    }
+
+    /// A secret file path: `$CREDENTIALS_DIRECTORY/NAME` expanded, relative paths taken from
+    /// the config file's directory.
+    pub(super) fn secret_file(
+        &mut self,
+        file: Option<&std::path::PathBuf>,
+        path: &KeyPath,
+    ) -> Option<std::path::PathBuf> {
+        match credential_path(file?) {
+            Ok(p) if p.is_relative() => Some(self.config_dir.join(p)),
+            Ok(p) => Some(p),
+            Err(message) => {
+                self.error(path.clone(), message);
+                None
+            }
+        }
+    }
+
+    fn nonzero_port(&mut self, port: u16, path: &KeyPath) {
+        if port == 0 {
+            self.error(path.clone(), "0 is not a valid port (1-65535)".to_owned());
+        }
+    }
+}
