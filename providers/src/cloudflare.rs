@@ -17,6 +17,7 @@
 //! it (bounded), and fails with cloudflared's own words if the child exits first. The child's
 //! exit is the hard signal that resolves [`Tunnel::closed`].
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -422,7 +423,7 @@ impl StartFailure {
 
 /// The last output lines seen, oldest first.
 #[derive(Default)]
-struct Recent(std::collections::VecDeque<String>);
+struct Recent(VecDeque<String>);
 
 impl Recent {
     fn push(&mut self, line: String) {
