@@ -59,6 +59,21 @@ pub enum Report {
     Standby,
 }
 
+/// The provider-native check runs at most this often (or every probe interval, if longer).
+pub const NATIVE_CHECK_MIN_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Runs the provider's own health check within `limit`; a failure counts like a failed probe.
+async fn native_check(tunnel: &dyn Tunnel, limit: Duration) -> Result<(), String> {
+    match tokio::time::timeout(limit, tunnel.check()).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(format!("provider check: {e}")),
+        Err(_) => Err(format!(
+            "provider check timed out after {}",
+            probe::fmt_ms(limit)
+        )),
+    }
+}
+
 /// A report tagged with the tunnel's index in its service.
 pub type TaggedReport = (usize, Report);
 
@@ -208,12 +223,38 @@ impl TunnelTask {
         // After a slow probe, wait a full interval rather than firing a burst to catch up.
         ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let tag = format!("{}/{}", self.service, self.spec.name);
+        // The provider's own health (cloudflared /ready, ngrok's API, `tailscale status`, an SSH
+        // ping) runs on a slower clock than the end-to-end probe: some of those cost a CLI run.
+        let native_every = spec.interval.max(NATIVE_CHECK_MIN_INTERVAL);
+        let mut native_ticks =
+            tokio::time::interval_at(Instant::now() + native_every, native_every);
+        native_ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut native_error: Option<String> = None;
         // Failures real traffic met before this start belong to the previous incarnation.
         while passive.try_recv().is_ok() {}
         loop {
             let result = tokio::select! {
-                _ = ticks.tick() => probe::probe(tunnel, spec, &self.ctx.resolver, &tag).await,
+                _ = ticks.tick() => {
+                    let result = probe::probe(tunnel, spec, &self.ctx.resolver, &tag).await;
+                    // While the provider itself reports trouble, a passing end-to-end probe does
+                    // not count as a success: the path may work for us and not for others.
+                    match (&result, &native_error) {
+                        (Ok(_), Some(reason)) => Err(reason.clone()),
+                        _ => result,
+                    }
+                }
                 Some(reason) = passive.recv() => Err(format!("real traffic: {reason}")),
+                _ = native_ticks.tick() => match native_check(tunnel, native_every).await {
+                    // A healthy native check is no news: the end-to-end probe measures latency.
+                    Ok(()) => {
+                        native_error = None;
+                        continue;
+                    }
+                    Err(reason) => {
+                        native_error = Some(reason.clone());
+                        Err(reason)
+                    }
+                },
             };
             let failures_before = counter.failures();
             let transition = counter.record(result.is_ok());
@@ -493,5 +534,115 @@ mod paused_tests {
         )
         .await;
         assert_eq!(delays[..4], [500, 1000, 2000, 4000], "{delays:?}");
+    }
+}
+
+#[cfg(test)]
+mod native_check_tests {
+    //! A provider whose own health check fails takes the tunnel down even while the
+    //! end-to-end dial still works, and brings it back when the check passes again.
+    use super::*;
+    use crate::bus::Delivery;
+    use async_trait::async_trait;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tunnelkeeper_providers::{Dial, Endpoint, Health, ProviderError, Resolver};
+
+    #[derive(Debug)]
+    struct Flag(Arc<AtomicBool>);
+
+    struct Healthy(Arc<AtomicBool>);
+
+    #[async_trait]
+    impl Provider for Flag {
+        async fn start(&self, _: &StartContext) -> tunnelkeeper_providers::Result<Arc<dyn Tunnel>> {
+            Ok(Arc::new(Healthy(self.0.clone())))
+        }
+    }
+
+    #[async_trait]
+    impl Tunnel for Healthy {
+        fn endpoint(&self) -> Endpoint {
+            Endpoint {
+                display: "test".into(),
+            }
+        }
+        async fn dial(&self, _: Duration) -> tunnelkeeper_providers::Result<Dial> {
+            // An in-memory stream: the end-to-end probe (connect only) always passes.
+            Ok(Dial::Stream(Box::new(tokio::io::duplex(64).0)))
+        }
+        async fn check(&self) -> tunnelkeeper_providers::Result<Health> {
+            if self.0.load(Ordering::Relaxed) {
+                Ok(Health::default())
+            } else {
+                Err(ProviderError::Unhealthy("readyConnections=0".into()))
+            }
+        }
+        async fn closed(&self) -> String {
+            std::future::pending().await
+        }
+        async fn stop(&self) {}
+    }
+
+    /// The next event of type `want`, within two minutes of (paused) time.
+    async fn next(events: &mut crate::bus::Subscription, want: &str) -> Arc<crate::bus::Event> {
+        let wait = async {
+            loop {
+                match events.next().await {
+                    Some(Delivery::Event(e)) if e.type_name() == want => return e,
+                    Some(_) => continue,
+                    None => panic!("bus closed"),
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(120), wait)
+            .await
+            .unwrap_or_else(|_| panic!("no {want} within 120 s"))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_native_check_takes_the_tunnel_down_and_a_passing_one_back_up() {
+        let healthy = Arc::new(AtomicBool::new(true));
+        let bus = Bus::new(256);
+        let mut events = bus.subscribe();
+        let (reports, _rx) = mpsc::unbounded_channel();
+        let cancel = CancellationToken::new();
+        let restart = RestartSpec {
+            initial: Duration::from_millis(500),
+            max: Duration::from_secs(8),
+            multiplier: 2.0,
+            jitter: 0.0,
+        };
+        let task = TunnelTask {
+            index: 0,
+            service: "s".into(),
+            spec: TunnelSpec::for_test("t", 10, restart),
+            provider: Arc::new(Flag(healthy.clone())),
+            ctx: StartContext {
+                tunnel: "t".into(),
+                service: "s".into(),
+                resolver: Resolver::new(&["127.0.0.1".parse().unwrap()]).unwrap(),
+            },
+            bus: bus.clone(),
+            reports,
+            cancel: cancel.clone(),
+            live: Default::default(),
+            wanted: watch::channel(true).1,
+        };
+        let (_passive_tx, passive) = mpsc::unbounded_channel();
+        let handle = tokio::spawn(task.run(passive));
+        next(&mut events, "tunnel_up").await;
+        healthy.store(false, Ordering::Relaxed);
+        let down = next(&mut events, "tunnel_down").await;
+        match &down.kind {
+            EventKind::TunnelDown { reason, hard, .. } => {
+                assert!(reason.contains("provider check"), "{reason}");
+                assert!(!hard);
+            }
+            other => panic!("{other:?}"),
+        }
+        healthy.store(true, Ordering::Relaxed);
+        next(&mut events, "tunnel_up").await;
+        cancel.cancel();
+        handle.await.unwrap();
     }
 }

@@ -173,3 +173,85 @@ async fn tailscale_peer_up_then_offline_fails_over() {
         "{ts:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloudflare_tunnel_up_then_not_ready_and_death_fail_over() {
+    let echo = echo_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    // A well-formed tunnel token (base64 JSON with account, tunnel id and secret).
+    let token = "eyJhIjoiNGE0YTVhM2EzNDY0NjBiODkxOWJlMDNhNDM3ZDVhMzEiLCJ0IjoiNDJiYmQzYzUtNDE3MS00MTAzLTgwZDktNzI1ZmRmZTRjYTllIiwicyI6ImRoUjNpVUVmYzlEd25Vdmxvc1g1SDZHbVBubE9GUG96MEpxbjhmbDZrM0E9In0=";
+    let token_file = dir.path().join("cf_token");
+    std::fs::write(&token_file, token).unwrap();
+    let control = dir.path().join("control");
+    write(&control, "ok");
+    let public = free_port();
+    let tunnel = format!(
+        r#"      - name: cf
+        provider: cloudflare
+        priority: 10
+        binary: "{}"
+        token_file: "{}"
+        hostname: 127.0.0.1
+        port: {public}"#,
+        emulator("cloudflared"),
+        token_file.display()
+    );
+    let origin = echo.to_string();
+    let public_text = public.to_string();
+    let daemon = Daemon::start_with_env(
+        &config(&tunnel, echo),
+        &[
+            ("EMU_CONTROL", control.as_os_str()),
+            ("EMU_PUBLIC_PORT", public_text.as_ref()),
+            ("EMU_ORIGIN", origin.as_ref()),
+        ],
+    )
+    .await;
+    let mut events = daemon.follow();
+    let (_, up) = events
+        .wait(
+            Duration::from_secs(30),
+            "cf up",
+            tunnel_event("tunnel_up", "cf"),
+        )
+        .await;
+    assert_eq!(up["endpoint"], "127.0.0.1");
+    events
+        .wait(
+            Duration::from_secs(20),
+            "cf primary",
+            primary_changed(Some("cf"), None),
+        )
+        .await;
+    assert_secret_hidden(&daemon, token);
+
+    // Not ready: the edge stops carrying traffic, so the end-to-end probe fails → soft failover.
+    write(&control, "notready");
+    events
+        .wait(
+            Duration::from_secs(10),
+            "failover",
+            primary_changed(Some("lan"), Some("cf")),
+        )
+        .await;
+    write(&control, "ok");
+    events
+        .wait(
+            Duration::from_secs(20),
+            "failback",
+            primary_changed(Some("cf"), Some("lan")),
+        )
+        .await;
+
+    // Death: a hard signal.
+    write(&control, "die");
+    let (_, e) = events
+        .wait(
+            Duration::from_secs(10),
+            "hard failover",
+            primary_changed(Some("lan"), Some("cf")),
+        )
+        .await;
+    assert!(e["reason"].as_str().unwrap().contains("hard"), "{e}");
+    assert_secret_hidden(&daemon, token);
+}

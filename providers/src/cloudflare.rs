@@ -308,6 +308,8 @@ impl Provider for CloudflareProvider {
                 env: Vec::new(),
                 cwd: None,
                 tag: tag.clone(),
+                // The token stays in its file, which only cloudflared reads.
+                redact: Vec::new(),
             })
             .await
             .map_err(install_hint)?;

@@ -97,6 +97,15 @@ impl CommandProvider {
     }
 }
 
+/// Environment values long enough to be secrets (`env` is where a command's tokens go): masked
+/// in the program's output. Short values (`1`, `yes`) would only mangle the logs.
+fn secret_values(env: &[(String, String)]) -> Vec<String> {
+    env.iter()
+        .map(|(_, value)| value.clone())
+        .filter(|value| value.len() >= 8)
+        .collect()
+}
+
 #[async_trait]
 impl Provider for CommandProvider {
     /// Runs the program and waits (at most `start_timeout`) for its endpoint: the regex to
@@ -107,6 +116,7 @@ impl Provider for CommandProvider {
             env: self.spec.env.clone(),
             cwd: None,
             tag: format!("{}/{}", ctx.service, ctx.tunnel),
+            redact: secret_values(&self.spec.env),
         })
         .await?;
         let deadline = Instant::now() + self.spec.start_timeout;

@@ -616,6 +616,8 @@ impl Provider for NgrokProvider {
             env: Vec::new(),
             cwd: None,
             tag,
+            // The agent may quote a token it rejects; never let that reach the journal.
+            redact: vec![token.0.clone()],
         })
         .await
         .map_err(|err| match err {

@@ -61,6 +61,9 @@ pub struct SpawnSpec {
     pub cwd: Option<PathBuf>,
     /// Who the child is, for log lines, e.g. `service/tunnel`.
     pub tag: String,
+    /// Secrets the child might echo (a token it rejects, say): replaced by `MASKED` in every
+    /// output line before it is logged or kept.
+    pub redact: Vec<String>,
 }
 
 impl fmt::Debug for SpawnSpec {
@@ -368,7 +371,9 @@ pub async fn spawn(spec: SpawnSpec) -> Result<Supervised, ProviderError> {
         env,
         cwd,
         tag,
+        redact,
     } = spec;
+    let redact: Arc<[String]> = redact.into_iter().filter(|s| !s.is_empty()).collect();
     let mut cmd = command(&argv, &env, cwd.clone())?;
     cmd.stdin(Stdio::null());
     let mut child = spawn_on_spawner(cmd, &argv, cwd.as_ref()).await?;
@@ -392,7 +397,13 @@ pub async fn spawn(spec: SpawnSpec) -> Result<Supervised, ProviderError> {
         ),
     ];
     for (stream, pipe) in pipes {
-        tokio::spawn(forward_lines(pipe, stream, tag.clone(), output.clone()));
+        tokio::spawn(forward_lines(
+            pipe,
+            stream,
+            tag.clone(),
+            output.clone(),
+            redact.clone(),
+        ));
     }
 
     let (exit_tx, exit) = watch::channel(None);
@@ -448,6 +459,7 @@ async fn forward_lines(
     stream: OutputStream,
     tag: String,
     output: SharedOutput,
+    redact: Arc<[String]>,
 ) {
     if let Some(pipe) = pipe {
         let mut reader = BufReader::new(pipe);
@@ -461,7 +473,12 @@ async fn forward_lines(
                     break;
                 }
             }
-            let text = strip_ansi(&String::from_utf8_lossy(&buf));
+            let mut text = strip_ansi(&String::from_utf8_lossy(&buf));
+            for secret in redact.iter() {
+                if text.contains(secret.as_str()) {
+                    text = text.replace(secret.as_str(), "MASKED");
+                }
+            }
             tracing::info!(target: LOG_TARGET, tunnel = %tag, stream = stream.as_str(), "{text}");
             let line = OutputLine { stream, text };
             let mut state = lock(&output);

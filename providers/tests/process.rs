@@ -233,6 +233,7 @@ async fn spawn_passes_env_and_cwd() {
         env: vec![("TK_SECRET".to_string(), "s3cret".to_string())],
         cwd: Some(dir.path().to_path_buf()),
         tag: "test/env".to_string(),
+        redact: Vec::new(),
     })
     .await
     .expect("spawn");
@@ -309,4 +310,26 @@ async fn run_reports_missing_binary() {
         process::run(run_spec(&["/nonexistent/tk-tool"])).await,
         Err(ProviderError::MissingBinary { binary, .. }) if binary == "/nonexistent/tk-tool"
     ));
+}
+
+#[tokio::test]
+async fn secrets_the_child_prints_are_masked_and_colours_stripped() {
+    let mut spawn = spec(&[
+        "sh",
+        "-c",
+        "printf 'bad token tk-0123456789abcdef\\n\\033[32mgreen\\033[0m\\n'; exec sleep 1000",
+    ]);
+    spawn.redact = vec!["tk-0123456789abcdef".to_string()];
+    let child = process::spawn(spawn).await.expect("spawn");
+    let mut lines = child.lines();
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let line = tokio::time::timeout(PATIENCE, lines.next())
+            .await
+            .expect("lines in time")
+            .expect("stream open");
+        seen.push(line.text);
+    }
+    assert_eq!(seen, ["bad token MASKED", "green"]);
+    child.terminate(std::time::Duration::from_secs(1)).await;
 }

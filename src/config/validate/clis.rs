@@ -36,26 +36,52 @@ impl Validator {
         spec.token_file = self.secret_file(t.token_file.as_ref(), &path.key("token_file"));
         spec.hostname = t.hostname.clone();
         spec.url = t.url.clone();
-        match mode {
-            CloudflareMode::Tunnel if t.token_file.is_some() && t.hostname.is_none() => self.error(
-                path.key("hostname"),
-                "a named tunnel (`token_file`) needs `hostname`: the public name its probe dials"
-                    .to_owned(),
+        // The same rules the provider enforces before spawning, reported here at their keys.
+        let named = t.token_file.is_some();
+        let problems: [(bool, &str, &str); 6] = [
+            (
+                mode == CloudflareMode::Tunnel && named && t.hostname.is_none(),
+                "hostname",
+                "a named tunnel (`token_file`) needs `hostname`: the public name its probe dials",
             ),
-            CloudflareMode::Tunnel if t.token_file.is_none() && t.url.is_none() => self.error(
-                path.key("token_file"),
-                "give `token_file` (a named tunnel) or `url` (a quick tunnel to that local service)"
-                    .to_owned(),
+            (
+                mode == CloudflareMode::Tunnel && named && t.url.is_some(),
+                "url",
+                "`url` is for a quick tunnel; a named tunnel (`token_file`) routes by its own ingress",
             ),
-            CloudflareMode::Access if t.hostname.is_none() => self.error(
-                path.key("hostname"),
-                "access mode needs `hostname`: the Access application to reach".to_owned(),
+            (
+                mode == CloudflareMode::Tunnel && !named && t.url.is_none(),
+                "token_file",
+                "give `token_file` (a named tunnel) or `url` (a quick tunnel to that local service)",
             ),
-            CloudflareMode::Access if t.token_file.is_some() => self.error(
-                path.key("token_file"),
-                "`token_file` is for `mode: tunnel`; access mode logs in through Access".to_owned(),
+            (
+                mode == CloudflareMode::Tunnel && !named && t.hostname.is_some() && t.url.is_some(),
+                "hostname",
+                "a quick tunnel gets its hostname from Cloudflare; drop `hostname` or add `token_file`",
             ),
-            _ => {}
+            (
+                mode == CloudflareMode::Access && t.hostname.is_none(),
+                "hostname",
+                "access mode needs `hostname`: the Access application to reach",
+            ),
+            (
+                mode == CloudflareMode::Access && (named || t.url.is_some()),
+                if named { "token_file" } else { "url" },
+                "access mode takes only `hostname` (it logs in through Access and listens locally)",
+            ),
+        ];
+        for (bad, key, message) in problems {
+            if bad {
+                self.error(path.key(key), message.to_owned());
+            }
+        }
+        if let Some(hostname) = &t.hostname {
+            if hostname.contains("://") || hostname.contains('/') || hostname.contains(':') {
+                self.error(
+                    path.key("hostname"),
+                    format!("`{hostname}` must be a bare host name (no scheme, port or path; the port is `port`)"),
+                );
+            }
         }
         if let Some(port) = t.port {
             self.nonzero_port(port, &path.key("port"));

@@ -84,7 +84,7 @@ impl Settings {
             idle_totals: if quick { vec![5, 10] } else { vec![50, 100] },
             transfer_bytes: if quick { 32 * MIB } else { 512 * MIB },
             transfer_limit: Duration::from_secs(if quick { 5 } else { 20 }),
-            transfer_reps: if quick { 1 } else { 3 },
+            transfer_reps: if quick { 1 } else { 5 },
         }
     }
 
@@ -313,8 +313,7 @@ fn print_channels(c: &Channels) {
         "   PoolStats acquire after the cold wave (window: the tunnel's lease + the cold wave): {}",
         acquire(&c.after_cold)
     );
-    // The pool keeps the most recent 1024 acquisitions; say how many of those were warm.
-    let warm = (c.waves.len().saturating_sub(1) * c.count).min(POOL_LATENCY_WINDOW);
+    let warm = warm_in_window(c);
     let window = if warm == POOL_LATENCY_WINDOW {
         "the last 1024 acquisitions, all warm".to_string()
     } else {
@@ -365,22 +364,28 @@ fn print_memory(report: &MemoryReport, latency: Option<&Latency>) {
 fn print_throughput(t: &Throughput) {
     let direct = median_mb(&t.of(Route::Direct));
     println!(
-        "   {:<24} {:>4} {:>10} {:>10} {:>10} {:>10}",
-        "route (MB/s, 10^6 B)", "n", "median", "min", "max", "÷direct"
+        "   {:<24} {:>4} {:>10} {:>10} {:>10} {:>10} │ {:>14}",
+        "route (MB/s, 10^6 B)", "n", "median", "min", "max", "÷direct", "CPU-s/GB (med)"
     );
     for route in [Route::Direct, Route::Russh, Route::OpenSsh] {
         let runs = t.of(route);
         let stats = Stats::of(runs.iter().map(|r| r.mb_per_s()));
         println!(
-            "   {:<24} {:>4} {:>10.1} {:>10.1} {:>10.1} {:>10.3}",
+            "   {:<24} {:>4} {:>10.1} {:>10.1} {:>10.1} {:>10.3} │ {:>14.2}",
             route.label(),
             stats.n,
             median_mb(&runs),
             stats.min,
             stats.max,
-            median_mb(&runs) / direct
+            median_mb(&runs) / direct,
+            median_cpu(&runs)
         );
     }
+    println!(
+        "   russh ÷ ssh -L, median of the per-round ratios: {:.3} (MB/s), {:.3} (CPU-s/GB)",
+        round_ratio(t, |r| r.mb_per_s()),
+        round_ratio(t, |r| r.cpu_per_gb())
+    );
     let bounded = t.runs.iter().filter(|(_, r)| r.time_bound).count();
     if bounded > 0 {
         println!("   {bounded} transfer(s) stopped by the time limit before the byte count");
@@ -390,6 +395,24 @@ fn print_throughput(t: &Throughput) {
 /// The median of the transfers' MB/s (the lower middle for an even count).
 fn median_mb(runs: &[throughput::Transfer]) -> f64 {
     Stats::of(runs.iter().map(|r| r.mb_per_s())).p50
+}
+
+/// The median of the transfers' CPU seconds per GB.
+fn median_cpu(runs: &[throughput::Transfer]) -> f64 {
+    Stats::of(runs.iter().map(|r| r.cpu_per_gb())).p50
+}
+
+/// The median over rounds of russh's figure divided by `ssh -L`'s in the same round (the two
+/// ran back to back, so they saw much the same load).
+fn round_ratio(t: &Throughput, figure: impl Fn(&throughput::Transfer) -> f64) -> f64 {
+    let (russh, openssh) = (t.of(Route::Russh), t.of(Route::OpenSsh));
+    Stats::of(
+        russh
+            .iter()
+            .zip(openssh.iter())
+            .map(|(r, o)| figure(r) / figure(o)),
+    )
+    .p50
 }
 
 /// The headline figures of every part that completed, one line each.
@@ -427,8 +450,13 @@ fn print_summary(
     }
     if let Some(c) = channels {
         let p99 = c.after_warm.acquire_p99_us;
+        let mixed = if warm_in_window(c) < POOL_LATENCY_WINDOW {
+            " (window includes cold acquisitions)"
+        } else {
+            ""
+        };
         println!(
-            "   {:<52} {:<30} target p99 < 1 ms: {}",
+            "   {:<52} {:<30} target p99 < 1 ms: {}{mixed}",
             format!("acquire p50 / p99, warm sessions ({} channels)", c.count),
             format!(
                 "{} / {} µs",
@@ -486,7 +514,19 @@ fn print_summary(
             russh / direct,
             russh / openssh,
         );
+        println!(
+            "   {:<52} {:<30} ssh -L {:.2} CPU-s/GB; per-round russh ÷ ssh -L {:.3}",
+            "-L CPU per GB, russh channel (median, whole path)",
+            format!("{:.2} CPU-s/GB", median_cpu(&t.of(Route::Russh))),
+            median_cpu(&t.of(Route::OpenSsh)),
+            round_ratio(t, |r| r.cpu_per_gb()),
+        );
     }
+}
+
+/// How many of the pool's last 1024 acquisitions (its percentile window) came from warm waves.
+fn warm_in_window(c: &Channels) -> usize {
+    (c.waves.len().saturating_sub(1) * c.count).min(POOL_LATENCY_WINDOW)
 }
 
 /// `PASS` when the acquire p99 is under the target (strictly: "p99 < 1 ms"), else `MISS`.

@@ -8,7 +8,7 @@
 //! `MaxStartups` so the pool, not sshd, decides how channels spread over sessions.
 //!
 //! Also here: the OpenSSH client's arguments for that server, running one `ssh` command with a
-//! time limit, and reading a process's memory from `/proc`.
+//! time limit, and reading a process's memory and CPU time from `/proc`.
 
 use std::collections::HashSet;
 use std::ffi::OsString;
@@ -455,6 +455,38 @@ impl Memory {
                 anon: total.anon + m.anon,
             })
     }
+}
+
+/// CPU time (user + system, all threads) a process has used so far, from `/proc/PID/stat`
+/// (`None`: this process). `None` when the process is gone.
+pub(crate) fn cpu_time(pid: Option<u32>, ticks_per_second: u64) -> Option<Duration> {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/stat"),
+        None => "/proc/self/stat".to_string(),
+    };
+    let stat = fs::read_to_string(path).ok()?;
+    // `pid (comm) state ppid ...`: utime and stime are fields 14 and 15, i.e. the 12th and
+    // 13th after the closing parenthesis (comm may contain spaces and parentheses).
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut fields = rest.split_whitespace().skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    let ticks = user + system;
+    let per_second = ticks_per_second.max(1);
+    Some(
+        Duration::from_secs(ticks / per_second)
+            + Duration::from_nanos((ticks % per_second) * 1_000_000_000 / per_second),
+    )
+}
+
+/// The unit of `/proc/PID/stat` times (`getconf CLK_TCK`; 100 on every common Linux).
+pub(crate) fn clock_ticks() -> u64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|out| String::from_utf8_lossy(&out.stdout).trim().parse().ok())
+        .unwrap_or(100)
 }
 
 /// The soft limit on open files of this process, from `/proc/self/limits`.

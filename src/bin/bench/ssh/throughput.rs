@@ -8,6 +8,11 @@
 //! The sender writes until its byte count or its time limit is reached, then half-closes; the
 //! sink counts what arrives and, at end-of-file, answers with the count (8 bytes, big endian).
 //! The clock stops when that answer is read, so every byte is known to have arrived.
+//!
+//! Loopback throughput is bound by CPU, and on a small shared machine other work moves it a
+//! lot; so each transfer also records the CPU time used meanwhile by every process on the path
+//! (this one — sender, sink, and for the russh route the encryption —, sshd's processes, and
+//! the `ssh -L` client): CPU seconds per GB moved hardly depend on what else runs.
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
@@ -24,7 +29,7 @@ use tokio::time::Instant;
 use tunnelkeeper_providers::ssh::SshPool;
 
 use super::channels::local_tunnel;
-use super::sshd::{free_port, with_args, Sshd};
+use super::sshd::{clock_ticks, cpu_time, free_port, with_args, Sshd};
 
 /// Bytes per write.
 const CHUNK: usize = 256 * 1024;
@@ -64,12 +69,21 @@ pub(crate) struct Transfer {
     pub(crate) elapsed: Duration,
     /// Stopped by the time limit before the byte count.
     pub(crate) time_bound: bool,
+    /// CPU time used by every process on the path during the transfer.
+    pub(crate) cpu: Option<Duration>,
 }
 
 impl Transfer {
     /// Megabytes (10^6 bytes) per second.
     pub(crate) fn mb_per_s(&self) -> f64 {
         self.bytes as f64 / self.elapsed.as_secs_f64() / 1e6
+    }
+
+    /// CPU seconds per gigabyte (10^9 bytes) moved, all processes on the path; NaN if unknown.
+    pub(crate) fn cpu_per_gb(&self) -> f64 {
+        self.cpu.map_or(f64::NAN, |cpu| {
+            cpu.as_secs_f64() / (self.bytes as f64 / 1e9)
+        })
     }
 }
 
@@ -104,9 +118,19 @@ pub(crate) async fn measure(
     let mut data = vec![0u8; CHUNK];
     // Incompressible, in case a compressing cipher suite is ever negotiated.
     rand::rng().fill_bytes(&mut data);
+    let ticks = clock_ticks();
+    let path_cpu = || -> Option<Duration> {
+        let mut pids = sshd.descendants();
+        pids.extend(forward.child.id());
+        let others = pids
+            .iter()
+            .map(|pid| cpu_time(Some(*pid), ticks).unwrap_or_default());
+        Some(cpu_time(None, ticks)? + others.sum::<Duration>())
+    };
     let mut runs = Vec::new();
     for round in 0..reps {
         for route in [Route::Direct, Route::Russh, Route::OpenSsh] {
+            let cpu_before = path_cpu();
             let transfer = match route {
                 Route::Direct => {
                     let stream = TcpStream::connect(sink.addr)
@@ -129,11 +153,16 @@ pub(crate) async fn measure(
                 }
             }
             .with_context(|| format!("{} transfer, round {}", route.label(), round + 1))?;
+            let cpu = path_cpu()
+                .zip(cpu_before)
+                .map(|(after, before)| after.saturating_sub(before));
+            let transfer = Transfer { cpu, ..transfer };
             println!(
-                "   round {} {:<22} {:>8.1} MB/s  ({} MiB in {}{})",
+                "   round {} {:<22} {:>8.1} MB/s  {:>5.2} CPU-s/GB  ({} MiB in {}{})",
                 round + 1,
                 route.label(),
                 transfer.mb_per_s(),
+                transfer.cpu_per_gb(),
                 transfer.bytes / (1024 * 1024),
                 crate::common::fmt_d(transfer.elapsed),
                 if transfer.time_bound {
@@ -193,6 +222,7 @@ where
         bytes: received,
         elapsed,
         time_bound,
+        cpu: None,
     })
 }
 
