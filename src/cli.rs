@@ -196,6 +196,30 @@ pub fn render_status(status: &DaemonStatus) -> String {
             "  {:<1} {:<14} {:<9} {:>5} {:<10} {:>9} {:<24} {:>8} {:>7}  REASON",
             "", "TUNNEL", "PROVIDER", "PRIO", "STATE", "LATENCY", "ENDPOINT", "RESTARTS", "PID",
         );
+        if let Some(l) = &s.listener {
+            let failed: Vec<String> = l
+                .failed_dials
+                .iter()
+                .filter(|(_, n)| **n > 0)
+                .map(|(t, n)| format!("{t}={n}"))
+                .collect();
+            let _ = writeln!(
+                out,
+                "  listener {}: {} open, {} total, {} moved, {} unserved, {} B in, {} B out{}",
+                l.address,
+                l.active,
+                l.total,
+                l.replayed,
+                l.unserved,
+                l.bytes_to_service,
+                l.bytes_to_client,
+                if failed.is_empty() {
+                    String::new()
+                } else {
+                    format!(", failed dials: {}", failed.join(" "))
+                }
+            );
+        }
         for t in &s.tunnels {
             let mark = if s.primary.as_deref() == Some(t.name.as_str()) {
                 "*"

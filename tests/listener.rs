@@ -493,3 +493,36 @@ services:
         "drain waited for nothing"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_the_listener_figures() {
+    let echo = echo_server().await;
+    let port = free_port();
+    let config = format!(
+        "{}\n      - {{ name: lan, provider: direct, address: \"{echo}\" }}\n",
+        header(&format!("127.0.0.1:{port}"), ""),
+    );
+    let daemon = Daemon::start(&config).await;
+    let mut events = daemon.follow();
+    events
+        .wait(
+            Duration::from_secs(20),
+            "lan elected",
+            primary_changed(Some("lan"), None),
+        )
+        .await;
+    let s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    exchange(s, 7).await.unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tunnelkeeper"))
+        .args(["status", "--socket"])
+        .arg(&daemon.socket)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("listener 127.0.0.1:{port}: ")) && text.contains("1 total"),
+        "{text}"
+    );
+}
