@@ -395,7 +395,7 @@ mod paused_tests {
     use super::*;
     use crate::bus::Delivery;
     use async_trait::async_trait;
-    use tunnelkeeper_providers::{Dial, Endpoint, ProviderError, Resolver};
+    use tunnelkeeper_providers::{Dial, Endpoint, ProviderError};
 
     /// Fails every start, or starts tunnels that die after `life`.
     #[derive(Debug)]
@@ -436,10 +436,6 @@ mod paused_tests {
         async fn stop(&self) {}
     }
 
-    fn spec(restart: RestartSpec) -> TunnelSpec {
-        TunnelSpec::for_test("t", 10, restart)
-    }
-
     /// Runs a tunnel task for `window` of paused time; returns (offset of each start, delay of
     /// each restart).
     async fn observe(
@@ -449,24 +445,13 @@ mod paused_tests {
     ) -> (Vec<Duration>, Vec<u64>) {
         let bus = Bus::new(4096);
         let mut events = bus.subscribe();
-        let (reports, _rx) = mpsc::unbounded_channel();
         let cancel = CancellationToken::new();
-        let task = TunnelTask {
-            index: 0,
-            service: "s".into(),
-            spec: spec(restart),
-            provider: Arc::new(Flaky { life }),
-            ctx: StartContext {
-                tunnel: "t".into(),
-                service: "s".into(),
-                resolver: Resolver::new(&["127.0.0.1".parse().unwrap()]).unwrap(),
-            },
-            bus: bus.clone(),
-            reports,
-            cancel: cancel.clone(),
-            live: Default::default(),
-            wanted: watch::channel(true).1,
-        };
+        let task = TunnelTask::for_test(
+            Arc::new(Flaky { life }),
+            restart,
+            bus.clone(),
+            cancel.clone(),
+        );
         let t0 = Instant::now();
         let (_passive_tx, passive) = mpsc::unbounded_channel();
         let handle = tokio::spawn(task.run(passive));
@@ -545,7 +530,7 @@ mod native_check_tests {
     use crate::bus::Delivery;
     use async_trait::async_trait;
     use std::sync::atomic::{AtomicBool, Ordering};
-    use tunnelkeeper_providers::{Dial, Endpoint, Health, ProviderError, Resolver};
+    use tunnelkeeper_providers::{Dial, Endpoint, Health, ProviderError};
 
     #[derive(Debug)]
     struct Flag(Arc<AtomicBool>);
@@ -604,7 +589,6 @@ mod native_check_tests {
         let healthy = Arc::new(AtomicBool::new(true));
         let bus = Bus::new(256);
         let mut events = bus.subscribe();
-        let (reports, _rx) = mpsc::unbounded_channel();
         let cancel = CancellationToken::new();
         let restart = RestartSpec {
             initial: Duration::from_millis(500),
@@ -612,22 +596,12 @@ mod native_check_tests {
             multiplier: 2.0,
             jitter: 0.0,
         };
-        let task = TunnelTask {
-            index: 0,
-            service: "s".into(),
-            spec: TunnelSpec::for_test("t", 10, restart),
-            provider: Arc::new(Flag(healthy.clone())),
-            ctx: StartContext {
-                tunnel: "t".into(),
-                service: "s".into(),
-                resolver: Resolver::new(&["127.0.0.1".parse().unwrap()]).unwrap(),
-            },
-            bus: bus.clone(),
-            reports,
-            cancel: cancel.clone(),
-            live: Default::default(),
-            wanted: watch::channel(true).1,
-        };
+        let task = TunnelTask::for_test(
+            Arc::new(Flag(healthy.clone())),
+            restart,
+            bus.clone(),
+            cancel.clone(),
+        );
         let (_passive_tx, passive) = mpsc::unbounded_channel();
         let handle = tokio::spawn(task.run(passive));
         next(&mut events, "tunnel_up").await;
@@ -644,5 +618,37 @@ mod native_check_tests {
         next(&mut events, "tunnel_up").await;
         cancel.cancel();
         handle.await.unwrap();
+    }
+}
+
+#[cfg(test)]
+impl TunnelTask {
+    /// A hot tunnel task `s/t` for unit tests: `provider` runs it with `restart`, events go to
+    /// `bus`, reports nowhere.
+    fn for_test(
+        provider: Arc<dyn Provider>,
+        restart: RestartSpec,
+        bus: Arc<Bus>,
+        cancel: CancellationToken,
+    ) -> TunnelTask {
+        TunnelTask {
+            index: 0,
+            service: "s".into(),
+            spec: TunnelSpec::for_test("t", 10, restart),
+            provider,
+            ctx: StartContext {
+                tunnel: "t".into(),
+                service: "s".into(),
+                resolver: tunnelkeeper_providers::Resolver::new(&[std::net::IpAddr::from([
+                    127, 0, 0, 1,
+                ])])
+                .expect("a resolver with a literal nameserver"),
+            },
+            bus,
+            reports: mpsc::unbounded_channel().0,
+            cancel,
+            live: Default::default(),
+            wanted: watch::channel(true).1,
+        }
     }
 }
