@@ -56,9 +56,9 @@ impl Acceptor {
     pub async fn bind(address: &ListenAddress) -> anyhow::Result<Acceptor> {
         match address {
             ListenAddress::Tcp(addr) => {
-                Ok(Acceptor::Tcp(TcpListener::bind(addr).await.with_context(
-                    || format!("binding the failover listener on {addr}"),
-                )?))
+                Ok(Acceptor::Tcp(bind_tcp(*addr).with_context(|| {
+                    format!("binding the failover listener on {addr}")
+                })?))
             }
             ListenAddress::Unix(path) => {
                 if path.exists() {
@@ -100,6 +100,23 @@ impl Acceptor {
             }
         }
     }
+}
+
+/// Pending connections the kernel queues for us. tokio's default (128) overflows under a burst
+/// of clients, and each dropped SYN costs the client a one-second retransmit; the kernel caps
+/// this at `net.core.somaxconn` anyway.
+const BACKLOG: u32 = 4096;
+
+fn bind_tcp(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // A restarted daemon must be able to rebind while old connections sit in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
 }
 
 /// Live counters of one listener.

@@ -13,6 +13,7 @@
 
 mod common;
 mod failover;
+mod listener;
 mod ssh;
 
 use std::process::ExitCode;
@@ -57,6 +58,12 @@ enum Command {
         #[arg(long = "sshd-option", value_name = "LINE")]
         sshd_options: Vec<String>,
     },
+    /// Failover listener vs direct loopback, socat and HAProxy: throughput, connects, CPU/GB.
+    Listener {
+        /// Smoke check: 1s iperf3 runs, one round, a few hundred connections, 256 MiB bulk.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -87,6 +94,7 @@ fn main() -> ExitCode {
             let settings = ssh::Settings::new(runs, quick, login_home, sshd_options);
             rt.block_on(ssh::ssh(settings))
         }
+        Command::Listener { quick } => rt.block_on(listener::listener(quick)),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

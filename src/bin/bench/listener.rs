@@ -1,0 +1,1152 @@
+//! The `listener` bench: the failover listener's data plane against plain loopback, socat and
+//! HAProxy, all in one run on one machine.
+//!
+//! One in-process [`Daemon`] (YAML text through `tunnelkeeper::config::parse`, the path
+//! `tunnelkeeper run` takes) serves two services, each with `listen: 127.0.0.1:0` and a single
+//! `direct` tunnel: `iperf` leads to an `iperf3 -s` server, `echo` to a 1-byte echo server that
+//! runs on its own thread with its own runtime (so it does not share the daemon's workers). The
+//! probes only dial (no `send`/`expect`: iperf3 is not an echo service), every second. Next to
+//! it, `socat TCP-LISTEN:…,fork,reuseaddr` and `haproxy -db` (`mode tcp`, one frontend and one
+//! backend, default settings otherwise) forward to the same two servers. Then:
+//!
+//! 1. **Throughput**: `iperf3 -c … -t N -P {1,8} -J` straight to the server and through each
+//!    forwarder, in rounds (each round visits every route, in a rotated order); the figure is the
+//!    median over the rounds of the receiver's `bits_per_second`.
+//! 2. **New connections**: blocking clients on their own threads connect, write 1 byte, read it
+//!    back and close, N times in a row (one client) and then from 8 clients at once; the figures
+//!    are per-connection latency (connect → echo → close) and connections per second.
+//! 3. **CPU per GB**: a fixed `iperf3 -n BYTES` transfer through each forwarder while its CPU
+//!    time is read from `/proc` (this process for the listener, minus an idle baseline; the
+//!    socat parent including its reaped per-connection children; the haproxy process).
+//!
+//! Everything is on 127.0.0.1, every loop is bounded in count and time, and every child process
+//! is killed when the bench ends. Results and method are written up in `docs/BENCHMARKS.md`.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use tokio::process::{Child, Command};
+use tunnelkeeper::daemon::Daemon;
+
+use crate::common::{Echo, Stats, TempDir};
+
+/// The goal from issue 4: the listener keeps at least this share of direct loopback throughput.
+const THROUGHPUT_GOAL: f64 = 0.90;
+/// How long the daemon may take to bind, probe and elect both services' tunnels.
+const STARTUP_LIMIT: Duration = Duration::from_secs(20);
+/// How long a child server (iperf3, socat, haproxy) may take to start listening.
+const LISTEN_LIMIT: Duration = Duration::from_secs(10);
+/// Per-step limit of one client connection (connect, and the 1-byte read).
+const CONNECT_LIMIT: Duration = Duration::from_secs(5);
+/// Clients of the concurrent new-connection variant.
+const CONCURRENT_CLIENTS: usize = 8;
+/// Unmeasured connections per route before the new-connection figures, to warm caches.
+const WARMUP_CONNECTIONS: usize = 50;
+/// Attempts per iperf3 run: a probe's bare connect can race the start of a test and fail it.
+const IPERF_ATTEMPTS: u32 = 3;
+/// Idle window for the in-process CPU baseline (probes, timers, the idle echo thread).
+const BASELINE_WINDOW: Duration = Duration::from_secs(3);
+
+/// What one run does; `--quick` shrinks every count.
+#[derive(Debug, Clone, Copy)]
+struct Settings {
+    quick: bool,
+    /// `iperf3 -t`, seconds.
+    seconds: u32,
+    /// Throughput rounds (the figure is their median).
+    rounds: u32,
+    /// Sequential connections per route.
+    sequential: usize,
+    /// Connections per client in the concurrent variant.
+    per_client: usize,
+    /// Time limit of each new-connection measurement.
+    connect_phase_limit: Duration,
+    /// Bytes of each CPU-per-GB transfer (`iperf3 -n`).
+    bulk_bytes: u64,
+    /// Transfers per forwarder in the CPU phase (the figure is their median).
+    bulk_reps: u32,
+    /// Time limit of each bulk transfer.
+    bulk_limit: Duration,
+}
+
+impl Settings {
+    fn new(quick: bool) -> Settings {
+        if quick {
+            Settings {
+                quick,
+                seconds: 1,
+                rounds: 1,
+                sequential: 200,
+                per_client: 50,
+                connect_phase_limit: Duration::from_secs(20),
+                bulk_bytes: 256 << 20,
+                bulk_reps: 1,
+                bulk_limit: Duration::from_secs(30),
+            }
+        } else {
+            Settings {
+                quick,
+                seconds: 5,
+                rounds: 3,
+                sequential: 2000,
+                per_client: 1000,
+                connect_phase_limit: Duration::from_secs(60),
+                bulk_bytes: 4 << 30,
+                bulk_reps: 3,
+                bulk_limit: Duration::from_secs(60),
+            }
+        }
+    }
+}
+
+/// The ways to reach a server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// Straight to the server.
+    Direct,
+    /// tunnelkeeper's failover listener (in this process).
+    Listener,
+    /// `socat`, one forked process per connection.
+    Socat,
+    /// `haproxy` in `mode tcp`.
+    Haproxy,
+}
+
+/// Every route, in the order of the tables.
+const ROUTES: [Route; 4] = [Route::Direct, Route::Listener, Route::Socat, Route::Haproxy];
+/// The forwarders (the routes that can have a CPU cost of their own).
+const FORWARDERS: [Route; 3] = [Route::Listener, Route::Socat, Route::Haproxy];
+
+impl Route {
+    fn label(self) -> &'static str {
+        match self {
+            Route::Direct => "direct",
+            Route::Listener => "tunnelkeeper listener",
+            Route::Socat => "socat (fork)",
+            Route::Haproxy => "haproxy (mode tcp)",
+        }
+    }
+}
+
+/// The addresses of one server by every route.
+#[derive(Debug, Clone, Copy)]
+struct Targets {
+    direct: SocketAddr,
+    listener: SocketAddr,
+    socat: SocketAddr,
+    haproxy: SocketAddr,
+}
+
+impl Targets {
+    fn get(&self, route: Route) -> SocketAddr {
+        match route {
+            Route::Direct => self.direct,
+            Route::Listener => self.listener,
+            Route::Socat => self.socat,
+            Route::Haproxy => self.haproxy,
+        }
+    }
+}
+
+/// The forwarders of the iperf3 server whose CPU time part 3 reads.
+struct Forwarders<'a> {
+    /// The in-process daemon (its listener's byte counters).
+    daemon: &'a Daemon,
+    socat_iperf: &'a Child,
+    haproxy_iperf: &'a Child,
+}
+
+/// Runs the three parts and prints their figures and a summary.
+pub(crate) async fn listener(quick: bool) -> anyhow::Result<()> {
+    let settings = Settings::new(quick);
+    for (program, package) in [
+        ("iperf3", "iperf3"),
+        ("socat", "socat"),
+        ("haproxy", "haproxy"),
+    ] {
+        which(program).with_context(|| format!("apt-get install {package}"))?;
+    }
+    let dir = TempDir::new("listener")?;
+    let ticks = clock_ticks();
+
+    println!(
+        "tunnelkeeper listener bench — loopback only{}",
+        if quick {
+            " (--quick: smoke counts)"
+        } else {
+            ""
+        }
+    );
+    println!("  {}", tool_versions().await);
+    println!(
+        "  cores: {}, load average at start: {}",
+        cores(),
+        load_average()
+    );
+
+    // The servers.
+    let iperf_port = free_port()?;
+    let iperf_log = dir.0.join("iperf3-server.log");
+    let iperf_errors = dir.0.join("iperf3-server.err");
+    let mut iperf_server = spawn(
+        Command::new("iperf3")
+            .args(["-s", "-B", "127.0.0.1", "-p", &iperf_port.to_string()])
+            .arg("--logfile")
+            .arg(&iperf_log)
+            .arg("--forceflush")
+            // Each probe is a bare connect that iperf3 reports as a failed test, on stderr.
+            .stderr(log_file(&iperf_errors)?),
+        "iperf3 -s",
+    )?;
+    let iperf_addr = SocketAddr::from(([127, 0, 0, 1], iperf_port));
+    wait_listening(&mut iperf_server, iperf_port, "iperf3 -s").await?;
+    let echo = EchoThread::start().await?;
+
+    // The forwarders.
+    let text = config_text(&dir.0, iperf_addr, echo.addr);
+    let config = tunnelkeeper::config::parse(&text, &dir.0.join("bench.yaml"))
+        .map_err(|e| anyhow::anyhow!("the generated bench config is invalid:\n{e}"))?;
+    let daemon = Daemon::start(config).await.context("starting the daemon")?;
+    let servers = Servers {
+        iperf: iperf_addr,
+        echo: echo.addr,
+    };
+    // Bounded as a whole too, and the daemon is shut down on every path; the other children
+    // are killed when dropped (`kill_on_drop`).
+    let report = tokio::time::timeout(
+        Duration::from_secs(3600),
+        measure(&settings, &dir.0, &daemon, servers, ticks),
+    )
+    .await;
+    daemon.shutdown().await;
+    drop(iperf_server);
+    drop(echo);
+    let report =
+        report.map_err(|_| anyhow::anyhow!("the bench did not finish within an hour"))??;
+    print_summary(&settings, &report);
+    println!("\n  load average at end: {}", load_average());
+    Ok(())
+}
+
+/// Where the two servers listen.
+#[derive(Debug, Clone, Copy)]
+struct Servers {
+    iperf: SocketAddr,
+    echo: SocketAddr,
+}
+
+/// Waits for the daemon, starts socat and haproxy for both servers, and runs the three parts.
+async fn measure(
+    settings: &Settings,
+    dir: &Path,
+    daemon: &Daemon,
+    servers: Servers,
+    ticks: u64,
+) -> anyhow::Result<Report> {
+    let (listen_iperf, listen_echo) = wait_elected(daemon).await?;
+    let (socat_iperf, socat_iperf_addr) = start_socat(dir, "iperf", servers.iperf).await?;
+    let (_socat_echo, socat_echo_addr) = start_socat(dir, "echo", servers.echo).await?;
+    let (haproxy_iperf, haproxy_iperf_addr) = start_haproxy(dir, "iperf", servers.iperf).await?;
+    let (_haproxy_echo, haproxy_echo_addr) = start_haproxy(dir, "echo", servers.echo).await?;
+    let iperf = Targets {
+        direct: servers.iperf,
+        listener: listen_iperf,
+        socat: socat_iperf_addr,
+        haproxy: haproxy_iperf_addr,
+    };
+    let echo = Targets {
+        direct: servers.echo,
+        listener: listen_echo,
+        socat: socat_echo_addr,
+        haproxy: haproxy_echo_addr,
+    };
+    println!(
+        "  iperf3 server {}; echo server {}",
+        servers.iperf, servers.echo
+    );
+    println!(
+        "  iperf3 via: listener {listen_iperf}, socat {socat_iperf_addr}, haproxy \
+         {haproxy_iperf_addr}; echo via: listener {listen_echo}, socat {socat_echo_addr}, \
+         haproxy {haproxy_echo_addr}"
+    );
+    let forwarders = Forwarders {
+        daemon,
+        socat_iperf: &socat_iperf,
+        haproxy_iperf: &haproxy_iperf,
+    };
+    let throughput = throughput(settings, &iperf).await?;
+    let (sequential, concurrent) = connections(settings, &echo).await?;
+    let cpu = cpu_per_gb(settings, &iperf, &forwarders, ticks).await?;
+    Ok(Report {
+        throughput,
+        sequential,
+        concurrent,
+        cpu,
+    })
+}
+
+/// Everything measured.
+struct Report {
+    /// Median Gbit/s per (streams, route).
+    throughput: Vec<(u32, Route, f64)>,
+    /// Sequential new-connection results per route.
+    sequential: Vec<(Route, ConnectResult)>,
+    /// Concurrent new-connection results per route.
+    concurrent: Vec<(Route, ConnectResult)>,
+    /// Median CPU seconds per GB per forwarder, with the median Gbit/s of those transfers.
+    cpu: Vec<(Route, f64, f64)>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Throughput
+
+/// Part 1: rounds of iperf3 runs over every route, 1 and 8 streams; returns the medians.
+async fn throughput(
+    settings: &Settings,
+    iperf: &Targets,
+) -> anyhow::Result<Vec<(u32, Route, f64)>> {
+    println!(
+        "\n== throughput: iperf3 -t {} -P {{1,8}}, {} round(s), each visiting every route in a \
+         rotated order; load average {}",
+        settings.seconds,
+        settings.rounds,
+        load_average()
+    );
+    let mut samples: Vec<(u32, Route, f64)> = Vec::new();
+    for round in 0..settings.rounds {
+        for streams in [1u32, 8] {
+            let mut order = ROUTES;
+            // Rotating keeps any drift (other load coming and going) from always hitting the
+            // same route at the same position.
+            order.rotate_left(round as usize % ROUTES.len());
+            for route in order {
+                let args = [
+                    "-t".to_string(),
+                    settings.seconds.to_string(),
+                    "-P".to_string(),
+                    streams.to_string(),
+                ];
+                let limit = Duration::from_secs(u64::from(settings.seconds) + 30);
+                let run = iperf_client(iperf.get(route), &args, limit)
+                    .await
+                    .with_context(|| format!("iperf3 -P {streams} via {}", route.label()))?;
+                println!(
+                    "   round {} -P {streams} {:<22} {:>7.2} Gbit/s  (iperf3 CPU: client {:.0}%, \
+                     server {:.0}%){}",
+                    round + 1,
+                    route.label(),
+                    run.gbps(),
+                    run.host_cpu,
+                    run.remote_cpu,
+                    retried(run.attempts)
+                );
+                samples.push((streams, route, run.gbps()));
+            }
+        }
+    }
+    let mut medians = Vec::new();
+    for streams in [1u32, 8] {
+        for route in ROUTES {
+            let values = samples
+                .iter()
+                .filter(|(s, r, _)| *s == streams && *r == route)
+                .map(|(_, _, g)| *g);
+            medians.push((streams, route, median(values)));
+        }
+    }
+    Ok(medians)
+}
+
+/// One iperf3 client run.
+struct IperfRun {
+    /// Bytes the receiver counted.
+    bytes: f64,
+    /// The receiver's bits per second.
+    bits_per_second: f64,
+    /// The receiver's measured duration.
+    seconds: f64,
+    /// iperf3's own CPU figures (percent of one CPU, client and server).
+    host_cpu: f64,
+    remote_cpu: f64,
+    /// Attempts it took.
+    attempts: u32,
+}
+
+impl IperfRun {
+    fn gbps(&self) -> f64 {
+        self.bits_per_second / 1e9
+    }
+}
+
+/// Runs `iperf3 -c ADDR -J ARGS` (retrying a failed start); parses the receiver's totals.
+async fn iperf_client(
+    addr: SocketAddr,
+    args: &[String],
+    limit: Duration,
+) -> anyhow::Result<IperfRun> {
+    let mut last = String::new();
+    for attempt in 1..=IPERF_ATTEMPTS {
+        let mut command = Command::new("iperf3");
+        command
+            .args([
+                "-c",
+                &addr.ip().to_string(),
+                "-p",
+                &addr.port().to_string(),
+                "-J",
+            ])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let output = match tokio::time::timeout(limit, command.output()).await {
+            Ok(output) => output.context("running iperf3 -c")?,
+            Err(_) => bail!("iperf3 -c did not finish within {}s", limit.as_secs()),
+        };
+        match parse_iperf(&output.stdout) {
+            Ok(mut run) if output.status.success() => {
+                run.attempts = attempt;
+                return Ok(run);
+            }
+            Ok(_) => last = format!("iperf3 exited with {}", output.status),
+            Err(e) => last = format!("{e:#}"),
+        }
+        // The server needs a moment between tests, and a probe's bare connect landing while a
+        // test sets up its streams fails that test: both are worth another try.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    bail!("iperf3 failed {IPERF_ATTEMPTS} times; last: {last}")
+}
+
+/// The receiver's totals from iperf3's JSON (`end.sum_received`), or its `error`.
+fn parse_iperf(stdout: &[u8]) -> anyhow::Result<IperfRun> {
+    let json: serde_json::Value =
+        serde_json::from_slice(stdout).context("iperf3 printed no JSON")?;
+    if let Some(error) = json.get("error").and_then(|e| e.as_str()) {
+        bail!("iperf3: {error}");
+    }
+    let end = json.get("end").context("iperf3's JSON has no `end`")?;
+    let received = end
+        .get("sum_received")
+        .context("iperf3's JSON has no `end.sum_received`")?;
+    let number = |v: &serde_json::Value, key: &str| v.get(key).and_then(|x| x.as_f64());
+    let cpu = end.get("cpu_utilization_percent");
+    Ok(IperfRun {
+        bytes: number(received, "bytes").context("no received byte count")?,
+        bits_per_second: number(received, "bits_per_second").context("no receiver rate")?,
+        seconds: number(received, "seconds").unwrap_or(f64::NAN),
+        host_cpu: cpu
+            .and_then(|c| number(c, "host_total"))
+            .unwrap_or(f64::NAN),
+        remote_cpu: cpu
+            .and_then(|c| number(c, "remote_total"))
+            .unwrap_or(f64::NAN),
+        attempts: 1,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. New connections
+
+/// What one new-connection measurement produced.
+struct ConnectResult {
+    /// Latency of each completed connection, microseconds.
+    latencies_us: Vec<f64>,
+    /// Connections that failed (error or timeout).
+    failures: usize,
+    /// Wall time of the whole measurement.
+    wall: Duration,
+    /// Stopped by the time limit before the count.
+    time_bound: bool,
+}
+
+impl ConnectResult {
+    fn rate(&self) -> f64 {
+        self.latencies_us.len() as f64 / self.wall.as_secs_f64()
+    }
+}
+
+/// Part 2: sequential, then concurrent, connect–echo–close loops over every route.
+async fn connections(
+    settings: &Settings,
+    echo: &Targets,
+) -> anyhow::Result<(Vec<(Route, ConnectResult)>, Vec<(Route, ConnectResult)>)> {
+    println!(
+        "\n== new connections: connect, write 1 byte, read it back, close; {} in a row, then {} \
+         clients × {}; load average {}",
+        settings.sequential,
+        CONCURRENT_CLIENTS,
+        settings.per_client,
+        load_average()
+    );
+    let mut sequential = Vec::new();
+    for route in ROUTES {
+        let addr = echo.get(route);
+        let limit = settings.connect_phase_limit;
+        let count = settings.sequential;
+        let result = tokio::task::spawn_blocking(move || {
+            // Warm-up first: the first connections through a forwarder pay for lazy set-up
+            // (socat's first fork, allocator growth) that a steady stream does not.
+            let _ = connect_loop(addr, WARMUP_CONNECTIONS, Instant::now() + limit);
+            let started = Instant::now();
+            let (latencies_us, failures, time_bound) = connect_loop(addr, count, started + limit);
+            ConnectResult {
+                latencies_us,
+                failures,
+                wall: started.elapsed(),
+                time_bound,
+            }
+        })
+        .await
+        .context("the sequential client thread panicked")?;
+        print_connect("sequential", route, &result);
+        sequential.push((route, result));
+    }
+    let mut concurrent = Vec::new();
+    for route in ROUTES {
+        let addr = echo.get(route);
+        let limit = settings.connect_phase_limit;
+        let per_client = settings.per_client;
+        let result = tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let deadline = started + limit;
+            let parts: Vec<(Vec<f64>, usize, bool)> = std::thread::scope(|scope| {
+                let handles: Vec<_> = (0..CONCURRENT_CLIENTS)
+                    .map(|_| scope.spawn(move || connect_loop(addr, per_client, deadline)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or((Vec::new(), per_client, true)))
+                    .collect()
+            });
+            let wall = started.elapsed();
+            let mut result = ConnectResult {
+                latencies_us: Vec::new(),
+                failures: 0,
+                wall,
+                time_bound: false,
+            };
+            for (latencies, failures, time_bound) in parts {
+                result.latencies_us.extend(latencies);
+                result.failures += failures;
+                result.time_bound |= time_bound;
+            }
+            result
+        })
+        .await
+        .context("the concurrent client threads panicked")?;
+        print_connect(&format!("{CONCURRENT_CLIENTS} clients"), route, &result);
+        concurrent.push((route, result));
+    }
+    Ok((sequential, concurrent))
+}
+
+/// Up to `count` connect–echo–close exchanges in a row, until `deadline`; returns the latencies
+/// (µs) of those that worked, the number that failed, and whether the deadline cut it short.
+fn connect_loop(addr: SocketAddr, count: usize, deadline: Instant) -> (Vec<f64>, usize, bool) {
+    let mut latencies = Vec::with_capacity(count);
+    let mut failures = 0;
+    for _ in 0..count {
+        if Instant::now() >= deadline {
+            return (latencies, failures, true);
+        }
+        let started = Instant::now();
+        match one_exchange(addr) {
+            Ok(()) => latencies.push(started.elapsed().as_secs_f64() * 1e6),
+            Err(_) => failures += 1,
+        }
+    }
+    (latencies, failures, false)
+}
+
+/// Connect, write one byte, read it back, close (blocking, each step bounded).
+fn one_exchange(addr: SocketAddr) -> std::io::Result<()> {
+    let mut stream = TcpStream::connect_timeout(&addr, CONNECT_LIMIT)?;
+    stream.set_read_timeout(Some(CONNECT_LIMIT))?;
+    stream.write_all(b"x")?;
+    let mut byte = [0u8; 1];
+    stream.read_exact(&mut byte)?;
+    if byte != *b"x" {
+        return Err(std::io::Error::other("wrong echo"));
+    }
+    drop(stream);
+    Ok(())
+}
+
+fn print_connect(what: &str, route: Route, r: &ConnectResult) {
+    let s = Stats::of(r.latencies_us.iter().copied());
+    println!(
+        "   {what:<11} {:<22} n {:>5}  p50 {:>7.1}µs  p99 {:>7.1}µs  max {:>8.1}µs  {:>7.0} conn/s  \
+         failures {}{}",
+        route.label(),
+        s.n,
+        s.p50,
+        s.p99,
+        s.max,
+        r.rate(),
+        r.failures,
+        if r.time_bound { "  (cut by the time limit)" } else { "" }
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. CPU per GB
+
+/// Part 3: a fixed bulk transfer through each forwarder while its CPU time is read.
+async fn cpu_per_gb(
+    settings: &Settings,
+    iperf: &Targets,
+    forwarders: &Forwarders<'_>,
+    ticks: u64,
+) -> anyhow::Result<Vec<(Route, f64, f64)>> {
+    println!(
+        "\n== CPU per GB: iperf3 -n {} MiB -P 1 through each forwarder, {} time(s) each; load \
+         average {}",
+        settings.bulk_bytes >> 20,
+        settings.bulk_reps,
+        load_average()
+    );
+    // The listener runs in this process, which also does other (small) things: probes, timers,
+    // the idle echo thread, waiting for iperf3. Their rate is measured while nothing is
+    // forwarded and subtracted.
+    let before = cpu_seconds(None, ticks).context("reading /proc/self/stat")?;
+    tokio::time::sleep(BASELINE_WINDOW).await;
+    let after = cpu_seconds(None, ticks).context("reading /proc/self/stat")?;
+    let baseline_rate = (after - before) / BASELINE_WINDOW.as_secs_f64();
+    println!(
+        "   in-process idle baseline: {:.2} ms CPU per second (over {}s)",
+        baseline_rate * 1000.0,
+        BASELINE_WINDOW.as_secs()
+    );
+    let args = [
+        "-n".to_string(),
+        settings.bulk_bytes.to_string(),
+        "-P".to_string(),
+        "1".to_string(),
+    ];
+    let socat_pid = forwarders.socat_iperf.id().context("socat has exited")?;
+    let haproxy_pid = forwarders
+        .haproxy_iperf
+        .id()
+        .context("haproxy has exited")?;
+    let mut samples: Vec<(Route, f64, f64)> = Vec::new();
+    for rep in 0..settings.bulk_reps {
+        for route in FORWARDERS {
+            let pid = match route {
+                Route::Listener => None,
+                Route::Socat => Some(socat_pid),
+                _ => Some(haproxy_pid),
+            };
+            // socat's per-connection children count once reaped (cutime/cstime): none may be
+            // left over from an earlier connection when the "before" figure is read.
+            if route == Route::Socat {
+                wait_no_children(socat_pid).await;
+            }
+            let counted_before = listener_bytes(forwarders.daemon);
+            let cpu_before = cpu_seconds(pid, ticks).context("reading the forwarder's CPU time")?;
+            let wall = Instant::now();
+            let run = iperf_client(iperf.get(route), &args, settings.bulk_limit)
+                .await
+                .with_context(|| format!("bulk transfer via {}", route.label()))?;
+            let elapsed = wall.elapsed();
+            if route == Route::Socat {
+                wait_no_children(socat_pid).await;
+            }
+            let cpu_after = cpu_seconds(pid, ticks).context("reading the forwarder's CPU time")?;
+            let mut cpu = cpu_after - cpu_before;
+            if route == Route::Listener {
+                cpu -= baseline_rate * elapsed.as_secs_f64();
+            }
+            let gb = run.bytes / 1e9;
+            let per_gb = cpu / gb;
+            let counted = listener_bytes(forwarders.daemon) - counted_before;
+            println!(
+                "   rep {} {:<22} {:.2} GB in {:.2}s ({:.2} Gbit/s): CPU {:.3}s → {:.3} s/GB{}{}",
+                rep + 1,
+                route.label(),
+                gb,
+                run.seconds,
+                run.gbps(),
+                cpu,
+                per_gb,
+                if route == Route::Listener {
+                    format!("  (listener counted {:.2} GB)", counted as f64 / 1e9)
+                } else {
+                    String::new()
+                },
+                retried(run.attempts)
+            );
+            samples.push((route, per_gb, run.gbps()));
+        }
+    }
+    Ok(FORWARDERS
+        .iter()
+        .map(|&route| {
+            let mine: Vec<&(Route, f64, f64)> = samples.iter().filter(|s| s.0 == route).collect();
+            (
+                route,
+                median(mine.iter().map(|s| s.1)),
+                median(mine.iter().map(|s| s.2)),
+            )
+        })
+        .collect())
+}
+
+/// Bytes the `iperf` service's listener has moved (both ways), from the status document.
+fn listener_bytes(daemon: &Daemon) -> u64 {
+    daemon
+        .status()
+        .services
+        .iter()
+        .find(|s| s.name == "iperf")
+        .and_then(|s| s.listener.as_ref())
+        .map(|l| l.bytes_to_service + l.bytes_to_client)
+        .unwrap_or(0)
+}
+
+/// CPU seconds used by `pid` (or this process), including children it has reaped.
+fn cpu_seconds(pid: Option<u32>, ticks_per_second: u64) -> anyhow::Result<f64> {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/stat"),
+        None => "/proc/self/stat".to_string(),
+    };
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    // `pid (comm) state ppid …`: utime, stime, cutime, cstime are fields 14–17, i.e. the 12th to
+    // 15th after the closing parenthesis (comm may contain spaces and parentheses).
+    let (_, rest) = stat
+        .rsplit_once(')')
+        .with_context(|| format!("unexpected {path}"))?;
+    let ticks: u64 = rest
+        .split_whitespace()
+        .skip(11)
+        .take(4)
+        .map(|f| f.parse::<u64>().unwrap_or(0))
+        .sum();
+    Ok(ticks as f64 / ticks_per_second.max(1) as f64)
+}
+
+/// Waits (up to 3s) until `pid` has no child processes, so their CPU time has been reaped
+/// into its `cutime`/`cstime`.
+async fn wait_no_children(pid: u32) {
+    let path = format!("/proc/{pid}/task/{pid}/children");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        match std::fs::read_to_string(&path) {
+            Ok(children) if !children.trim().is_empty() => {}
+            _ => return,
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The unit of `/proc/PID/stat` times (`getconf CLK_TCK`; 100 on every common Linux).
+fn clock_ticks() -> u64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|out| String::from_utf8_lossy(&out.stdout).trim().parse().ok())
+        .unwrap_or(100)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Set-up
+
+/// The daemon configuration: two services, each a listener on a free port and one `direct`
+/// tunnel; probes dial only, every second.
+fn config_text(dir: &Path, iperf: SocketAddr, echo: SocketAddr) -> String {
+    // JSON string literals are valid YAML double-quoted scalars: paths need no hand-escaping.
+    let quote = |p: &Path| {
+        serde_json::to_string(&p.display().to_string()).unwrap_or_else(|_| "\"\"".into())
+    };
+    format!(
+        "version: 1
+daemon:
+  control_socket: {socket}
+  state_dir: {state}
+  shutdown_grace: 2s
+defaults:
+  # No send/expect: iperf3 is not an echo service, so a probe is a dial through the tunnel.
+  probe: {{ interval: 1s, timeout: 1s, rise: 1, fall: 3 }}
+services:
+  - name: iperf
+    listen: \"127.0.0.1:0\"
+    tunnels:
+      - {{ name: lan, provider: direct, address: \"{iperf}\" }}
+  - name: echo
+    listen: \"127.0.0.1:0\"
+    tunnels:
+      - {{ name: lan, provider: direct, address: \"{echo}\" }}
+",
+        socket = quote(&dir.join("control.sock")),
+        state = quote(&dir.join("state")),
+    )
+}
+
+/// Polls the status until both services have elected their tunnel; returns the listeners'
+/// addresses (`iperf`, `echo`).
+async fn wait_elected(daemon: &Daemon) -> anyhow::Result<(SocketAddr, SocketAddr)> {
+    let deadline = tokio::time::Instant::now() + STARTUP_LIMIT;
+    loop {
+        let status = daemon.status();
+        let ready = |name: &str| -> Option<SocketAddr> {
+            let service = status.services.iter().find(|s| s.name == name)?;
+            service.primary.as_ref()?;
+            service.listener.as_ref()?.address.parse().ok()
+        };
+        if let (Some(iperf), Some(echo)) = (ready("iperf"), ready("echo")) {
+            return Ok((iperf, echo));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "no primary elected within {}s: {:?}",
+                STARTUP_LIMIT.as_secs(),
+                status
+                    .services
+                    .iter()
+                    .map(|s| (s.name.clone(), s.primary.clone()))
+                    .collect::<Vec<_>>()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Starts `socat TCP-LISTEN:P,fork,reuseaddr TCP:TARGET` on a free port.
+async fn start_socat(
+    dir: &Path,
+    name: &str,
+    target: SocketAddr,
+) -> anyhow::Result<(Child, SocketAddr)> {
+    let port = free_port()?;
+    let mut child = spawn(
+        Command::new("socat")
+            .args([
+                format!("TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr"),
+                format!("TCP:{target}"),
+            ])
+            // iperf3 resets its connections at the end of a test, which socat logs as errors.
+            .stderr(log_file(&dir.join(format!("socat-{name}.log")))?),
+        "socat",
+    )?;
+    wait_listening(&mut child, port, "socat").await?;
+    Ok((child, SocketAddr::from(([127, 0, 0, 1], port))))
+}
+
+/// Starts `haproxy -f CFG -db` in plain TCP mode (one frontend, one backend) on a free port.
+async fn start_haproxy(
+    dir: &Path,
+    name: &str,
+    target: SocketAddr,
+) -> anyhow::Result<(Child, SocketAddr)> {
+    let port = free_port()?;
+    let cfg = dir.join(format!("haproxy-{name}.cfg"));
+    // Defaults everywhere but the required timeouts: no splice options, default buffers and
+    // thread count (one per CPU), as a plain `mode tcp` deployment would have.
+    let text = format!(
+        "global
+    # Far above what the bench opens, and under the open-files limit (haproxy refuses to start
+    # when it cannot raise the limit to about twice this).
+    maxconn 4096
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 5m
+    timeout server 5m
+frontend fe
+    bind 127.0.0.1:{port}
+    default_backend be
+backend be
+    server target {target}
+"
+    );
+    std::fs::write(&cfg, text).with_context(|| format!("writing {}", cfg.display()))?;
+    let log = dir.join(format!("haproxy-{name}.log"));
+    let mut child = spawn(
+        Command::new("haproxy")
+            .arg("-f")
+            .arg(&cfg)
+            .arg("-db")
+            .stderr(log_file(&log)?),
+        "haproxy",
+    )?;
+    if let Err(e) = wait_listening(&mut child, port, "haproxy").await {
+        // The temporary directory goes away with the bench: show the log now.
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        return Err(e.context(format!("haproxy's output:\n{}", text.trim_end())));
+    }
+    Ok((child, SocketAddr::from(([127, 0, 0, 1], port))))
+}
+
+/// A new file for a child's output.
+fn log_file(path: &Path) -> anyhow::Result<Stdio> {
+    let file =
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    Ok(Stdio::from(file))
+}
+
+/// Spawns a server child: no stdin, output discarded unless set, killed when dropped.
+fn spawn(command: &mut Command, what: &str) -> anyhow::Result<Child> {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .kill_on_drop(true);
+    command.spawn().with_context(|| format!("starting {what}"))
+}
+
+/// Waits until something listens on `127.0.0.1:port`, from `/proc/net/tcp` — without
+/// connecting, which iperf3 would take for a (broken) test.
+async fn wait_listening(child: &mut Child, port: u16, what: &str) -> anyhow::Result<()> {
+    let wanted = format!("0100007F:{port:04X}");
+    let deadline = Instant::now() + LISTEN_LIMIT;
+    loop {
+        let table = std::fs::read_to_string("/proc/net/tcp").context("reading /proc/net/tcp")?;
+        // `sl local_address rem_address st …`; st 0A is LISTEN.
+        let listening = table.lines().skip(1).any(|line| {
+            let mut fields = line.split_whitespace().skip(1);
+            fields.next() == Some(wanted.as_str()) && fields.nth(1) == Some("0A")
+        });
+        if listening {
+            return Ok(());
+        }
+        if let Some(status) = child
+            .try_wait()
+            .with_context(|| format!("checking on {what}"))?
+        {
+            bail!("{what} exited with {status} before listening on 127.0.0.1:{port}");
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "{what} is not listening on 127.0.0.1:{port} after {}s",
+                LISTEN_LIMIT.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+fn free_port() -> anyhow::Result<u16> {
+    let listener =
+        std::net::TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0 for a port")?;
+    Ok(listener
+        .local_addr()
+        .context("reading a bound address")?
+        .port())
+}
+
+/// Fails when `program` is not on `PATH`.
+fn which(program: &str) -> anyhow::Result<()> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    if std::env::split_paths(&path).any(|dir| dir.join(program).is_file()) {
+        Ok(())
+    } else {
+        bail!("`{program}` not found on PATH")
+    }
+}
+
+/// The echo server on a thread of its own with a single-threaded runtime, so that serving the
+/// clients does not take the daemon's workers (as a separate service process would not).
+struct EchoThread {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EchoThread {
+    async fn start() -> anyhow::Result<EchoThread> {
+        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel::<anyhow::Result<SocketAddr>>();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("bench-echo".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(e) => {
+                        let _ =
+                            addr_tx
+                                .send(Err(anyhow::Error::new(e)
+                                    .context("starting the echo server's runtime")));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    match Echo::start().await {
+                        Ok(echo) => {
+                            let _ = addr_tx.send(Ok(echo.addr));
+                            let _ = stop_rx.await;
+                            drop(echo);
+                        }
+                        Err(e) => {
+                            let _ = addr_tx.send(Err(e));
+                        }
+                    }
+                });
+            })
+            .context("spawning the echo server's thread")?;
+        let addr = addr_rx
+            .await
+            .context("the echo server's thread ended early")??;
+        Ok(EchoThread {
+            addr,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for EchoThread {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Output
+
+fn print_summary(settings: &Settings, report: &Report) {
+    println!(
+        "\n== summary{}",
+        if settings.quick {
+            " (--quick: smoke counts, not figures)"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "   throughput (iperf3 -t {}, median of {} round(s), Gbit/s; ratio vs direct)",
+        settings.seconds, settings.rounds
+    );
+    for streams in [1u32, 8] {
+        let get = |route: Route| {
+            report
+                .throughput
+                .iter()
+                .find(|(s, r, _)| *s == streams && *r == route)
+                .map(|t| t.2)
+                .unwrap_or(f64::NAN)
+        };
+        let direct = get(Route::Direct);
+        let line: Vec<String> = ROUTES
+            .iter()
+            .map(|&r| format!("{} {:.2} ({:.3})", r.label(), get(r), get(r) / direct))
+            .collect();
+        println!("   -P {streams}: {}", line.join("  "));
+        let listener = get(Route::Listener);
+        println!(
+            "        listener ≥ {THROUGHPUT_GOAL:.2} × direct: {}  ahead of socat: {}  ahead of \
+             haproxy: {}",
+            pass(listener >= THROUGHPUT_GOAL * direct),
+            pass(listener > get(Route::Socat)),
+            pass(listener > get(Route::Haproxy)),
+        );
+    }
+    for (label, results) in [
+        ("sequential", &report.sequential),
+        ("concurrent", &report.concurrent),
+    ] {
+        println!("   new connections, {label} (µs; added = route − direct, p50 and p99 each)");
+        let direct = results
+            .iter()
+            .find(|(r, _)| *r == Route::Direct)
+            .map(|(_, c)| Stats::of(c.latencies_us.iter().copied()));
+        for (route, result) in results {
+            let s = Stats::of(result.latencies_us.iter().copied());
+            let (added50, added99) = direct
+                .as_ref()
+                .map(|d| (s.p50 - d.p50, s.p99 - d.p99))
+                .unwrap_or((f64::NAN, f64::NAN));
+            println!(
+                "     {:<22} p50 {:>7.1}  p99 {:>7.1}  added p50 {:>+7.1}  added p99 {:>+7.1}  \
+                 {:>7.0} conn/s  failures {}",
+                route.label(),
+                s.p50,
+                s.p99,
+                added50,
+                added99,
+                result.rate(),
+                result.failures
+            );
+        }
+    }
+    println!(
+        "   CPU per GB forwarded (iperf3 -n {} MiB -P 1, median of {})",
+        settings.bulk_bytes >> 20,
+        settings.bulk_reps
+    );
+    for (route, per_gb, gbps) in &report.cpu {
+        println!(
+            "     {:<22} {:.3} CPU-s/GB  (at {:.2} Gbit/s)",
+            route.label(),
+            per_gb,
+            gbps
+        );
+    }
+}
+
+fn pass(ok: bool) -> &'static str {
+    if ok {
+        "PASS"
+    } else {
+        "MISS"
+    }
+}
+
+fn retried(attempts: u32) -> String {
+    if attempts > 1 {
+        format!("  [{attempts} attempts]")
+    } else {
+        String::new()
+    }
+}
+
+/// Median (nearest rank, lower middle) of finite values; NaN for none.
+fn median(values: impl IntoIterator<Item = f64>) -> f64 {
+    Stats::of(values).p50
+}
+
+async fn tool_versions() -> String {
+    let mut parts = Vec::new();
+    for (program, arg) in [("iperf3", "--version"), ("socat", "-V"), ("haproxy", "-v")] {
+        let line = Command::new(program)
+            .arg(arg)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .ok()
+            .and_then(|out| {
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .find(|l| !l.trim().is_empty() && !l.starts_with("socat by"))
+                    .map(|l| l.trim().to_string())
+            })
+            .unwrap_or_else(|| format!("{program}: version unknown"));
+        parts.push(line);
+    }
+    parts.join("; ")
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0)
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
