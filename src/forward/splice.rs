@@ -14,8 +14,12 @@ use nix::sys::socket::{shutdown, Shutdown};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-/// Bytes moved per `splice` call at most: the default pipe capacity (16 pages).
-const CHUNK: usize = 64 * 1024;
+/// Pipe capacity asked for: larger chunks mean fewer splices and wake-ups per gigabyte. The
+/// kernel may grant less (`/proc/sys/fs/pipe-max-size` for unprivileged users); the actual
+/// capacity is read back.
+const PIPE_SIZE: usize = 1024 * 1024;
+/// The default pipe capacity (16 pages), used when resizing is refused.
+const DEFAULT_PIPE: usize = 64 * 1024;
 
 /// Copies `from` → `to` until `from` reaches end of stream, then half-closes `to`. Adds every
 /// chunk moved to `counter` and calls `touch` (idle tracking) once per chunk.
@@ -26,9 +30,16 @@ pub async fn one_way(
     touch: &(dyn Fn() + Sync),
 ) -> io::Result<()> {
     let (pipe_r, pipe_w) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+    let chunk = match nix::fcntl::fcntl(
+        &pipe_w,
+        nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_SIZE as i32),
+    ) {
+        Ok(granted) if granted > 0 => granted as usize,
+        _ => DEFAULT_PIPE,
+    };
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     loop {
-        let moved = fill(from, &pipe_w, flags).await?;
+        let moved = fill(from, &pipe_w, chunk, flags).await?;
         if moved == 0 {
             // End of stream from `from`: pass the half-close on and keep the other direction.
             let _ = shutdown(to.as_raw_fd(), Shutdown::Write);
@@ -41,11 +52,16 @@ pub async fn one_way(
 }
 
 /// Moves what `from` has into the (empty) pipe; 0 means end of stream.
-async fn fill(from: &TcpStream, pipe_w: &OwnedFd, flags: SpliceFFlags) -> io::Result<usize> {
+async fn fill(
+    from: &TcpStream,
+    pipe_w: &OwnedFd,
+    chunk: usize,
+    flags: SpliceFFlags,
+) -> io::Result<usize> {
     loop {
         from.readable().await?;
         let result = from.try_io(Interest::READABLE, || {
-            splice(from.as_fd(), None, pipe_w.as_fd(), None, CHUNK, flags).map_err(io::Error::from)
+            splice(from.as_fd(), None, pipe_w.as_fd(), None, chunk, flags).map_err(io::Error::from)
         });
         match result {
             Ok(n) => return Ok(n),
