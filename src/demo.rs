@@ -62,7 +62,15 @@ pub async fn run(quick: bool) -> anyhow::Result<()> {
 
     let daemon = Daemon::start(config).await?;
     let mut view = View::new(daemon.bus().subscribe());
+    let listen = daemon.status().services[0]
+        .listener
+        .as_ref()
+        .map(|l| l.address.clone())
+        .context("the demo service has no listener")?;
+    println!("  failover listener: {listen} — a client exchanges a line through it every 20 ms\n");
+    let client = Client::start(listen.parse().context("listener address")?);
     let result = script(&daemon, &mut view, if quick { 1 } else { 2 }).await;
+    let (ok, failed) = client.stop().await;
     let pids: Vec<u32> = daemon.status().services[0]
         .tunnels
         .iter()
@@ -76,6 +84,14 @@ pub async fn run(quick: bool) -> anyhow::Result<()> {
         .collect();
     let measurements = result?;
     summary(&measurements);
+    println!(
+        "\n   client through the listener: {ok} exchanges, {failed} failed{}",
+        if failed == 0 {
+            " — every connection reached the service through whichever tunnel was best"
+        } else {
+            ""
+        }
+    );
     if leftovers.is_empty() {
         println!("\nshut down cleanly: every child process stopped, control socket removed.");
         Ok(())
@@ -342,6 +358,52 @@ impl View {
             EventKind::DaemonStopping {} => "daemon stopping".into(),
         };
         println!("  {}  #{:<3} {text}", self.stamp(), e.seq);
+    }
+}
+
+/// A client that keeps exchanging lines with the service through the failover listener.
+struct Client {
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<(u64, u64)>,
+}
+
+impl Client {
+    fn start(address: std::net::SocketAddr) -> Client {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let token = stop.clone();
+        let task = tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u64, 0u64);
+            // Bounded: the demo ends well within this many exchanges.
+            for n in 0..100_000u64 {
+                if token.is_cancelled() {
+                    break;
+                }
+                let exchange = async {
+                    let mut s = tokio::net::TcpStream::connect(address).await?;
+                    let line = format!("hello {n}\n");
+                    s.write_all(line.as_bytes()).await?;
+                    let mut back = vec![0u8; line.len()];
+                    s.read_exact(&mut back).await?;
+                    Ok::<bool, std::io::Error>(back == line.as_bytes())
+                };
+                match tokio::time::timeout(Duration::from_secs(5), exchange).await {
+                    Ok(Ok(true)) => ok += 1,
+                    _ => failed += 1,
+                }
+                tokio::select! {
+                    _ = token.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+            }
+            (ok, failed)
+        });
+        Client { stop, task }
+    }
+
+    /// Stops the client; returns (successful, failed) exchanges.
+    async fn stop(self) -> (u64, u64) {
+        self.stop.cancel();
+        self.task.await.unwrap_or((0, 0))
     }
 }
 

@@ -219,6 +219,7 @@ fn demo_runs_end_to_end_and_leaves_nothing_behind() {
         "{stdout}"
     );
     assert!(stdout.contains("shut down cleanly"), "{stdout}");
+    assert!(stdout.contains(" exchanges, 0 failed"), "{stdout}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -526,3 +526,47 @@ async fn status_shows_the_listener_figures() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_waiting_on_a_blackholed_primary_moves_when_it_is_declared_down() {
+    let echo = echo_server().await;
+    let port = free_port();
+    let config = format!(
+        "{}{}{}\n",
+        header(&format!("127.0.0.1:{port}"), ""),
+        socat("a", 10, echo),
+        socat("b", 20, echo)
+    );
+    let daemon = Daemon::start(&config).await;
+    let mut events = daemon.follow();
+    events
+        .wait(
+            Duration::from_secs(20),
+            "a elected",
+            primary_changed(Some("a"), None),
+        )
+        .await;
+    events.wait_up(&["b"]).await;
+
+    // Freeze a: its listening socket still completes handshakes from the kernel backlog, so
+    // the listener's dial succeeds and the request goes into a void.
+    let pid = daemon.tunnel_pid("svc", "a").await;
+    kill(Pid::from_raw(pid as i32), Signal::SIGSTOP).unwrap();
+    let started = Instant::now();
+    let conn = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(10), exchange(conn, 42)).await;
+    kill(Pid::from_raw(pid as i32), Signal::SIGCONT).unwrap();
+    result
+        .expect("the exchange finished once a was declared down")
+        .expect("the request was replayed through b");
+    // It took the probes' fall × interval, not the client's patience.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let status = listener_status(&daemon).await;
+    assert!(status.replayed >= 1, "{status:?}");
+}

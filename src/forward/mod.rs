@@ -35,7 +35,7 @@ use tunnelkeeper_providers::Dial;
 
 use crate::config::model::OnFailover;
 use crate::config::spec::{ListenAddress, ListenSpec, ServiceSpec};
-use crate::service::Routes;
+use crate::service::{Primary, Routes};
 
 /// Client bytes kept for a replay while no reply has arrived. Requests bigger than this are not
 /// replayed: they go through unbuffered once the limit is reached.
@@ -390,7 +390,7 @@ async fn serve(mut client: Dial, shared: &Shared, token: CancellationToken) {
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let _guard = Guard { shared, id };
 
-    let order = shared.routes.primary.borrow().order.clone();
+    let order = dial_order_when_ready(shared).await;
     let attempts = order.iter().take(shared.spec.retries as usize + 1);
     let mut sent: Vec<u8> = Vec::new();
     let mut replayable = shared.spec.replay_unanswered;
@@ -423,6 +423,12 @@ async fn serve(mut client: Dial, shared: &Shared, token: CancellationToken) {
         let first = tokio::select! {
             _ = token.cancelled() => return,
             r = first_reply(&mut client, &mut upstream, &mut sent, &mut replayable, &mut client_done, counters) => r,
+            // A blackholed tunnel accepts and then says nothing; once the service declares it
+            // down, a connection still waiting for its first reply moves on (the request is
+            // replayed), instead of hanging until the client gives up.
+            _ = went_down(shared.routes.primary.clone(), name) => {
+                FirstReply::Failed("tunnel went down while waiting for a reply".into())
+            }
         };
         match first {
             FirstReply::Answered | FirstReply::Unbuffered => {
@@ -446,6 +452,42 @@ async fn serve(mut client: Dial, shared: &Shared, token: CancellationToken) {
         tried,
         "no tunnel could take a connection; closing it"
     );
+}
+
+/// The dial order, waiting up to `connect_timeout` when no tunnel in it is running yet (a
+/// client that connects while the daemon is still starting its tunnels should wait for one,
+/// not be turned away).
+async fn dial_order_when_ready(shared: &Shared) -> Vec<String> {
+    let mut primary = shared.routes.primary.clone();
+    let ready = |order: &[String]| order.iter().any(|name| shared.routes.get(name).is_some());
+    let deadline = tokio::time::Instant::now() + shared.connect_timeout;
+    loop {
+        let order = primary.borrow_and_update().order.clone();
+        if ready(&order) {
+            return order;
+        }
+        match tokio::time::timeout_at(deadline, primary.changed()).await {
+            Ok(Ok(())) => continue,
+            _ => return order,
+        }
+    }
+}
+
+/// Resolves once `tunnel` has left the service's dial order (it is down).
+async fn went_down(mut primary: tokio::sync::watch::Receiver<Primary>, tunnel: &str) {
+    loop {
+        if primary.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        if !primary
+            .borrow_and_update()
+            .order
+            .iter()
+            .any(|t| t == tunnel)
+        {
+            return;
+        }
+    }
 }
 
 /// A failure real traffic met: counted, logged, and fed to the tunnel's probe counter.
