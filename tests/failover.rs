@@ -409,9 +409,9 @@ services:
     let deadline = Instant::now() + Duration::from_secs(10);
     let text = loop {
         let text = std::fs::read_to_string(&out).unwrap_or_default();
-        if text.matches("primary_changed svc").count() >= expected.len()
-            || Instant::now() > deadline
-        {
+        // Complete runs only: the JSON line is the last thing a run writes, newline-terminated.
+        let complete = text.matches("}\n").count();
+        if complete >= expected.len() || Instant::now() > deadline {
             break text;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
