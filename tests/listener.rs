@@ -342,13 +342,7 @@ services:
     );
     let daemon = Daemon::start(&config).await;
     let mut events = daemon.follow();
-    for service in ["tcp", "unix"] {
-        events
-            .wait(Duration::from_secs(20), "elected", |v| {
-                v["type"] == "primary_changed" && v["service"] == service
-            })
-            .await;
-    }
+    events.wait_elected(&["tcp", "unix"]).await;
     // TCP to TCP: the splice path.
     half_close_through(
         tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -450,13 +444,7 @@ services:
     );
     let mut daemon = Daemon::start(&config).await;
     let mut events = daemon.follow();
-    for service in ["idle", "busy"] {
-        events
-            .wait(Duration::from_secs(20), "elected", |v| {
-                v["type"] == "primary_changed" && v["service"] == service
-            })
-            .await;
-    }
+    events.wait_elected(&["idle", "busy"]).await;
     // Idle: used once, then silent past idle_timeout → closed by the listener.
     let mut idle = tokio::net::TcpStream::connect(("127.0.0.1", idle_port))
         .await

@@ -241,6 +241,25 @@ impl Events {
     }
 }
 
+impl Events {
+    /// Waits until every service in `names` has elected a primary, in any order.
+    pub async fn wait_elected(&mut self, names: &[&str]) {
+        let elected = |v: &serde_json::Value, n: &str| {
+            v["type"] == "primary_changed" && v["service"] == n && !v["to"].is_null()
+        };
+        let mut missing: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        missing.retain(|n| !self.seen.iter().any(|(_, v)| elected(v, n)));
+        while !missing.is_empty() {
+            let (_, v) = self
+                .wait(Duration::from_secs(20), "services elected", |v| {
+                    v["type"] == "primary_changed"
+                })
+                .await;
+            missing.retain(|n| !elected(&v, n));
+        }
+    }
+}
+
 /// Matches `primary_changed` to `to` (and optionally from `from`).
 pub fn primary_changed<'a>(
     to: Option<&'a str>,
