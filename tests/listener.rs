@@ -57,6 +57,27 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, n: u64) -> std::i
     Ok(())
 }
 
+/// A daemon whose service `svc` listens on a free port (with `extra` service keys) in front of
+/// one `direct` tunnel to an echo server, once that tunnel is elected.
+async fn one_direct_tunnel(extra: &str) -> (Daemon, u16) {
+    let echo = echo_server().await;
+    let port = free_port();
+    let config = format!(
+        "{}\n      - {{ name: lan, provider: direct, address: \"{echo}\" }}\n",
+        header(&format!("127.0.0.1:{port}"), extra),
+    );
+    let daemon = Daemon::start(&config).await;
+    let mut events = daemon.follow();
+    events
+        .wait(
+            Duration::from_secs(20),
+            "lan elected",
+            primary_changed(Some("lan"), None),
+        )
+        .await;
+    (daemon, port)
+}
+
 async fn listener_status(daemon: &Daemon) -> tunnelkeeper::forward::ListenerStatus {
     daemon.status().await.services[0]
         .listener
@@ -231,21 +252,7 @@ async fn on_failover_close_closes_connections_on_the_old_primary() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_connections_holds_under_a_burst() {
-    let echo = echo_server().await;
-    let port = free_port();
-    let config = format!(
-        "{}\n      - {{ name: lan, provider: direct, address: \"{echo}\" }}\n",
-        header(&format!("127.0.0.1:{port}"), "    max_connections: 5\n"),
-    );
-    let daemon = Daemon::start(&config).await;
-    let mut events = daemon.follow();
-    events
-        .wait(
-            Duration::from_secs(20),
-            "lan elected",
-            primary_changed(Some("lan"), None),
-        )
-        .await;
+    let (daemon, port) = one_direct_tunnel("    max_connections: 5\n").await;
 
     // 20 clients connect at once and each holds its connection for a while after its echo.
     let mut clients = Vec::new();
@@ -484,21 +491,7 @@ services:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_shows_the_listener_figures() {
-    let echo = echo_server().await;
-    let port = free_port();
-    let config = format!(
-        "{}\n      - {{ name: lan, provider: direct, address: \"{echo}\" }}\n",
-        header(&format!("127.0.0.1:{port}"), ""),
-    );
-    let daemon = Daemon::start(&config).await;
-    let mut events = daemon.follow();
-    events
-        .wait(
-            Duration::from_secs(20),
-            "lan elected",
-            primary_changed(Some("lan"), None),
-        )
-        .await;
+    let (daemon, port) = one_direct_tunnel("").await;
     let s = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
