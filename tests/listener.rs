@@ -57,6 +57,29 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, n: u64) -> std::i
     Ok(())
 }
 
+/// A daemon whose service `svc` listens on a free port in front of socat relays named `names`
+/// (priorities 10, 20, …) to an echo server, once the first is elected and the others are up.
+async fn socat_relays(names: &[&str]) -> (Daemon, Events, u16) {
+    let echo = echo_server().await;
+    let port = free_port();
+    let mut config = header(&format!("127.0.0.1:{port}"), "");
+    for (i, name) in names.iter().enumerate() {
+        config.push_str(&socat(name, 10 * (i as u32 + 1), echo));
+    }
+    config.push('\n');
+    let daemon = Daemon::start(&config).await;
+    let mut events = daemon.follow();
+    events
+        .wait(
+            Duration::from_secs(20),
+            "first elected",
+            primary_changed(Some(names[0]), None),
+        )
+        .await;
+    events.wait_up(&names[1..]).await;
+    (daemon, events, port)
+}
+
 /// A daemon whose service `svc` listens on a free port (with `extra` service keys) in front of
 /// one `direct` tunnel to an echo server, once that tunnel is elected.
 async fn one_direct_tunnel(extra: &str) -> (Daemon, u16) {
@@ -87,25 +110,7 @@ async fn listener_status(daemon: &Daemon) -> tunnelkeeper::forward::ListenerStat
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_see_no_failure_while_the_primary_is_killed_twice() {
-    let echo = echo_server().await;
-    let port = free_port();
-    let config = format!(
-        "{}{}{}{}\n",
-        header(&format!("127.0.0.1:{port}"), ""),
-        socat("a", 10, echo),
-        socat("b", 20, echo),
-        socat("c", 30, echo)
-    );
-    let daemon = Daemon::start(&config).await;
-    let mut events = daemon.follow();
-    events
-        .wait(
-            Duration::from_secs(20),
-            "a elected",
-            primary_changed(Some("a"), None),
-        )
-        .await;
-    events.wait_up(&["b", "c"]).await;
+    let (daemon, mut events, port) = socat_relays(&["a", "b", "c"]).await;
 
     // Four clients open connections back to back, each a full echo exchange, until told to stop
     // (bounded by count and time).
@@ -510,24 +515,7 @@ async fn status_shows_the_listener_figures() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_waiting_on_a_blackholed_primary_moves_when_it_is_declared_down() {
-    let echo = echo_server().await;
-    let port = free_port();
-    let config = format!(
-        "{}{}{}\n",
-        header(&format!("127.0.0.1:{port}"), ""),
-        socat("a", 10, echo),
-        socat("b", 20, echo)
-    );
-    let daemon = Daemon::start(&config).await;
-    let mut events = daemon.follow();
-    events
-        .wait(
-            Duration::from_secs(20),
-            "a elected",
-            primary_changed(Some("a"), None),
-        )
-        .await;
-    events.wait_up(&["b"]).await;
+    let (daemon, _events, port) = socat_relays(&["a", "b"]).await;
 
     // Freeze a: its listening socket still completes handshakes from the kernel backlog, so
     // the listener's dial succeeds and the request goes into a void.

@@ -20,20 +20,7 @@ fn emulator(name: &str) -> String {
 }
 
 fn config(tunnel: &str, echo: std::net::SocketAddr) -> String {
-    format!(
-        r#"version: 1
-daemon: {{ control_socket: "@DIR@/control.sock", state_dir: "@DIR@/state" }}
-defaults:
-  probe: {{ interval: 300ms, timeout: 300ms, rise: 2, fall: 3, send: "ping\n", expect: "ping" }}
-  failover: {{ failback_hold: 1s }}
-  restart: {{ initial: 300ms, max: 2s }}
-services:
-  - name: svc
-    tunnels:
-{tunnel}
-      - {{ name: lan, provider: direct, priority: 20, address: "{echo}" }}
-"#
-    )
+    with_direct_backup("svc", tunnel, echo)
 }
 
 /// The secret must not be in any process's argv nor in the daemon's log.

@@ -22,21 +22,8 @@ fn ssh_section(sshd: &sshd::Sshd) -> String {
     )
 }
 
-fn config(ssh_tunnel: &str, echo: std::net::SocketAddr) -> String {
-    format!(
-        r#"version: 1
-daemon: {{ control_socket: "@DIR@/control.sock", state_dir: "@DIR@/state" }}
-defaults:
-  probe: {{ interval: 300ms, timeout: 300ms, rise: 2, fall: 3, send: "ping\n", expect: "ping" }}
-  failover: {{ failback_hold: 1s }}
-  restart: {{ initial: 200ms, max: 1s }}
-services:
-  - name: box
-    tunnels:
-{ssh_tunnel}
-      - {{ name: lan, provider: direct, priority: 20, address: "{echo}" }}
-"#
-    )
+fn config(tunnel: &str, echo: std::net::SocketAddr) -> String {
+    with_direct_backup("box", tunnel, echo)
 }
 
 /// Kills sshd (listener and sessions): the tunnel must fail over at once, then come back and

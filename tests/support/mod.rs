@@ -260,6 +260,25 @@ impl Events {
     }
 }
 
+/// A config with one service holding `tunnel` (YAML lines of a tunnel at priority 10) and a
+/// `direct` backup `lan` (priority 20) to `echo`; 300 ms send/expect probes, 1 s failback hold.
+pub fn with_direct_backup(service: &str, tunnel: &str, echo: SocketAddr) -> String {
+    format!(
+        r#"version: 1
+daemon: {{ control_socket: "@DIR@/control.sock", state_dir: "@DIR@/state" }}
+defaults:
+  probe: {{ interval: 300ms, timeout: 300ms, rise: 2, fall: 3, send: "ping\n", expect: "ping" }}
+  failover: {{ failback_hold: 1s }}
+  restart: {{ initial: 200ms, max: 1s }}
+services:
+  - name: {service}
+    tunnels:
+{tunnel}
+      - {{ name: lan, provider: direct, priority: 20, address: "{echo}" }}
+"#
+    )
+}
+
 /// Matches `primary_changed` to `to` (and optionally from `from`).
 pub fn primary_changed<'a>(
     to: Option<&'a str>,
