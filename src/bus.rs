@@ -114,6 +114,69 @@ pub enum EventKind {
         /// The last primary kept as a degraded fallback, if any.
         fallback: Option<String>,
     },
+    /// The SSH connection to a router was lost.
+    RouterConnectionDropped {
+        /// Router name.
+        router: String,
+        /// Why.
+        reason: String,
+    },
+    /// The SSH connection to a router is back (or made for the first time).
+    RouterReconnected {
+        /// Router name.
+        router: String,
+    },
+    /// The router's boot id changed: it rebooted.
+    RouterRebooted {
+        /// Router name.
+        router: String,
+        /// The boot id seen before (persisted across daemon restarts), if any.
+        old_boot_id: Option<String>,
+        /// The boot id now.
+        new_boot_id: String,
+    },
+    /// Every `provision` command succeeded.
+    RouterProvisioned {
+        /// Router name.
+        router: String,
+        /// What triggered it: `reboot`, `first_contact`, `drift`.
+        cause: String,
+        /// How long the commands took, in milliseconds.
+        duration_ms: u64,
+        /// How many commands ran.
+        commands: usize,
+    },
+    /// A `provision` command failed; it is retried with backoff.
+    RouterProvisionFailed {
+        /// Router name.
+        router: String,
+        /// The command that failed.
+        command: String,
+        /// Its exit status, if it exited.
+        exit_status: Option<u32>,
+        /// Why, including the tail of its stderr.
+        reason: String,
+        /// Milliseconds until the retry.
+        retry_in_ms: u64,
+    },
+    /// A `verify` check did not give the expected result.
+    RouterDriftDetected {
+        /// Router name.
+        router: String,
+        /// Check name.
+        check: String,
+        /// What it should print (`exit 0` when no `expect`).
+        expected: String,
+        /// What it printed or how it failed.
+        got: String,
+    },
+    /// Every `verify` check passed.
+    RouterVerified {
+        /// Router name.
+        router: String,
+        /// How many checks ran.
+        checks: usize,
+    },
     /// The configuration was reloaded.
     ConfigReloaded {
         /// Added `service` or `service/tunnel` names.
@@ -139,6 +202,13 @@ impl EventKind {
             EventKind::ProbeRecovered { .. } => "probe_recovered",
             EventKind::PrimaryChanged { .. } => "primary_changed",
             EventKind::NoHealthyTunnel { .. } => "no_healthy_tunnel",
+            EventKind::RouterConnectionDropped { .. } => "router_connection_dropped",
+            EventKind::RouterReconnected { .. } => "router_reconnected",
+            EventKind::RouterRebooted { .. } => "router_rebooted",
+            EventKind::RouterProvisioned { .. } => "router_provisioned",
+            EventKind::RouterProvisionFailed { .. } => "router_provision_failed",
+            EventKind::RouterDriftDetected { .. } => "router_drift_detected",
+            EventKind::RouterVerified { .. } => "router_verified",
             EventKind::ConfigReloaded { .. } => "config_reloaded",
             EventKind::DaemonStopping {} => "daemon_stopping",
         }
@@ -155,7 +225,7 @@ impl EventKind {
             | EventKind::ProbeRecovered { service, .. }
             | EventKind::PrimaryChanged { service, .. }
             | EventKind::NoHealthyTunnel { service, .. } => Some(service),
-            EventKind::ConfigReloaded { .. } | EventKind::DaemonStopping {} => None,
+            _ => None,
         }
     }
 
@@ -168,6 +238,20 @@ impl EventKind {
             | EventKind::TunnelRestarting { tunnel, .. }
             | EventKind::ProbeFailed { tunnel, .. }
             | EventKind::ProbeRecovered { tunnel, .. } => Some(tunnel),
+            _ => None,
+        }
+    }
+
+    /// The router the event concerns, if any.
+    pub fn router(&self) -> Option<&str> {
+        match self {
+            EventKind::RouterConnectionDropped { router, .. }
+            | EventKind::RouterReconnected { router }
+            | EventKind::RouterRebooted { router, .. }
+            | EventKind::RouterProvisioned { router, .. }
+            | EventKind::RouterProvisionFailed { router, .. }
+            | EventKind::RouterDriftDetected { router, .. }
+            | EventKind::RouterVerified { router, .. } => Some(router),
             _ => None,
         }
     }

@@ -356,6 +356,8 @@ impl View {
             ),
             EventKind::ConfigReloaded { .. } => "config reloaded".into(),
             EventKind::DaemonStopping {} => "daemon stopping".into(),
+            // The demo has no routers.
+            other => other.type_name().replace('_', " "),
         };
         println!("  {}  #{:<3} {text}", self.stamp(), e.seq);
     }
