@@ -346,6 +346,11 @@ impl Bus {
         self.dropped.load(Ordering::Relaxed)
     }
 
+    /// Live subscriptions (hooks, routers, metrics, event streams): a reload must not grow it.
+    pub fn subscriber_count(&self) -> usize {
+        self.tx.receiver_count()
+    }
+
     /// A live subscription starting after the current last event.
     pub fn subscribe(self: &Arc<Self>) -> Subscription {
         Subscription {

@@ -165,6 +165,9 @@ pub struct RouterSection {
     /// How often `verify` runs.
     #[serde(default, with = "humantime_serde")]
     pub verify_interval: Option<Duration>,
+    /// Limit for each command run on the router (boot id, provision, verify).
+    #[serde(default, with = "humantime_serde")]
+    pub command_timeout: Option<Duration>,
 }
 
 /// A router `verify` check.

@@ -12,7 +12,7 @@ use tunnelkeeper_providers::cloudflare::CloudflareSpec;
 use tunnelkeeper_providers::command::{CommandSpec, EndpointSource};
 use tunnelkeeper_providers::direct::DirectSpec;
 use tunnelkeeper_providers::ngrok::NgrokSpec;
-use tunnelkeeper_providers::ssh::SshSpec;
+use tunnelkeeper_providers::ssh::{SshSpec, SshTarget};
 use tunnelkeeper_providers::tailscale::TailscaleSpec;
 
 use super::model::{HookCommand, OnFailover, ProviderKind, Standby};
@@ -22,6 +22,14 @@ use crate::election::Policy;
 pub mod default {
     use std::time::Duration;
 
+    /// `routers[].boot_id_command`
+    pub const BOOT_ID_COMMAND: &str = "cat /proc/sys/kernel/random/boot_id";
+    /// `routers[].check_interval`
+    pub const ROUTER_CHECK_INTERVAL: Duration = Duration::from_secs(30);
+    /// `routers[].verify_interval`
+    pub const ROUTER_VERIFY_INTERVAL: Duration = Duration::from_secs(300);
+    /// `routers[].command_timeout`
+    pub const ROUTER_COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
     /// `daemon.control_socket`
     pub const CONTROL_SOCKET: &str = "/run/tunnelkeeper/control.sock";
     /// `daemon.state_dir`
@@ -73,6 +81,40 @@ pub struct Config {
     pub nameservers: Vec<IpAddr>,
     /// Services in file order.
     pub services: Vec<ServiceSpec>,
+    /// Routers watched for reboots and drift, in file order.
+    pub routers: Vec<RouterSpec>,
+}
+
+/// A router (or any SSH-managed host the tunnels depend on) watched for reboots and drift.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouterSpec {
+    /// Unique name, referenced by tunnels' `via_router`.
+    pub name: String,
+    /// How to reach it (through the shared SSH pool).
+    pub ssh: SshTarget,
+    /// Prints the current boot id.
+    pub boot_id_command: String,
+    /// How often the boot id is re-read (also on every reconnect).
+    pub check_interval: Duration,
+    /// Commands re-applied, in order, after a reboot or drift.
+    pub provision: Vec<String>,
+    /// State checks; a failing one is drift.
+    pub verify: Vec<VerifySpec>,
+    /// How often `verify` runs.
+    pub verify_interval: Duration,
+    /// Limit for each command run on the router.
+    pub command_timeout: Duration,
+}
+
+/// One `verify` check of a router.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VerifySpec {
+    /// Check name, shown in events and status.
+    pub name: String,
+    /// Command run on the router.
+    pub command: String,
+    /// Expected trimmed stdout; without it exit status 0 passes.
+    pub expect: Option<String>,
 }
 
 /// Daemon-wide settings.
@@ -86,6 +128,8 @@ pub struct DaemonSpec {
     pub readers: Vec<Reader>,
     /// Grace for children and connections on shutdown.
     pub shutdown_grace: Duration,
+    /// Where Prometheus metrics are also served over TCP, if anywhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// A principal allowed read-only access to the control socket.

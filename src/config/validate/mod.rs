@@ -31,7 +31,7 @@ use crate::config::model::{
 };
 use crate::config::spec::{
     default, Config, DaemonSpec, ExtraCheck, HookSpec, ListenSpec, ProbeSpec, ProviderSpec,
-    RestartSpec, ServiceSpec, TunnelSpec,
+    RestartSpec, RouterSpec, ServiceSpec, TunnelSpec, VerifySpec,
 };
 use crate::config::values::{
     check_host_port, check_hostname, check_http_url, check_name, compile_endpoint_regex,
@@ -79,7 +79,7 @@ pub(crate) fn validate(file: &ConfigFile, source: &Path) -> Result<Config, Vec<I
     v.state_dir = daemon.state_dir.clone();
     let nameservers = v.nameservers(&file.dns, &root.key("dns"));
     v.defaults(&file.defaults, &root.key("defaults"));
-    let routers = v.routers(&file.routers, &root.key("routers"));
+    let (routers, router_names) = v.routers(&file.routers, &root.key("routers"));
 
     let services_path = root.key("services");
     if file.services.is_empty() {
@@ -93,7 +93,7 @@ pub(crate) fn validate(file: &ConfigFile, source: &Path) -> Result<Config, Vec<I
     for (i, service) in file.services.iter().enumerate() {
         let path = services_path.index(i);
         v.name(&mut names, &service.name, &path.key("name"));
-        services.push(v.service(service, &path, &file.defaults, &routers));
+        services.push(v.service(service, &path, &file.defaults, &router_names));
     }
 
     if !v.issues.is_empty() {
@@ -104,6 +104,7 @@ pub(crate) fn validate(file: &ConfigFile, source: &Path) -> Result<Config, Vec<I
         daemon,
         nameservers,
         services,
+        routers,
     })
 }
 
@@ -329,21 +330,32 @@ impl Validator {
             }
         }
 
-        if let Some(listen) = &daemon.metrics_listen {
-            self.error(
-                path.key("metrics_listen"),
-                format!(
-                    "metrics (`metrics_listen: {listen}`) are not available in this build yet; \
-                     remove the key"
-                ),
-            );
-        }
+        let metrics_listen = daemon.metrics_listen.as_ref().and_then(|text| {
+            match text.parse::<std::net::SocketAddr>() {
+                Ok(addr) if addr.port() != 0 => Some(addr),
+                Ok(_) => {
+                    self.error(
+                        path.key("metrics_listen"),
+                        "needs a fixed port, e.g. 127.0.0.1:9469".to_owned(),
+                    );
+                    None
+                }
+                Err(_) => {
+                    self.error(
+                        path.key("metrics_listen"),
+                        format!("`{text}` is not an IP:PORT address, e.g. 127.0.0.1:9469"),
+                    );
+                    None
+                }
+            }
+        });
 
         DaemonSpec {
             control_socket,
             state_dir,
             readers,
             shutdown_grace: daemon.shutdown_grace.unwrap_or(default::SHUTDOWN_GRACE),
+            metrics_listen,
         }
     }
 
@@ -440,42 +452,72 @@ impl Validator {
         }
     }
 
-    /// Router recovery is not in this build, so any router is an error; names are still
-    /// checked so that `via_router` can be checked against them.
-    fn routers(&mut self, routers: &[RouterSection], path: &KeyPath) -> BTreeSet<String> {
-        if !routers.is_empty() {
-            self.error(
-                path.clone(),
-                "router recovery is not available in this build yet; remove `routers` (and \
-                 every `via_router`)"
-                    .to_owned(),
-            );
-        }
+    /// Every router into a [`RouterSpec`]; the names are returned too, for `via_router`.
+    fn routers(
+        &mut self,
+        routers: &[RouterSection],
+        path: &KeyPath,
+    ) -> (Vec<RouterSpec>, BTreeSet<String>) {
         let mut names = Names::new("router");
+        let mut specs = Vec::with_capacity(routers.len());
         for (i, router) in routers.iter().enumerate() {
             let path = path.index(i);
             self.name(&mut names, &router.name, &path.key("name"));
-            if router.ssh.host.trim().is_empty() {
-                self.error(path.key("ssh").key("host"), "must not be empty".to_owned());
-            }
-            if router.ssh.port == Some(0) {
-                self.error(
-                    path.key("ssh").key("port"),
-                    "0 is not a valid port (1-65535)".to_owned(),
-                );
-            }
+            let ssh = self.ssh_target(&router.ssh, &path.key("ssh"));
             self.positive(router.check_interval, &path.key("check_interval"));
             self.positive(router.verify_interval, &path.key("verify_interval"));
+            self.positive(router.command_timeout, &path.key("command_timeout"));
+            let boot_id_command = router
+                .boot_id_command
+                .clone()
+                .unwrap_or_else(|| default::BOOT_ID_COMMAND.to_owned());
+            if boot_id_command.trim().is_empty() {
+                self.error(path.key("boot_id_command"), "must not be empty".to_owned());
+            }
+            for (j, command) in router.provision.iter().enumerate() {
+                if command.trim().is_empty() {
+                    self.error(
+                        path.key("provision").index(j),
+                        "must not be empty".to_owned(),
+                    );
+                }
+            }
             let mut checks = Names::new("verify check");
             for (j, verify) in router.verify.iter().enumerate() {
-                self.name(
-                    &mut checks,
-                    &verify.name,
-                    &path.key("verify").index(j).key("name"),
-                );
+                let check = path.key("verify").index(j);
+                self.name(&mut checks, &verify.name, &check.key("name"));
+                if verify.command.trim().is_empty() {
+                    self.error(check.key("command"), "must not be empty".to_owned());
+                }
+            }
+            if let Some(ssh) = ssh {
+                specs.push(RouterSpec {
+                    name: router.name.clone(),
+                    ssh,
+                    boot_id_command,
+                    check_interval: router
+                        .check_interval
+                        .unwrap_or(default::ROUTER_CHECK_INTERVAL),
+                    provision: router.provision.clone(),
+                    verify: router
+                        .verify
+                        .iter()
+                        .map(|v| VerifySpec {
+                            name: v.name.clone(),
+                            command: v.command.clone(),
+                            expect: v.expect.clone(),
+                        })
+                        .collect(),
+                    verify_interval: router
+                        .verify_interval
+                        .unwrap_or(default::ROUTER_VERIFY_INTERVAL),
+                    command_timeout: router
+                        .command_timeout
+                        .unwrap_or(default::ROUTER_COMMAND_TIMEOUT),
+                });
             }
         }
-        names.seen.into_keys().collect()
+        (specs, names.seen.into_keys().collect())
     }
 
     fn service(
