@@ -179,12 +179,18 @@ pub enum EventKind {
     },
     /// The configuration was reloaded.
     ConfigReloaded {
-        /// Added `service` or `service/tunnel` names.
+        /// Added services (`NAME`), tunnels (`SERVICE/TUNNEL`) and routers (`router:NAME`).
         added: Vec<String>,
         /// Removed names.
         removed: Vec<String>,
         /// Changed names.
         changed: Vec<String>,
+    },
+    /// A reload was refused (invalid file, or a listener address that cannot be bound); the
+    /// previous configuration keeps running.
+    ConfigReloadFailed {
+        /// Why, with every diagnostic (`FILE:LINE:COL: key: message`).
+        error: String,
     },
     /// The daemon is shutting down.
     DaemonStopping {},
@@ -210,6 +216,7 @@ impl EventKind {
             EventKind::RouterDriftDetected { .. } => "router_drift_detected",
             EventKind::RouterVerified { .. } => "router_verified",
             EventKind::ConfigReloaded { .. } => "config_reloaded",
+            EventKind::ConfigReloadFailed { .. } => "config_reload_failed",
             EventKind::DaemonStopping {} => "daemon_stopping",
         }
     }
@@ -275,6 +282,7 @@ pub const EVENT_TYPES: &[&str] = &[
     "router_drift_detected",
     "router_verified",
     "config_reloaded",
+    "config_reload_failed",
     "daemon_stopping",
 ];
 

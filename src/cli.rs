@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::control::client::Client;
+use crate::control::client::{ApiError, Client};
 use crate::status::{DaemonStatus, TunnelState};
 
 /// Default configuration file.
@@ -314,7 +314,68 @@ fn report(result: anyhow::Result<()>) -> u8 {
         Ok(()) => EXIT_OK,
         Err(e) => {
             eprintln!("error: {e:#}");
-            EXIT_RUNTIME
+            // The daemon refusing a request for what it says (an invalid config file, an
+            // unknown service or tunnel) is the operator's input error, like `check`'s.
+            match e.downcast_ref::<ApiError>().map(|a| a.status.as_u16()) {
+                Some(400 | 404 | 422) => EXIT_CONFIG,
+                _ => EXIT_RUNTIME,
+            }
         }
     }
+}
+
+/// `tunnelkeeper pin SERVICE TUNNEL`
+pub fn pin(socket: &SocketArgs, service: &str, tunnel: &str) -> u8 {
+    with_client(socket, |client| async move {
+        let answer = client.pin(service, tunnel).await?;
+        println!(
+            "{service}: pinned to {tunnel} (primary now: {})",
+            answer["primary"].as_str().unwrap_or("none")
+        );
+        Ok(())
+    })
+}
+
+/// `tunnelkeeper unpin SERVICE`
+pub fn unpin(socket: &SocketArgs, service: &str) -> u8 {
+    with_client(socket, |client| async move {
+        let answer = client.unpin(service).await?;
+        println!(
+            "{service}: unpinned (primary now: {})",
+            answer["primary"].as_str().unwrap_or("none")
+        );
+        Ok(())
+    })
+}
+
+/// `tunnelkeeper reload`: exit 0 when applied, 2 when the daemon refused the file (it keeps
+/// running the previous configuration), 1 when it could not be asked.
+pub fn reload(socket: &SocketArgs) -> u8 {
+    with_client(socket, |client| async move {
+        let answer = client.reload().await?;
+        let list = |key: &str| {
+            let items: Vec<&str> = answer[key]
+                .as_array()
+                .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+                .unwrap_or_default();
+            if items.is_empty() {
+                "-".to_owned()
+            } else {
+                items.join(", ")
+            }
+        };
+        println!(
+            "reloaded: added {}; removed {}; changed {}",
+            list("added"),
+            list("removed"),
+            list("changed")
+        );
+        if answer["restart_required"].as_array().is_some_and(|a| !a.is_empty()) {
+            println!(
+                "takes effect at the next restart: {}",
+                list("restart_required")
+            );
+        }
+        Ok(())
+    })
 }

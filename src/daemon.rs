@@ -4,12 +4,14 @@
 //! tests alike); [`run`] adds the process-level concerns: signals, sd-notify and the watchdog.
 //! Shutdown is injected as a future so tests can drive it.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Instant, SystemTime};
 
 use anyhow::Context;
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tunnelkeeper_providers::cloudflare::CloudflareProvider;
@@ -21,23 +23,38 @@ use tunnelkeeper_providers::tailscale::TailscaleProvider;
 use tunnelkeeper_providers::{Provider, Resolver};
 
 use crate::bus::{Bus, EventKind, DEFAULT_JOURNAL};
-use crate::config::spec::{Config, ProviderSpec};
-use crate::control::{self, ControlState};
+use crate::config::spec::{Config, ListenAddress, ProviderSpec, ServiceSpec, TunnelSpec};
+use crate::control::{self, ControlState, Op, OpError};
 use crate::forward::{Acceptor, ListenerStats};
+use crate::pins::Pins;
 use crate::service::ServiceHandle;
-use crate::status::{self, DaemonInfo, DaemonStatus, SharedStatus};
+use crate::status::{self, DaemonInfo, DaemonStatus, ReloadStatus, SharedStatus};
 use crate::systemd;
 
 /// A running daemon.
 pub struct Daemon {
     config: Config,
     bus: Arc<Bus>,
+    ssh: SshPool,
+    resolver: Resolver,
     services: Vec<ServiceHandle>,
+    /// What the status document reads; replaced on reload.
+    board: Board,
+    pins: Pins,
+    control_state: Arc<ControlState>,
+    ops: mpsc::Receiver<Op>,
+    last_reload: Arc<RwLock<Option<ReloadStatus>>>,
     cancel: CancellationToken,
     control: JoinHandle<()>,
     status: Arc<dyn Fn() -> DaemonStatus + Send + Sync>,
     socket: PathBuf,
 }
+
+/// Per service: its status and its listener's figures, as the status document reads them.
+type Board = Arc<RwLock<Vec<(SharedStatus, Option<ListenerStats>)>>>;
+
+/// Writes queued from the control socket while one is being applied.
+const OPS_QUEUE: usize = 16;
 
 /// Builds the provider for one tunnel. The only place that maps settings to provider types.
 pub fn provider_for(spec: &ProviderSpec, ssh: &SshPool) -> Arc<dyn Provider> {
@@ -52,7 +69,8 @@ pub fn provider_for(spec: &ProviderSpec, ssh: &SshPool) -> Arc<dyn Provider> {
 }
 
 impl Daemon {
-    /// Binds the control socket, then starts every service (tunnels come up in the background).
+    /// Binds the control socket, then starts every service (tunnels come up in the background)
+    /// and applies the pins persisted in `state_dir`.
     pub async fn start(config: Config) -> anyhow::Result<Daemon> {
         let resolver = Resolver::new(&config.nameservers).context("setting up the DNS resolver")?;
         let bus = Bus::new(DEFAULT_JOURNAL);
@@ -65,55 +83,59 @@ impl Daemon {
         // cleanly, with nothing to tear down.
         let mut acceptors = Vec::new();
         for spec in &config.services {
-            acceptors.push(match &spec.listen {
-                Some(listen) => Some(
-                    Acceptor::bind(&listen.address)
-                        .await
-                        .with_context(|| format!("service `{}`", spec.name))?,
-                ),
-                None => None,
-            });
+            acceptors.push(bind_listener(spec).await?);
         }
         let services: Vec<ServiceHandle> = config
             .services
             .iter()
             .zip(acceptors)
             .map(|(spec, acceptor)| {
-                let providers = spec
-                    .tunnels
-                    .iter()
-                    .map(|t| provider_for(&t.provider, &ssh))
-                    .collect();
-                ServiceHandle::start(
-                    spec.clone(),
-                    providers,
-                    acceptor,
-                    bus.clone(),
-                    resolver.clone(),
-                    &cancel,
-                )
+                start_service(spec, acceptor, &ssh, &bus, &resolver, &cancel)
             })
             .collect();
 
-        let status = status_source(&config, &bus, &services, &ssh);
-        let state = Arc::new(ControlState {
+        let board: Board = Arc::new(RwLock::new(Vec::new()));
+        let last_reload = Arc::new(RwLock::new(None));
+        let status = status_source(&config, &bus, &board, &ssh, &last_reload);
+        let (ops_tx, ops) = mpsc::channel(OPS_QUEUE);
+        let control_state = Arc::new(ControlState {
             bus: bus.clone(),
             status: {
                 let status = status.clone();
                 Box::new(move || status())
             },
-            readers: config.daemon.readers.clone(),
+            metrics: Box::new(String::new),
+            readers: RwLock::new(config.daemon.readers.clone()),
+            ops: ops_tx,
         });
-        let control = tokio::spawn(control::serve(listener, state, cancel.child_token()));
-        Ok(Daemon {
+        let control = tokio::spawn(control::serve(
+            listener,
+            control_state.clone(),
+            cancel.child_token(),
+        ));
+        let (pins, damaged) = Pins::load(&config.daemon.state_dir);
+        if let Some(e) = damaged {
+            tracing::warn!("starting without pins: {e:#}");
+        }
+        let mut daemon = Daemon {
             config,
             bus,
+            ssh,
+            resolver,
             services,
+            board,
+            pins,
+            control_state,
+            ops,
+            last_reload,
             cancel,
             control,
             status,
             socket,
-        })
+        };
+        daemon.refresh_board();
+        daemon.apply_pins().await;
+        Ok(daemon)
     }
 
     /// The event bus.
@@ -134,6 +156,249 @@ impl Daemon {
     /// The configuration in force.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The next write from the control socket (pin, unpin, reload).
+    pub async fn next_op(&mut self) -> Option<Op> {
+        self.ops.recv().await
+    }
+
+    /// Applies one write and answers it.
+    pub async fn apply(&mut self, op: Op) {
+        match op {
+            Op::Pin {
+                service,
+                tunnel,
+                reply,
+            } => {
+                let _ = reply.send(self.pin(&service, tunnel.as_deref()).await);
+            }
+            Op::Reload { reply } => {
+                let outcome = self.reload().await;
+                let _ = reply.send(if outcome.ok {
+                    Ok(serde_json::to_value(&outcome).unwrap_or_default())
+                } else {
+                    Err(OpError::unprocessable(outcome.error.unwrap_or_default()))
+                });
+            }
+        }
+    }
+
+    /// Pins `service` to `tunnel` (None unpins) and persists the choice in `state_dir`.
+    pub async fn pin(
+        &mut self,
+        service: &str,
+        tunnel: Option<&str>,
+    ) -> Result<serde_json::Value, OpError> {
+        let Some(handle) = self.services.iter().find(|s| s.spec.name == service) else {
+            return Err(OpError::not_found(format!("no service `{service}`")));
+        };
+        // Validate before persisting: a pin on a tunnel that does not exist is refused.
+        if let Some(name) = tunnel {
+            if !handle.spec.tunnels.iter().any(|t| t.name == name) {
+                let known: Vec<&str> = handle.spec.tunnels.iter().map(|t| t.name.as_str()).collect();
+                return Err(OpError::not_found(format!(
+                    "service `{service}` has no tunnel `{name}` (tunnels: {})",
+                    known.join(", ")
+                )));
+            }
+        }
+        self.pins
+            .set(service, tunnel)
+            .map_err(|e| OpError::internal(format!("{e:#}")))?;
+        handle.pin(tunnel).await.map_err(OpError::not_found)?;
+        let status = handle.status();
+        tracing::info!(service, pin = ?tunnel, primary = ?status.primary, "pin changed");
+        Ok(serde_json::json!({
+            "service": service,
+            "pin": tunnel,
+            "primary": status.primary,
+        }))
+    }
+
+    /// Re-reads the configuration file and applies the difference: added services and tunnels
+    /// start, removed ones stop, changed ones restart, unchanged ones keep running untouched.
+    /// An invalid file changes nothing. Publishes `config_reloaded` or `config_reload_failed`.
+    pub async fn reload(&mut self) -> ReloadStatus {
+        let path = self.config.source.clone();
+        let outcome = match crate::config::load(&path) {
+            Ok(next) => self.apply_config(next).await,
+            Err(e) => Err(e.to_string()),
+        };
+        let at = status::rfc3339(SystemTime::now());
+        let outcome = match outcome {
+            Ok(mut done) => {
+                done.at = at;
+                tracing::info!(
+                    added = ?done.added,
+                    removed = ?done.removed,
+                    changed = ?done.changed,
+                    "configuration reloaded"
+                );
+                for key in &done.restart_required {
+                    tracing::warn!("reload: `{key}` changed; it takes effect at the next restart");
+                }
+                self.bus.publish(EventKind::ConfigReloaded {
+                    added: done.added.clone(),
+                    removed: done.removed.clone(),
+                    changed: done.changed.clone(),
+                });
+                done
+            }
+            Err(error) => {
+                tracing::error!("reload refused, the running configuration stays: {error}");
+                self.bus.publish(EventKind::ConfigReloadFailed {
+                    error: error.clone(),
+                });
+                ReloadStatus {
+                    at,
+                    ok: false,
+                    error: Some(error),
+                    ..ReloadStatus::default()
+                }
+            }
+        };
+        *self.last_reload.write().unwrap_or_else(|p| p.into_inner()) = Some(outcome.clone());
+        outcome
+    }
+
+    /// Applies a validated configuration. Fails (changing nothing) only when a new listener
+    /// address cannot be bound.
+    async fn apply_config(&mut self, next: Config) -> Result<ReloadStatus, String> {
+        let mut done = ReloadStatus {
+            ok: true,
+            ..ReloadStatus::default()
+        };
+        // New listener addresses are bound before anything changes, so a taken port refuses
+        // the whole reload. Addresses the running listeners hold are rebound in place.
+        let held: Vec<&ListenAddress> = self
+            .services
+            .iter()
+            .filter_map(|s| s.spec.listen.as_ref().map(|l| &l.address))
+            .collect();
+        let mut acceptors: HashMap<String, Acceptor> = HashMap::new();
+        for spec in &next.services {
+            let current = self.services.iter().find(|s| s.spec.name == spec.name);
+            let Some(listen) = &spec.listen else { continue };
+            let moved = current.is_none_or(|c| c.spec.listen.as_ref().map(|l| &l.address) != Some(&listen.address));
+            if moved && !held.contains(&&listen.address) {
+                let acceptor = bind_listener(spec).await.map_err(|e| format!("{e:#}"))?;
+                if let Some(acceptor) = acceptor {
+                    acceptors.insert(spec.name.clone(), acceptor);
+                }
+            }
+        }
+
+        done.restart_required = restart_required(&self.config, &next);
+        *self
+            .control_state
+            .readers
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = next.daemon.readers.clone();
+        let grace = next.daemon.shutdown_grace;
+
+        // Removed services first: they may free addresses and ports the others need.
+        let (kept, removed): (Vec<ServiceHandle>, Vec<ServiceHandle>) =
+            std::mem::take(&mut self.services)
+                .into_iter()
+                .partition(|s| next.services.iter().any(|n| n.name == s.spec.name));
+        for mut service in removed {
+            done.removed.push(service.spec.name.clone());
+            service.drain(grace).await;
+            service.stop().await;
+        }
+        let mut kept: HashMap<String, ServiceHandle> = kept
+            .into_iter()
+            .map(|s| (s.spec.name.clone(), s))
+            .collect();
+        let ssh = self.ssh.clone();
+        let provider = move |t: &TunnelSpec| provider_for(&t.provider, &ssh);
+        for spec in &next.services {
+            let acceptor = acceptors.remove(&spec.name);
+            match kept.remove(&spec.name) {
+                Some(mut service) => {
+                    if service.spec != *spec {
+                        let settings_changed = ServiceSpec {
+                            tunnels: Vec::new(),
+                            ..service.spec.clone()
+                        } != ServiceSpec {
+                            tunnels: Vec::new(),
+                            ..spec.clone()
+                        };
+                        if settings_changed {
+                            done.changed.push(spec.name.clone());
+                        }
+                        let changes = service
+                            .reconfigure(spec.clone(), acceptor, &provider, grace)
+                            .await
+                            .map_err(|e| format!("{e:#}"));
+                        match changes {
+                            Ok(changes) => {
+                                done.added.extend(changes.added);
+                                done.removed.extend(changes.removed);
+                                done.changed.extend(changes.changed);
+                            }
+                            // Validation passed, so this is a listener that could not be
+                            // rebound in place: the service runs on without it.
+                            Err(e) => {
+                                tracing::error!("reload: {e}");
+                                done.error = Some(e);
+                            }
+                        }
+                    }
+                    self.services.push(service);
+                }
+                None => {
+                    let acceptor = match acceptor {
+                        Some(a) => Some(a),
+                        None => bind_listener(spec).await.unwrap_or_else(|e| {
+                            tracing::error!("reload: {e:#}");
+                            done.error = Some(format!("{e:#}"));
+                            None
+                        }),
+                    };
+                    done.added.push(spec.name.clone());
+                    self.services.push(start_service(
+                        spec,
+                        acceptor,
+                        &self.ssh,
+                        &self.bus,
+                        &self.resolver,
+                        &self.cancel,
+                    ));
+                }
+            }
+        }
+        self.config = next;
+        self.refresh_board();
+        for stale in self.pins.retain_known(&self.config) {
+            tracing::warn!("reload: pin {stale} dropped: that tunnel is gone");
+        }
+        Ok(done)
+    }
+
+    /// Re-applies the persisted pins (at start).
+    async fn apply_pins(&mut self) {
+        for stale in self.pins.retain_known(&self.config) {
+            tracing::warn!("pin {stale} dropped: no such service or tunnel in the configuration");
+        }
+        for (service, tunnel) in self.pins.all().clone() {
+            if let Some(handle) = self.services.iter().find(|s| s.spec.name == service) {
+                if handle.pin(Some(&tunnel)).await.is_ok() {
+                    tracing::info!(service, tunnel, "pin restored from the state directory");
+                }
+            }
+        }
+    }
+
+    /// Points the status document at the current services and listeners.
+    fn refresh_board(&self) {
+        let views = self
+            .services
+            .iter()
+            .map(|s| (s.status.clone(), s.listener_stats()))
+            .collect();
+        *self.board.write().unwrap_or_else(|p| p.into_inner()) = views;
     }
 
     /// Stops every tunnel (children get SIGTERM, then SIGKILL after their grace), bounded by
@@ -161,18 +426,67 @@ impl Daemon {
     }
 }
 
+/// Binds a service's listener, if it has one.
+async fn bind_listener(spec: &ServiceSpec) -> anyhow::Result<Option<Acceptor>> {
+    match &spec.listen {
+        Some(listen) => Ok(Some(
+            Acceptor::bind(&listen.address)
+                .await
+                .with_context(|| format!("service `{}`", spec.name))?,
+        )),
+        None => Ok(None),
+    }
+}
+
+fn start_service(
+    spec: &ServiceSpec,
+    acceptor: Option<Acceptor>,
+    ssh: &SshPool,
+    bus: &Arc<Bus>,
+    resolver: &Resolver,
+    cancel: &CancellationToken,
+) -> ServiceHandle {
+    let providers = spec
+        .tunnels
+        .iter()
+        .map(|t| provider_for(&t.provider, ssh))
+        .collect();
+    ServiceHandle::start(
+        spec.clone(),
+        providers,
+        acceptor,
+        bus.clone(),
+        resolver.clone(),
+        cancel,
+    )
+}
+
+/// Daemon settings a reload cannot apply in place; they take effect at the next start.
+fn restart_required(old: &Config, new: &Config) -> Vec<String> {
+    let mut keys = Vec::new();
+    if old.daemon.control_socket != new.daemon.control_socket {
+        keys.push("daemon.control_socket".to_owned());
+    }
+    if old.daemon.state_dir != new.daemon.state_dir {
+        keys.push("daemon.state_dir".to_owned());
+    }
+    if old.nameservers != new.nameservers {
+        keys.push("dns.nameservers".to_owned());
+    }
+    keys
+}
+
 fn status_source(
     config: &Config,
     bus: &Arc<Bus>,
-    services: &[ServiceHandle],
+    board: &Board,
     ssh: &SshPool,
+    last_reload: &Arc<RwLock<Option<ReloadStatus>>>,
 ) -> Arc<dyn Fn() -> DaemonStatus + Send + Sync> {
     let ssh = ssh.clone();
-    let shared: Vec<(SharedStatus, Option<ListenerStats>)> = services
-        .iter()
-        .map(|s| (s.status.clone(), s.listener_stats()))
-        .collect();
+    let board = board.clone();
     let bus = bus.clone();
+    let last_reload = last_reload.clone();
     let config_path = config.source.display().to_string();
     let started_wall = status::rfc3339(SystemTime::now());
     let started = Instant::now();
@@ -184,8 +498,11 @@ fn status_source(
             started: started_wall.clone(),
             uptime_s: started.elapsed().as_secs(),
             last_seq: bus.last_seq(),
+            last_reload: last_reload.read().unwrap_or_else(|p| p.into_inner()).clone(),
         },
-        services: shared
+        services: board
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
             .iter()
             .map(|(status, listener)| {
                 let mut s = status::read(status);
@@ -198,10 +515,11 @@ fn status_source(
 }
 
 /// Runs the daemon until `shutdown` resolves: READY=1 once the socket is bound, STATUS= on every
-/// primary change, WATCHDOG=1 from this loop (so a stalled loop stops petting), STOPPING=1 on the
-/// way out.
+/// primary change, WATCHDOG=1 from this loop (so a stalled loop stops petting), RELOADING=1 (with
+/// MONOTONIC_USEC) then READY=1 around every reload, STOPPING=1 on the way out. Writes from the
+/// control socket (pin, reload) are applied here, one at a time.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let daemon = Daemon::start(config).await?;
+    let mut daemon = Daemon::start(config).await?;
     systemd::ready();
     tracing::info!(
         socket = %daemon.socket.display(),
@@ -231,10 +549,24 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             _ = &mut shutdown => break,
             _ = refresh.tick() => report_status(&daemon),
             _ = pet.tick() => if watchdog.is_some() { systemd::watchdog() },
-            _ = hangup.recv() => tracing::warn!(
-                "SIGHUP: configuration reload is not available in this build yet; \
-                 restart the daemon to apply a changed configuration"
-            ),
+            _ = hangup.recv() => {
+                tracing::info!("SIGHUP: reloading {}", daemon.config.source.display());
+                systemd::reloading();
+                daemon.reload().await;
+                systemd::ready();
+                report_status(&daemon);
+            }
+            Some(op) = daemon.next_op() => {
+                let reload = matches!(op, Op::Reload { .. });
+                if reload {
+                    systemd::reloading();
+                }
+                daemon.apply(op).await;
+                if reload {
+                    systemd::ready();
+                }
+                report_status(&daemon);
+            }
             _ = events.next() => report_status(&daemon),
         }
     }

@@ -49,6 +49,27 @@ enum Command {
         #[command(flatten)]
         socket: tunnelkeeper::cli::SocketArgs,
     },
+    /// Make TUNNEL the primary of SERVICE whenever it is up (kept across restarts).
+    Pin {
+        /// Service name.
+        service: String,
+        /// Tunnel name.
+        tunnel: String,
+        #[command(flatten)]
+        socket: tunnelkeeper::cli::SocketArgs,
+    },
+    /// Remove the pin of SERVICE: the election rules choose again.
+    Unpin {
+        /// Service name.
+        service: String,
+        #[command(flatten)]
+        socket: tunnelkeeper::cli::SocketArgs,
+    },
+    /// Make the daemon re-read its configuration file (like SIGHUP); exit 2 if it refuses it.
+    Reload {
+        #[command(flatten)]
+        socket: tunnelkeeper::cli::SocketArgs,
+    },
     /// Run a self-contained demonstration on loopback (no root, no network, nothing to install).
     Demo {
         /// Shorter fault schedule (used by the tests).
@@ -79,6 +100,13 @@ fn main() -> ExitCode {
             json,
             socket,
         } => tunnelkeeper::cli::events(&socket, follow, since, json),
+        Command::Pin {
+            service,
+            tunnel,
+            socket,
+        } => tunnelkeeper::cli::pin(&socket, &service, &tunnel),
+        Command::Unpin { service, socket } => tunnelkeeper::cli::unpin(&socket, &service),
+        Command::Reload { socket } => tunnelkeeper::cli::reload(&socket),
         Command::Demo { quick } => tunnelkeeper::cli::demo(quick),
         Command::Relay { to, listen } => tunnelkeeper::cli::relay(listen, to),
     };

@@ -4,25 +4,29 @@
 //! tunnel tasks into [`Contender`]s, runs the pure [`election::elect`] after every change and
 //! whenever a failback hold expires, publishes `primary_changed` / `no_healthy_tunnel`, and keeps
 //! the shared [`ServiceStatus`] current. It never waits on a tunnel, a hook or a reader.
+//!
+//! A reload reconfigures a running service in place ([`ServiceHandle::reconfigure`]): tunnels
+//! whose settings are unchanged keep their task, process and status entry; only added, removed
+//! and changed ones are started or stopped.
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{mpsc, watch};
-use tokio::task::JoinSet;
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tunnelkeeper_providers::{Provider, Resolver, StartContext, Tunnel};
 
 use crate::bus::{Bus, EventKind};
 use crate::config::model::Standby;
-use crate::config::spec::ServiceSpec;
-use crate::election::{self, Contender, Dampening, Decision, Input, Mode};
+use crate::config::spec::{ServiceSpec, TunnelSpec};
+use crate::election::{self, Contender, Dampening, Decision, Input, Mode, Reason};
 use crate::forward::{Acceptor, Listener, ListenerStats};
 use crate::probe::Transition;
 use crate::standby;
 use crate::status::{self, ServiceStatus, SharedStatus, TunnelState, TunnelStatus};
-use crate::supervisor::{LiveTunnel, Report, TaggedReport, TunnelTask};
+use crate::supervisor::{next_slot_id, LiveTunnel, Report, SlotId, TaggedReport, TunnelTask};
 
 /// The current primary of a service, published for the data plane (and tests).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -35,35 +39,146 @@ pub struct Primary {
     pub order: Vec<String>,
 }
 
-/// What the data plane needs of a service: its tunnels as they run, where to report failures
-/// that real traffic meets, and the current primary and dial order.
+/// One tunnel as the data plane sees it: its running instance and where to report failures
+/// that real traffic meets on it.
+#[derive(Clone)]
+pub struct Route {
+    /// Tunnel name.
+    pub name: String,
+    live: LiveTunnel,
+    passive: mpsc::UnboundedSender<String>,
+}
+
+impl Route {
+    /// Reports a failure real traffic met on this tunnel; it counts like a failed probe.
+    pub fn report_failure(&self, reason: String) {
+        let _ = self.passive.send(reason);
+    }
+}
+
+/// What the data plane needs of a service: its tunnels as they run (the table follows
+/// reloads), and the current primary and dial order.
 #[derive(Clone)]
 pub struct Routes {
-    /// Tunnel names in config order (indexes match `live` and `passive`).
-    pub names: Vec<String>,
-    /// Each tunnel's running instance, if started.
-    pub live: Vec<LiveTunnel>,
-    /// Each tunnel task's passive-failure inbox.
-    pub passive: Vec<mpsc::UnboundedSender<String>>,
+    table: Arc<RwLock<Vec<Route>>>,
     /// Primary and dial order.
     pub primary: watch::Receiver<Primary>,
 }
 
 impl Routes {
-    /// The index and running instance of the tunnel called `name`, if it is started.
-    pub fn get(&self, name: &str) -> Option<(usize, Arc<dyn Tunnel>)> {
-        let index = self.names.iter().position(|n| n == name)?;
-        let tunnel = self.live[index]
+    /// The route and running instance of the tunnel called `name`, if it is started.
+    pub fn get(&self, name: &str) -> Option<(Route, Arc<dyn Tunnel>)> {
+        let table = self.table.read().unwrap_or_else(|p| p.into_inner());
+        let route = table.iter().find(|r| r.name == name)?;
+        let tunnel = route
+            .live
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()?;
-        Some((index, tunnel))
+        Some((route.clone(), tunnel))
     }
 
-    /// Reports a failure real traffic met on tunnel `index`; it counts like a failed probe.
-    pub fn report_failure(&self, index: usize, reason: String) {
-        if let Some(tx) = self.passive.get(index) {
-            let _ = tx.send(reason);
+    /// Tunnel names in config order.
+    pub fn names(&self) -> Vec<String> {
+        let table = self.table.read().unwrap_or_else(|p| p.into_inner());
+        table.iter().map(|r| r.name.clone()).collect()
+    }
+
+    fn replace(&self, routes: Vec<Route>) {
+        *self.table.write().unwrap_or_else(|p| p.into_inner()) = routes;
+    }
+}
+
+/// A request to the election loop.
+enum Command {
+    /// Pin the primary to a tunnel, or unpin (None). Answered once the election ran.
+    Pin(Option<String>, oneshot::Sender<()>),
+    /// Take a reloaded spec. `slots` follows `spec.tunnels`: a kept tunnel's id, or a new
+    /// tunnel's id with its standby switch.
+    Reconfigure {
+        spec: ServiceSpec,
+        slots: Vec<(SlotId, Option<watch::Sender<bool>>)>,
+    },
+}
+
+/// One running tunnel task, owned by its service.
+struct Slot {
+    id: SlotId,
+    spec: TunnelSpec,
+    route: Route,
+    kick: Arc<Notify>,
+    cancel: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// What a reload did to one service's tunnels (`service/tunnel` names).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct TunnelChanges {
+    /// Started.
+    pub added: Vec<String>,
+    /// Stopped.
+    pub removed: Vec<String>,
+    /// Restarted with new settings.
+    pub changed: Vec<String>,
+}
+
+/// Shared by every tunnel task a service starts.
+struct TaskContext {
+    service: String,
+    bus: Arc<Bus>,
+    resolver: Resolver,
+    reports: mpsc::UnboundedSender<TaggedReport>,
+    cancel: CancellationToken,
+}
+
+impl TaskContext {
+    /// Spawns the task of one tunnel; returns it and the switch that wakes it from cold standby.
+    fn spawn(&self, tunnel: &TunnelSpec, provider: Arc<dyn Provider>) -> (Slot, watch::Sender<bool>) {
+        // Hot tunnels run at once; cold ones wait for the election loop to wake them.
+        let (wanted_tx, wanted_rx) = watch::channel(tunnel.standby == Standby::Hot);
+        (self.spawn_as(next_slot_id(), wanted_rx, tunnel, provider), wanted_tx)
+    }
+
+    /// Spawns the task of one tunnel under a chosen id and standby switch.
+    fn spawn_as(
+        &self,
+        id: SlotId,
+        wanted: watch::Receiver<bool>,
+        tunnel: &TunnelSpec,
+        provider: Arc<dyn Provider>,
+    ) -> Slot {
+        let live = LiveTunnel::default();
+        let (passive_tx, passive_rx) = mpsc::unbounded_channel();
+        let cancel = self.cancel.child_token();
+        let kick = Arc::new(Notify::new());
+        let task = TunnelTask {
+            slot: id,
+            service: self.service.clone(),
+            spec: tunnel.clone(),
+            provider,
+            ctx: StartContext {
+                tunnel: tunnel.name.clone(),
+                service: self.service.clone(),
+                resolver: self.resolver.clone(),
+            },
+            bus: self.bus.clone(),
+            reports: self.reports.clone(),
+            cancel: cancel.clone(),
+            live: live.clone(),
+            wanted,
+            kick: kick.clone(),
+        };
+        Slot {
+            id,
+            spec: tunnel.clone(),
+            route: Route {
+                name: tunnel.name.clone(),
+                live,
+                passive: passive_tx,
+            },
+            kick,
+            cancel,
+            task: tokio::spawn(task.run(passive_rx)),
         }
     }
 }
@@ -78,8 +193,10 @@ pub struct ServiceHandle {
     pub primary: watch::Receiver<Primary>,
     /// Its tunnels, for the data plane.
     pub routes: Routes,
-    cancel: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
+    tasks: TaskContext,
+    slots: Vec<Slot>,
+    commands: mpsc::UnboundedSender<Command>,
+    election: JoinHandle<()>,
     hooks: JoinSet<()>,
     listener: Option<Listener>,
 }
@@ -99,43 +216,24 @@ impl ServiceHandle {
         let status = Arc::new(RwLock::new(initial_status(&spec)));
         let (primary_tx, primary_rx) = watch::channel(Primary::default());
         let (reports_tx, reports_rx) = mpsc::unbounded_channel();
-        let mut tunnels = JoinSet::new();
-        let mut live = Vec::new();
-        let mut passive = Vec::new();
-        let mut wanted = Vec::new();
-        for (index, (tunnel, provider)) in spec.tunnels.iter().zip(providers).enumerate() {
-            let slot = LiveTunnel::default();
-            let (passive_tx, passive_rx) = mpsc::unbounded_channel();
-            // Hot tunnels run at once; cold ones wait for the election loop to wake them.
-            let (wanted_tx, wanted_rx) = watch::channel(tunnel.standby == Standby::Hot);
-            wanted.push(wanted_tx);
-            live.push(slot.clone());
-            passive.push(passive_tx);
-            let task = TunnelTask {
-                index,
-                service: spec.name.clone(),
-                spec: tunnel.clone(),
-                provider,
-                ctx: StartContext {
-                    tunnel: tunnel.name.clone(),
-                    service: spec.name.clone(),
-                    resolver: resolver.clone(),
-                },
-                bus: bus.clone(),
-                reports: reports_tx.clone(),
-                cancel: cancel.child_token(),
-                live: slot,
-                wanted: wanted_rx,
-            };
-            tunnels.spawn(task.run(passive_rx));
-        }
+        let (commands, commands_rx) = mpsc::unbounded_channel();
+        let tasks = TaskContext {
+            service: spec.name.clone(),
+            bus: bus.clone(),
+            resolver,
+            reports: reports_tx,
+            cancel: cancel.clone(),
+        };
+        let (slots, wanted): (Vec<Slot>, Vec<_>) = spec
+            .tunnels
+            .iter()
+            .zip(providers)
+            .map(|(tunnel, provider)| tasks.spawn(tunnel, provider))
+            .unzip();
         let routes = Routes {
-            names: spec.tunnels.iter().map(|t| t.name.clone()).collect(),
-            live,
-            passive,
+            table: Arc::new(RwLock::new(slots.iter().map(|s| s.route.clone()).collect())),
             primary: primary_rx.clone(),
         };
-        drop(reports_tx);
         let hooks = crate::hooks::start(&spec.name, &spec.hooks, &bus, cancel.child_token());
         let listener = match (acceptor, &spec.listen) {
             (Some(acceptor), Some(listen)) => {
@@ -145,20 +243,23 @@ impl ServiceHandle {
         };
         let election = Election::new(
             &spec,
+            slots.iter().map(|s| s.id).collect(),
             bus,
             status.clone(),
             primary_tx,
-            cancel.clone(),
+            cancel,
             wanted,
         );
-        let task = tokio::spawn(election.run(reports_rx, tunnels));
+        let election = tokio::spawn(election.run(reports_rx, commands_rx));
         ServiceHandle {
             spec,
             status,
             primary: primary_rx,
             routes,
-            cancel,
-            task,
+            tasks,
+            slots,
+            commands,
+            election,
             hooks,
             listener,
         }
@@ -176,6 +277,153 @@ impl ServiceHandle {
         status
     }
 
+    /// Pins the primary to `tunnel` (None unpins). The pinned tunnel is primary whenever it is
+    /// up; returns once the election has run. An unknown tunnel is an error.
+    pub async fn pin(&self, tunnel: Option<&str>) -> Result<(), String> {
+        if let Some(name) = tunnel {
+            if !self.spec.tunnels.iter().any(|t| t.name == name) {
+                let known: Vec<&str> = self.spec.tunnels.iter().map(|t| t.name.as_str()).collect();
+                return Err(format!(
+                    "service `{}` has no tunnel `{name}` (tunnels: {})",
+                    self.spec.name,
+                    known.join(", ")
+                ));
+            }
+        }
+        let (done, elected) = oneshot::channel();
+        let _ = self
+            .commands
+            .send(Command::Pin(tunnel.map(str::to_owned), done));
+        let _ = elected.await;
+        Ok(())
+    }
+
+    /// Restarts the tunnels that depend on `router` at once, skipping any backoff.
+    pub fn kick_via_router(&self, router: &str) -> Vec<String> {
+        self.slots
+            .iter()
+            .filter(|s| s.spec.via_router.as_deref() == Some(router))
+            .map(|s| {
+                s.kick.notify_waiters();
+                s.spec.name.clone()
+            })
+            .collect()
+    }
+
+    /// The child pids of the running tunnels, by name (for tests and diagnostics).
+    pub fn tunnel_names(&self) -> Vec<String> {
+        self.slots.iter().map(|s| s.spec.name.clone()).collect()
+    }
+
+    /// Applies a reloaded spec of the same service: tunnels whose settings are equal keep
+    /// running untouched (same task, same process, same status `since`); changed ones are
+    /// restarted, removed ones stopped, added ones started. The listener is replaced only when
+    /// its own settings changed (`acceptor`: an already bound new address, if it moved);
+    /// hooks are restarted only when they changed. `provider_for` builds new tunnels' providers.
+    pub async fn reconfigure(
+        &mut self,
+        spec: ServiceSpec,
+        acceptor: Option<Acceptor>,
+        provider_for: &dyn Fn(&TunnelSpec) -> Arc<dyn Provider>,
+        grace: Duration,
+    ) -> anyhow::Result<TunnelChanges> {
+        let mut changes = TunnelChanges::default();
+        let qualified = |name: &str| format!("{}/{name}", spec.name);
+        let mut old: Vec<Option<Slot>> =
+            std::mem::take(&mut self.slots).into_iter().map(Some).collect();
+        // Plan first: which tunnels keep their task, which get a new one (under a new id).
+        enum Plan {
+            Keep(Slot),
+            Start(SlotId, watch::Receiver<bool>),
+        }
+        let mut plan = Vec::with_capacity(spec.tunnels.len());
+        let mut handover = Vec::with_capacity(spec.tunnels.len());
+        let mut retired = Vec::new();
+        for tunnel in &spec.tunnels {
+            let same_name = old
+                .iter()
+                .position(|s| s.as_ref().is_some_and(|s| s.spec.name == tunnel.name));
+            match same_name.and_then(|i| old[i].take()) {
+                Some(slot) if slot.spec == *tunnel => {
+                    handover.push((slot.id, None));
+                    plan.push(Plan::Keep(slot));
+                }
+                previous => {
+                    match previous {
+                        Some(previous) => {
+                            changes.changed.push(qualified(&tunnel.name));
+                            retired.push(previous);
+                        }
+                        None => changes.added.push(qualified(&tunnel.name)),
+                    }
+                    let id = next_slot_id();
+                    let (wanted_tx, wanted_rx) = watch::channel(tunnel.standby == Standby::Hot);
+                    handover.push((id, Some(wanted_tx)));
+                    plan.push(Plan::Start(id, wanted_rx));
+                }
+            }
+        }
+        for slot in old.into_iter().flatten() {
+            changes.removed.push(qualified(&slot.spec.name));
+            retired.push(slot);
+        }
+        // The election switches to the new slots first, so the retired tunnels' last reports
+        // (their `stopped`) are ignored rather than counted as failures. They are stopped
+        // before their successors start: a restarted child may need the same port.
+        let _ = self.commands.send(Command::Reconfigure {
+            spec: spec.clone(),
+            slots: handover,
+        });
+        stop_slots(retired).await;
+        self.slots = plan
+            .into_iter()
+            .zip(&spec.tunnels)
+            .map(|(plan, tunnel)| match plan {
+                Plan::Keep(slot) => slot,
+                Plan::Start(id, wanted) => {
+                    self.tasks.spawn_as(id, wanted, tunnel, provider_for(tunnel))
+                }
+            })
+            .collect();
+        self.routes
+            .replace(self.slots.iter().map(|s| s.route.clone()).collect());
+
+        if spec.hooks != self.spec.hooks {
+            self.hooks.shutdown().await;
+            self.hooks = crate::hooks::start(
+                &spec.name,
+                &spec.hooks,
+                &self.tasks.bus,
+                self.tasks.cancel.child_token(),
+            );
+        }
+        let listener_changed = spec.listen != self.spec.listen
+            || spec.connect_timeout != self.spec.connect_timeout
+            || spec.on_failover != self.spec.on_failover;
+        let old_spec = std::mem::replace(&mut self.spec, spec);
+        if listener_changed {
+            if let Some(listener) = self.listener.take() {
+                listener.retire(grace).await;
+            }
+            if let Some(listen) = &self.spec.listen {
+                let acceptor = match acceptor {
+                    Some(a) => a,
+                    None => Acceptor::bind(&listen.address).await.map_err(|e| {
+                        anyhow::anyhow!("service `{}`: {e:#}", self.spec.name)
+                    })?,
+                };
+                self.listener = Some(Listener::start(
+                    acceptor,
+                    &self.spec,
+                    listen,
+                    self.routes.clone(),
+                ));
+            }
+        }
+        drop(old_spec);
+        Ok(changes)
+    }
+
     /// Stops the listener: no new connections; open ones may finish for up to `grace`.
     pub async fn drain(&mut self, grace: Duration) {
         if let Some(listener) = self.listener.take() {
@@ -186,12 +434,22 @@ impl ServiceHandle {
     /// Stops every tunnel (each bounded by its provider's grace) and the election loop.
     pub async fn stop(mut self) {
         self.drain(Duration::ZERO).await;
-        self.cancel.cancel();
-        let _ = self.task.await;
+        self.tasks.cancel.cancel();
+        stop_slots(std::mem::take(&mut self.slots)).await;
+        drop(self.commands);
+        let _ = self.election.await;
         // A hook still running is killed (its process group) as its task is dropped.
         let mut hooks = self.hooks;
         hooks.shutdown().await;
     }
+}
+
+/// Cancels tunnel tasks and waits until each has stopped its tunnel.
+async fn stop_slots(slots: Vec<Slot>) {
+    for slot in &slots {
+        slot.cancel.cancel();
+    }
+    futures_util::future::join_all(slots.into_iter().map(|s| s.task)).await;
 }
 
 fn initial_status(spec: &ServiceSpec) -> ServiceStatus {
@@ -234,6 +492,8 @@ fn t_hold_ms(d: Duration) -> u64 {
 /// The election loop's state.
 struct Election {
     spec: ServiceSpec,
+    /// Per tunnel (in `spec.tunnels` order): the id of the task that reports for it.
+    slots: Vec<SlotId>,
     bus: Arc<Bus>,
     status: SharedStatus,
     primary_tx: watch::Sender<Primary>,
@@ -242,6 +502,8 @@ struct Election {
     current: Option<String>,
     degraded: bool,
     pin: Option<String>,
+    /// A pin was just removed: the next change of primary is reported as `unpinned`.
+    unpinned: bool,
     recheck_at: Option<Instant>,
     /// Once cancelled, tunnels stopping is not news: no more elections or events.
     stopping: CancellationToken,
@@ -253,9 +515,24 @@ struct Election {
     started: Instant,
 }
 
+/// A contender that has not reported yet.
+fn new_contender(tunnel: &TunnelSpec, hold: Duration) -> Contender {
+    Contender {
+        name: tunnel.name.clone(),
+        priority: tunnel.priority,
+        up: false,
+        latency: None,
+        up_since: None,
+        hold,
+        last_down: None,
+        last_down_hard: false,
+    }
+}
+
 impl Election {
     fn new(
         spec: &ServiceSpec,
+        slots: Vec<SlotId>,
         bus: Arc<Bus>,
         status: SharedStatus,
         primary_tx: watch::Sender<Primary>,
@@ -265,19 +542,11 @@ impl Election {
         let contenders = spec
             .tunnels
             .iter()
-            .map(|t| Contender {
-                name: t.name.clone(),
-                priority: t.priority,
-                up: false,
-                latency: None,
-                up_since: None,
-                hold: spec.policy.failback_hold,
-                last_down: None,
-                last_down_hard: false,
-            })
+            .map(|t| new_contender(t, spec.policy.failback_hold))
             .collect();
         Election {
             spec: spec.clone(),
+            slots,
             bus,
             status,
             primary_tx,
@@ -286,6 +555,7 @@ impl Election {
             current: None,
             degraded: false,
             pin: None,
+            unpinned: false,
             recheck_at: None,
             stopping,
             running: vec![false; spec.tunnels.len()],
@@ -294,39 +564,104 @@ impl Election {
         }
     }
 
+    /// Runs until the service drops its command sender (it has stopped every tunnel).
     async fn run(
         mut self,
         mut reports: mpsc::UnboundedReceiver<TaggedReport>,
-        mut tunnels: JoinSet<()>,
+        mut commands: mpsc::UnboundedReceiver<Command>,
     ) {
         loop {
             let recheck = self.recheck_at;
             tokio::select! {
-                report = reports.recv() => match report {
-                    Some((index, report)) => {
-                        self.apply(index, report);
-                        // Fold every report already queued before electing once: a burst (many
-                        // tunnels dying together) must yield one decision, not a cascade. A
-                        // tunnel coming up is an election boundary, though, so that a death
-                        // followed by a return in the same burst is still seen as a failure.
-                        while let Ok((index, report)) = reports.try_recv() {
-                            if matches!(report, Report::Probe { transition: Some(Transition::Up), .. }) {
-                                self.elect();
-                            }
-                            self.apply(index, report);
+                Some((slot, report)) = reports.recv() => {
+                    self.apply(slot, report);
+                    // Fold every report already queued before electing once: a burst (many
+                    // tunnels dying together) must yield one decision, not a cascade. A
+                    // tunnel coming up is an election boundary, though, so that a death
+                    // followed by a return in the same burst is still seen as a failure.
+                    while let Ok((slot, report)) = reports.try_recv() {
+                        if matches!(report, Report::Probe { transition: Some(Transition::Up), .. }) {
+                            self.elect();
                         }
+                        self.apply(slot, report);
+                    }
+                    self.elect();
+                }
+                command = commands.recv() => match command {
+                    Some(Command::Pin(pin, done)) => {
+                        self.unpinned = pin.is_none() && self.pin.is_some();
+                        self.pin = pin;
+                        self.elect();
+                        let _ = done.send(());
+                    }
+                    Some(Command::Reconfigure { spec, slots }) => {
+                        self.reconfigure(spec, slots);
                         self.elect();
                     }
-                    // Every tunnel task has ended: the service was stopped.
                     None => break,
                 },
                 _ = sleep_until(recheck) => self.elect(),
             }
         }
-        while tunnels.join_next().await.is_some() {}
     }
 
-    fn apply(&mut self, index: usize, report: Report) {
+    /// Takes a reloaded spec: kept tunnels carry their state (health, latency, dampening,
+    /// status entry) to their new position; new ones start from scratch.
+    fn reconfigure(&mut self, spec: ServiceSpec, slots: Vec<(SlotId, Option<watch::Sender<bool>>)>) {
+        let hold = spec.policy.failback_hold;
+        let mut contenders = Vec::with_capacity(slots.len());
+        let mut dampening = Vec::with_capacity(slots.len());
+        let mut running = Vec::with_capacity(slots.len());
+        let mut wanted = Vec::with_capacity(slots.len());
+        let mut ids = Vec::with_capacity(slots.len());
+        let fresh = initial_status(&spec);
+        let mut board = self.status.write().unwrap_or_else(|p| p.into_inner());
+        let mut tunnels = Vec::with_capacity(slots.len());
+        for ((id, switch), (tunnel, fresh)) in slots.into_iter().zip(spec.tunnels.iter().zip(fresh.tunnels)) {
+            let kept = match switch {
+                None => self.slots.iter().position(|s| *s == id),
+                Some(_) => None,
+            };
+            match (kept, switch) {
+                (Some(i), _) => {
+                    contenders.push(self.contenders[i].clone());
+                    dampening.push(self.dampening[i].clone());
+                    running.push(self.running[i]);
+                    wanted.push(self.wanted[i].clone());
+                    tunnels.push(board.tunnels[i].clone());
+                }
+                (None, switch) => {
+                    contenders.push(new_contender(tunnel, hold));
+                    dampening.push(Dampening::default());
+                    running.push(false);
+                    wanted.push(switch.unwrap_or_else(|| watch::channel(true).0));
+                    tunnels.push(fresh);
+                }
+            }
+            ids.push(id);
+        }
+        board.tunnels = tunnels;
+        board.mode = fresh.mode;
+        drop(board);
+        if let Some(pin) = &self.pin {
+            if !spec.tunnels.iter().any(|t| &t.name == pin) {
+                self.pin = None;
+                self.unpinned = true;
+            }
+        }
+        self.contenders = contenders;
+        self.dampening = dampening;
+        self.running = running;
+        self.wanted = wanted;
+        self.slots = ids;
+        self.spec = spec;
+    }
+
+    fn apply(&mut self, slot: SlotId, report: Report) {
+        // A tunnel retired by a reload may still report while it stops.
+        let Some(index) = self.slots.iter().position(|s| *s == slot) else {
+            return;
+        };
         let now = Instant::now();
         let base_hold = self.spec.policy.failback_hold;
         let Some(contender) = self.contenders.get_mut(index) else {
@@ -451,6 +786,10 @@ impl Election {
         self.recheck_at = wakes.into_iter().min();
         let previous = self.current.clone();
         let was_degraded = self.degraded;
+        let mut reason = decision.reason.to_string();
+        if std::mem::take(&mut self.unpinned) && decision.primary != previous {
+            reason = Reason::Unpinned.to_string();
+        }
         let changed = decision.primary != previous || decision.degraded != was_degraded;
         self.current = decision.primary.clone();
         self.degraded = decision.degraded;
@@ -462,7 +801,7 @@ impl Election {
             board.degraded = self.degraded;
             board.pin = self.pin.clone();
             if changed || board.reason == "starting" {
-                board.reason = decision.reason.to_string();
+                board.reason = reason.clone();
             }
         }
         let order =
@@ -482,7 +821,7 @@ impl Election {
                 service: self.spec.name.clone(),
                 from: previous,
                 to: decision.primary.clone(),
-                reason: decision.reason.to_string(),
+                reason,
             });
         }
         if decision.degraded && !was_degraded && self.any_started() {
@@ -543,6 +882,7 @@ mod tests {
 
     struct Harness {
         reports: mpsc::UnboundedSender<TaggedReport>,
+        commands: mpsc::UnboundedSender<Command>,
         primary: watch::Receiver<Primary>,
         events: crate::bus::Subscription,
     }
@@ -573,17 +913,21 @@ mod tests {
             .iter()
             .map(|_| watch::channel(true).0)
             .collect();
+        // In these tests a tunnel's slot id is its index.
         let election = Election::new(
             &spec,
+            vec![0, 1],
             bus,
             status,
             primary_tx,
             CancellationToken::new(),
             wanted,
         );
-        tokio::spawn(election.run(rx, JoinSet::new()));
+        let (commands, commands_rx) = mpsc::unbounded_channel();
+        tokio::spawn(election.run(rx, commands_rx));
         Harness {
             reports,
+            commands,
             primary,
             events,
         }
@@ -596,14 +940,22 @@ mod tests {
                 error: None,
                 transition: Some(Transition::Up),
             };
-            self.reports.send((index, probe)).unwrap();
+            self.reports.send((index as SlotId, probe)).unwrap();
         }
 
         fn die(&self, index: usize) {
             let died = Report::Died {
                 reason: "killed by signal 9 (SIGKILL)".into(),
             };
-            self.reports.send((index, died)).unwrap();
+            self.reports.send((index as SlotId, died)).unwrap();
+        }
+
+        async fn pin(&self, tunnel: Option<&str>) {
+            let (done, elected) = oneshot::channel();
+            self.commands
+                .send(Command::Pin(tunnel.map(str::to_owned), done))
+                .unwrap();
+            elected.await.unwrap();
         }
 
         /// Lets the loop run without letting time pass.
@@ -722,5 +1074,86 @@ mod tests {
             }
         }
         assert_eq!(no_healthy, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pin_wins_while_its_tunnel_is_up_and_its_removal_is_reported_as_unpinned() {
+        let hold = Duration::from_secs(30);
+        let mut h = start(hold);
+        h.up(0);
+        h.up(1);
+        h.settle().await;
+        assert_eq!(h.primary().as_deref(), Some("a"));
+        h.pin(Some("b")).await;
+        assert_eq!(h.primary().as_deref(), Some("b"), "the pin beats priority");
+        // A pinned tunnel that dies is not kept: traffic must flow.
+        h.die(1);
+        h.settle().await;
+        assert_eq!(h.primary().as_deref(), Some("a"));
+        h.up(1);
+        h.settle().await;
+        assert_eq!(h.primary().as_deref(), Some("b"), "the pin applies again, no hold");
+        tokio::time::advance(hold + Duration::from_secs(1)).await;
+        h.pin(None).await;
+        assert_eq!(h.primary().as_deref(), Some("a"));
+        assert_eq!(
+            h.reasons(),
+            ["initial", "pinned", "primary_down (hard: killed by signal 9 (SIGKILL))", "pinned", "unpinned"]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reconfigure_keeps_the_state_of_unchanged_tunnels_and_ignores_retired_ones() {
+        let h = start(Duration::from_secs(30));
+        h.up(0);
+        h.up(1);
+        h.settle().await;
+        assert_eq!(h.primary().as_deref(), Some("a"));
+        // b is replaced by c (slot 7); a keeps its slot and its health.
+        let mut spec = ServiceSpec {
+            name: "svc".into(),
+            policy: Policy {
+                mode: Mode::Priority,
+                tolerance: Duration::from_millis(50),
+                max_latency: Duration::from_millis(500),
+                failback: Failback::Auto,
+                failback_hold: Duration::from_secs(30),
+            },
+            connect_timeout: Duration::from_secs(1),
+            on_failover: OnFailover::Keep,
+            listen: None,
+            hooks: vec![],
+            tunnels: vec![tunnel("a", 10), tunnel("c", 5)],
+        };
+        h.commands
+            .send(Command::Reconfigure {
+                spec: spec.clone(),
+                slots: vec![(0, None), (7, Some(watch::channel(true).0))],
+            })
+            .unwrap();
+        h.settle().await;
+        assert_eq!(h.primary().as_deref(), Some("a"), "a kept its health");
+        // The retired b's last words change nothing.
+        h.die(1);
+        h.settle().await;
+        assert_eq!(h.primary().as_deref(), Some("a"));
+        h.reports
+            .send((7, Report::Probe {
+                latency: Some(Duration::from_millis(1)),
+                error: None,
+                transition: Some(Transition::Up),
+            }))
+            .unwrap();
+        h.settle().await;
+        assert_eq!(h.primary().as_deref(), Some("a"), "c waits out the hold");
+        tokio::time::advance(Duration::from_secs(31)).await;
+        h.settle().await;
+        assert_eq!(h.primary().as_deref(), Some("c"));
+        spec.tunnels.truncate(1);
+        h.commands
+            .send(Command::Reconfigure { spec, slots: vec![(0, None)] })
+            .unwrap();
+        h.settle().await;
+        assert_eq!(h.primary().as_deref(), Some("a"), "a removed primary is replaced at once");
     }
 }

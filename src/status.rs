@@ -143,6 +143,33 @@ pub struct DaemonInfo {
     pub uptime_s: u64,
     /// Sequence number of the last event.
     pub last_seq: u64,
+    /// The outcome of the last reload, if there was one.
+    #[serde(default)]
+    pub last_reload: Option<ReloadStatus>,
+}
+
+/// The outcome of a configuration reload (SIGHUP, `POST /v1/reload`, `tunnelkeeper reload`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ReloadStatus {
+    /// When it was attempted (RFC 3339).
+    pub at: String,
+    /// False when the new file was refused and the old configuration kept running.
+    pub ok: bool,
+    /// Why it was refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Added services (`NAME`), tunnels (`SERVICE/TUNNEL`) and routers (`router:NAME`).
+    #[serde(default)]
+    pub added: Vec<String>,
+    /// Removed ones, named alike.
+    #[serde(default)]
+    pub removed: Vec<String>,
+    /// Restarted with new settings, named alike.
+    #[serde(default)]
+    pub changed: Vec<String>,
+    /// Changed settings that only a restart applies (e.g. `daemon.control_socket`).
+    #[serde(default)]
+    pub restart_required: Vec<String>,
 }
 
 /// RFC 3339 (milliseconds) for a wall-clock time.

@@ -74,13 +74,23 @@ async fn native_check(tunnel: &dyn Tunnel, limit: Duration) -> Result<(), String
     }
 }
 
-/// A report tagged with the tunnel's index in its service.
-pub type TaggedReport = (usize, Report);
+/// Identifies one tunnel task for its whole life. A reload that restarts a tunnel gives the new
+/// task a new id, so late reports of the old one cannot be mistaken for the new one's.
+pub type SlotId = u64;
+
+/// A report tagged with the tunnel task's id.
+pub type TaggedReport = (SlotId, Report);
+
+/// A fresh, never reused [`SlotId`].
+pub fn next_slot_id() -> SlotId {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
 
 /// Everything a tunnel task needs.
 pub struct TunnelTask {
-    /// Index of the tunnel within its service (the report tag).
-    pub index: usize,
+    /// The task's id (the report tag).
+    pub slot: SlotId,
     /// Service name (for events).
     pub service: String,
     /// The tunnel's resolved settings.
@@ -100,6 +110,9 @@ pub struct TunnelTask {
     /// Whether the tunnel should run now: always true for hot standby; the service flips it
     /// for `standby: cold`.
     pub wanted: watch::Receiver<bool>,
+    /// Notified to restart the tunnel now, skipping any backoff (after its router was
+    /// re-provisioned).
+    pub kick: Arc<tokio::sync::Notify>,
 }
 
 /// The running tunnel of one tunnel task, shared with the data plane.
@@ -114,6 +127,8 @@ enum Ending {
     Cancelled,
     /// Cold standby: a better tunnel has held its place; stop without a restart.
     Parked,
+    /// Asked to restart at once (its router was re-provisioned).
+    Kicked,
 }
 
 impl TunnelTask {
@@ -151,6 +166,19 @@ impl TunnelTask {
                     tunnel.stop().await;
                     match ending {
                         Ending::Cancelled => break,
+                        Ending::Kicked => {
+                            self.publish(EventKind::TunnelDown {
+                                service: self.service.clone(),
+                                tunnel: self.spec.name.clone(),
+                                reason: "restarting after its router was provisioned".into(),
+                                hard: true,
+                            });
+                            self.report(Report::Died {
+                                reason: "restarting after its router was provisioned".into(),
+                            });
+                            attempt = 0;
+                            continue;
+                        }
                         Ending::Died(reason) => self.died(reason),
                         Ending::Parked => {
                             self.publish(EventKind::TunnelDown {
@@ -180,6 +208,8 @@ impl TunnelTask {
             tokio::select! {
                 biased;
                 _ = self.cancel.cancelled() => break,
+                // What it depends on was just repaired: waiting out the backoff helps nobody.
+                _ = self.kick.notified() => attempt = 0,
                 _ = tokio::time::sleep(delay) => {}
             }
         }
@@ -205,6 +235,7 @@ impl TunnelTask {
             _ = self.cancel.cancelled() => Ending::Cancelled,
             reason = tunnel.closed() => Ending::Died(reason),
             _ = parked => Ending::Parked,
+            _ = self.kick.notified() => Ending::Kicked,
             never = self.probe_loop(tunnel, &endpoint, passive) => match never {},
         }
     }
@@ -328,7 +359,7 @@ impl TunnelTask {
 
     fn report(&self, report: Report) {
         // The service outlives its tunnels; a closed channel only happens during teardown.
-        let _ = self.reports.send((self.index, report));
+        let _ = self.reports.send((self.slot, report));
     }
 }
 
@@ -632,7 +663,7 @@ impl TunnelTask {
         cancel: CancellationToken,
     ) -> TunnelTask {
         TunnelTask {
-            index: 0,
+            slot: next_slot_id(),
             service: "s".into(),
             spec: TunnelSpec::for_test("t", 10, restart),
             provider,
@@ -649,6 +680,7 @@ impl TunnelTask {
             cancel,
             live: Default::default(),
             wanted: watch::channel(true).1,
+            kick: Default::default(),
         }
     }
 }

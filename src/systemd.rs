@@ -1,4 +1,4 @@
-//! systemd integration through sd-notify: READY, STATUS, WATCHDOG, STOPPING.
+//! systemd integration through sd-notify: READY, STATUS, WATCHDOG, RELOADING, STOPPING.
 //!
 //! Every call is a no-op when the daemon does not run under systemd (`NOTIFY_SOCKET` unset), so
 //! the same code path serves `tunnelkeeper run` from a shell, the demo and the tests.
@@ -20,6 +20,15 @@ pub fn status(text: &str) {
 /// Pets the watchdog.
 pub fn watchdog() {
     notify(&[NotifyState::Watchdog]);
+}
+
+/// Tells systemd a reload has begun (`Type=notify-reload` needs MONOTONIC_USEC with it);
+/// [`ready`] ends it.
+pub fn reloading() {
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => notify(&[NotifyState::Reloading, now]),
+        Err(e) => tracing::warn!("reading CLOCK_MONOTONIC for RELOADING=1: {e}"),
+    }
 }
 
 /// Tells systemd the daemon is shutting down.

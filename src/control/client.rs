@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -14,6 +14,18 @@ use crate::status::DaemonStatus;
 
 /// Largest status document the CLI accepts.
 const MAX_STATUS: usize = 64 * 1024 * 1024;
+/// Largest answer to a write the CLI accepts.
+const MAX_ANSWER: usize = 1024 * 1024;
+
+/// The daemon refused a request: its HTTP status and `{"error": ...}` message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{status}: {message}")]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: hyper::StatusCode,
+    /// The daemon's message.
+    pub message: String,
+}
 
 /// A client for one daemon's control socket.
 #[derive(Debug, Clone)]
@@ -65,7 +77,7 @@ impl Client {
                 .ok()
                 .and_then(|v| v["error"].as_str().map(str::to_string))
                 .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
-            bail!("{status}: {message}");
+            return Err(ApiError { status, message }.into());
         }
         Ok(response)
     }
@@ -81,6 +93,34 @@ impl Client {
     pub async fn status(&self) -> anyhow::Result<DaemonStatus> {
         let v = self.status_json().await?;
         serde_json::from_value(v).context("unexpected status document")
+    }
+
+    /// Sends a write and returns the daemon's JSON answer.
+    async fn write(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<serde_json::Value> {
+        let response = self.request(method, path, body).await?;
+        let body = http_client::read_body(response, MAX_ANSWER).await?;
+        serde_json::from_slice(&body).context("the daemon's answer is not JSON")
+    }
+
+    /// `POST /v1/services/SERVICE/pin {"tunnel": TUNNEL}`.
+    pub async fn pin(&self, service: &str, tunnel: &str) -> anyhow::Result<serde_json::Value> {
+        let body = serde_json::json!({ "tunnel": tunnel });
+        self.write(Method::POST, &pin_path(service), Some(body)).await
+    }
+
+    /// `DELETE /v1/services/SERVICE/pin`.
+    pub async fn unpin(&self, service: &str) -> anyhow::Result<serde_json::Value> {
+        self.write(Method::DELETE, &pin_path(service), None).await
+    }
+
+    /// `POST /v1/reload`: what changed, or an [`ApiError`] (422) naming what is wrong.
+    pub async fn reload(&self) -> anyhow::Result<serde_json::Value> {
+        self.write(Method::POST, "/v1/reload", None).await
     }
 
     /// `GET /v1/events`; calls `line` for every NDJSON line until the stream ends.
@@ -107,4 +147,17 @@ impl Client {
         }
         Ok(())
     }
+}
+
+/// The pin endpoint of a service (its name is percent-encoded: names are restricted, but a
+/// typo with a slash must not reach another endpoint).
+fn pin_path(service: &str) -> String {
+    let encoded: String = service
+        .bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    format!("/v1/services/{encoded}/pin")
 }

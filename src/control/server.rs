@@ -26,6 +26,15 @@ const MAX_CONNECTIONS: usize = 64;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Request heads larger than this are refused.
 const MAX_HEAD: usize = 16 * 1024;
+/// What prometheus-client's text encoder produces.
+const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// Request bodies (a pin's JSON) larger than this are refused.
+const MAX_BODY: usize = 4 * 1024;
+/// A client must send its body within this time.
+const BODY_TIMEOUT: Duration = Duration::from_secs(5);
+/// A write that the daemon does not answer within this time fails with 503 (a reload waits
+/// for changed tunnels to stop, each bounded by its own grace).
+const OP_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// What a peer may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,8 +72,66 @@ pub struct ControlState {
     pub bus: Arc<Bus>,
     /// Produces the current status.
     pub status: Box<dyn Fn() -> DaemonStatus + Send + Sync>,
-    /// Read-only principals.
-    pub readers: Vec<Reader>,
+    /// Produces the Prometheus text exposition for `GET /metrics`.
+    pub metrics: Box<dyn Fn() -> String + Send + Sync>,
+    /// Read-only principals (replaced by a reload).
+    pub readers: std::sync::RwLock<Vec<Reader>>,
+    /// Where writes go: the daemon's main loop applies them one at a time.
+    pub ops: mpsc::Sender<Op>,
+}
+
+/// A write request for the daemon's main loop; the answer comes back on `reply`.
+#[derive(Debug)]
+pub enum Op {
+    /// Pin `service` to `tunnel`, or unpin it (None).
+    Pin {
+        /// Service name.
+        service: String,
+        /// Tunnel name, or None to unpin.
+        tunnel: Option<String>,
+        /// The outcome.
+        reply: tokio::sync::oneshot::Sender<Result<serde_json::Value, OpError>>,
+    },
+    /// Reload the configuration file.
+    Reload {
+        /// What changed, or why nothing did.
+        reply: tokio::sync::oneshot::Sender<Result<serde_json::Value, OpError>>,
+    },
+}
+
+/// Why a write was refused, with the HTTP status that says so.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpError {
+    /// HTTP status code.
+    pub status: u16,
+    /// Message for the operator.
+    pub message: String,
+}
+
+impl OpError {
+    /// 404: an unknown service or tunnel.
+    pub fn not_found(message: impl Into<String>) -> OpError {
+        OpError {
+            status: 404,
+            message: message.into(),
+        }
+    }
+
+    /// 422: a request that is well formed but cannot be applied (e.g. an invalid config file).
+    pub fn unprocessable(message: impl Into<String>) -> OpError {
+        OpError {
+            status: 422,
+            message: message.into(),
+        }
+    }
+
+    /// 500: the daemon failed.
+    pub fn internal(message: impl Into<String>) -> OpError {
+        OpError {
+            status: 500,
+            message: message.into(),
+        }
+    }
 }
 
 /// Binds the control socket at `path` (mode 0660), replacing a stale socket file left by a
@@ -115,7 +182,10 @@ pub async fn serve(listener: UnixListener, state: Arc<ControlState>, cancel: Can
             },
         };
         let access = match stream.peer_cred() {
-            Ok(cred) => access_for(cred.uid(), cred.gid(), own_uid, &state.readers),
+            Ok(cred) => {
+                let readers = state.readers.read().unwrap_or_else(|p| p.into_inner());
+                access_for(cred.uid(), cred.gid(), own_uid, &readers)
+            }
             Err(_) => Access::Denied,
         };
         let state = state.clone();
@@ -149,16 +219,107 @@ async fn route(
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    match (req.method(), segments.as_slice()) {
-        (&Method::GET, ["v1", "status"]) => json(StatusCode::OK, &(state.status)()),
-        (&Method::GET, ["v1", "events"]) => match EventsQuery::parse(&query) {
+    let write = |access: Access| {
+        (access != Access::Full).then(|| {
+            error(
+                StatusCode::FORBIDDEN,
+                "read-only access: changes need root or the daemon's own user",
+            )
+        })
+    };
+    match (req.method().clone(), segments.as_slice()) {
+        (Method::GET, ["v1", "status"]) => json(StatusCode::OK, &(state.status)()),
+        (Method::GET, ["v1", "events"]) => match EventsQuery::parse(&query) {
             Ok(q) => events(state, q, cancel),
             Err(e) => error(StatusCode::BAD_REQUEST, &e),
         },
-        (_, ["v1", "status"]) | (_, ["v1", "events"]) => {
+        (Method::GET, ["metrics"]) => Response::builder()
+            .status(StatusCode::OK)
+            .header("content-type", METRICS_CONTENT_TYPE)
+            .body(Full::new(Bytes::from((state.metrics)())).boxed())
+            .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "response")),
+        (Method::POST, ["v1", "services", service, "pin"]) => {
+            if let Some(denied) = write(access) {
+                return denied;
+            }
+            let service = service.to_string();
+            let tunnel = match pin_body(req).await {
+                Ok(tunnel) => tunnel,
+                Err(e) => return error(StatusCode::BAD_REQUEST, &e),
+            };
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            let op = Op::Pin {
+                service,
+                tunnel: Some(tunnel),
+                reply,
+            };
+            submit(state, op, answer).await
+        }
+        (Method::DELETE, ["v1", "services", service, "pin"]) => {
+            if let Some(denied) = write(access) {
+                return denied;
+            }
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            let op = Op::Pin {
+                service: service.to_string(),
+                tunnel: None,
+                reply,
+            };
+            submit(state, op, answer).await
+        }
+        (Method::POST, ["v1", "reload"]) => {
+            if let Some(denied) = write(access) {
+                return denied;
+            }
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            submit(state, Op::Reload { reply }, answer).await
+        }
+        (_, ["v1", "status"]) | (_, ["v1", "events"]) | (_, ["metrics"]) | (_, ["v1", "reload"])
+        | (_, ["v1", "services", _, "pin"]) => {
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
         }
         _ => error(StatusCode::NOT_FOUND, &format!("no such endpoint: {path}")),
+    }
+}
+
+/// Reads `{"tunnel": "NAME"}`, bounded in size and time.
+async fn pin_body(req: Request<Incoming>) -> Result<String, String> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct PinBody {
+        tunnel: String,
+    }
+    let limited = http_body_util::Limited::new(req.into_body(), MAX_BODY);
+    let bytes = match tokio::time::timeout(BODY_TIMEOUT, limited.collect()).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) => return Err(format!("reading the body: {e} (at most {MAX_BODY} bytes)")),
+        Err(_) => return Err("the body did not arrive in time".into()),
+    };
+    let body: PinBody = serde_json::from_slice(&bytes)
+        .map_err(|e| format!("expected {{\"tunnel\": \"NAME\"}}: {e}"))?;
+    if body.tunnel.is_empty() {
+        return Err("tunnel must not be empty".into());
+    }
+    Ok(body.tunnel)
+}
+
+/// Hands a write to the daemon's main loop and turns its answer into a response.
+async fn submit(
+    state: &ControlState,
+    op: Op,
+    answer: tokio::sync::oneshot::Receiver<Result<serde_json::Value, OpError>>,
+) -> Response<Body> {
+    let unavailable = || error(StatusCode::SERVICE_UNAVAILABLE, "the daemon is not taking changes now");
+    if state.ops.try_send(op).is_err() {
+        return unavailable();
+    }
+    match tokio::time::timeout(OP_TIMEOUT, answer).await {
+        Ok(Ok(Ok(value))) => json(StatusCode::OK, &value),
+        Ok(Ok(Err(e))) => error(
+            StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            &e.message,
+        ),
+        _ => unavailable(),
     }
 }
 

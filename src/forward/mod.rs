@@ -35,7 +35,7 @@ use tunnelkeeper_providers::Dial;
 
 use crate::config::model::OnFailover;
 use crate::config::spec::{ListenAddress, ListenSpec, ServiceSpec};
-use crate::service::{Primary, Routes};
+use crate::service::{Primary, Route, Routes};
 
 /// Client bytes kept for a replay while no reply has arrived. Requests bigger than this are not
 /// replayed: they go through unbuffered once the limit is reached.
@@ -128,7 +128,8 @@ pub struct Counters {
     unserved: AtomicU64,
     to_service: AtomicU64,
     to_client: AtomicU64,
-    failed_dials: Vec<AtomicU64>,
+    /// Per tunnel name (names follow reloads, so not an index).
+    failed_dials: Mutex<BTreeMap<String, u64>>,
 }
 
 /// The listener figures in `/v1/status`.
@@ -153,16 +154,18 @@ pub struct ListenerStatus {
 }
 
 /// A cheap handle on a listener's figures, for the status document.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ListenerStats {
     address: String,
     counters: Arc<Counters>,
-    names: Vec<String>,
+    routes: Routes,
 }
 
 /// A running listener.
 pub struct Listener {
     stats: ListenerStats,
+    /// The accept loop (it owns the bound socket).
+    accept: tokio::task::JoinHandle<()>,
     accepting: CancellationToken,
     connections: CancellationToken,
     tracker: TaskTracker,
@@ -175,8 +178,8 @@ struct Shared {
     connect_timeout: Duration,
     routes: Routes,
     counters: Arc<Counters>,
-    /// Open connections: id → (tunnel index, its cancel token), for `on_failover: close`.
-    open: Mutex<HashMap<u64, (usize, CancellationToken)>>,
+    /// Open connections: id → (tunnel name, its cancel token), for `on_failover: close`.
+    open: Mutex<HashMap<u64, (String, CancellationToken)>>,
     next_id: AtomicU64,
     epoch: Instant,
 }
@@ -189,12 +192,9 @@ impl Listener {
         listen: &ListenSpec,
         routes: Routes,
     ) -> Listener {
-        let counters = Arc::new(Counters {
-            failed_dials: routes.names.iter().map(|_| AtomicU64::new(0)).collect(),
-            ..Counters::default()
-        });
+        let counters = Arc::new(Counters::default());
         let address = acceptor.local_address();
-        let names = routes.names.clone();
+        let stats_routes = routes.clone();
         let shared = Arc::new(Shared {
             service: service.name.clone(),
             spec: listen.clone(),
@@ -208,7 +208,7 @@ impl Listener {
         let accepting = CancellationToken::new();
         let connections = CancellationToken::new();
         let tracker = TaskTracker::new();
-        tracker.spawn(accept_loop(
+        let accept = tracker.spawn(accept_loop(
             acceptor,
             shared.clone(),
             accepting.clone(),
@@ -223,8 +223,9 @@ impl Listener {
             stats: ListenerStats {
                 address,
                 counters,
-                names,
+                routes: stats_routes,
             },
+            accept,
             accepting,
             connections,
             tracker,
@@ -234,6 +235,14 @@ impl Listener {
     /// A handle on the listener's figures.
     pub fn stats(&self) -> ListenerStats {
         self.stats.clone()
+    }
+
+    /// Stops accepting and returns once the address is free (a reload may bind it again);
+    /// open connections go on in the background for up to `grace`, then are closed.
+    pub async fn retire(mut self, grace: Duration) {
+        self.accepting.cancel();
+        let _ = (&mut self.accept).await;
+        tokio::spawn(self.stop(grace));
     }
 
     /// Stops accepting, lets open connections finish for up to `grace`, then closes the rest.
@@ -268,12 +277,17 @@ impl ListenerStats {
             replayed: load(&c.replayed),
             bytes_to_service: load(&c.to_service),
             bytes_to_client: load(&c.to_client),
-            failed_dials: self
-                .names
-                .iter()
-                .zip(&c.failed_dials)
-                .map(|(n, a)| (n.clone(), load(a)))
-                .collect(),
+            failed_dials: {
+                let failed = c.failed_dials.lock().unwrap_or_else(|p| p.into_inner());
+                self.routes
+                    .names()
+                    .into_iter()
+                    .map(|n| {
+                        let count = failed.get(&n).copied().unwrap_or(0);
+                        (n, count)
+                    })
+                    .collect()
+            },
         }
     }
 }
@@ -339,15 +353,12 @@ async fn close_on_failover(shared: Arc<Shared>, stop: CancellationToken) {
             continue;
         }
         current = now;
-        let Some(keep) = current
-            .as_deref()
-            .and_then(|name| shared.routes.names.iter().position(|n| n == name))
-        else {
+        let Some(keep) = current.as_deref() else {
             continue;
         };
         let open = shared.open.lock().unwrap_or_else(|p| p.into_inner());
         for (tunnel, token) in open.values() {
-            if *tunnel != keep {
+            if tunnel != keep {
                 token.cancel();
             }
         }
@@ -397,14 +408,14 @@ async fn serve(mut client: Dial, shared: &Shared, token: CancellationToken) {
     let mut client_done = false;
     let mut tried = 0usize;
     for name in attempts {
-        let Some((index, tunnel)) = shared.routes.get(name) else {
+        let Some((route, tunnel)) = shared.routes.get(name) else {
             continue;
         };
         tried += 1;
         let mut upstream = match tunnel.dial(shared.connect_timeout).await {
             Ok(stream) => stream,
             Err(e) => {
-                fail(shared, index, name, format!("dial: {e}"));
+                fail(shared, &route, format!("dial: {e}"));
                 continue;
             }
         };
@@ -415,9 +426,9 @@ async fn serve(mut client: Dial, shared: &Shared, token: CancellationToken) {
             .open
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id, (index, token.clone()));
+            .insert(id, (route.name.clone(), token.clone()));
         if let Err(e) = resend(&mut upstream, &sent, client_done).await {
-            fail(shared, index, name, format!("replay: {e}"));
+            fail(shared, &route, format!("replay: {e}"));
             continue;
         }
         let first = tokio::select! {
@@ -437,11 +448,11 @@ async fn serve(mut client: Dial, shared: &Shared, token: CancellationToken) {
             }
             FirstReply::Done => return,
             FirstReply::Failed(reason) if replayable => {
-                fail(shared, index, name, reason);
+                fail(shared, &route, reason);
                 continue;
             }
             FirstReply::Failed(reason) => {
-                fail(shared, index, name, reason);
+                fail(shared, &route, reason);
                 return;
             }
         }
@@ -491,12 +502,16 @@ async fn went_down(mut primary: tokio::sync::watch::Receiver<Primary>, tunnel: &
 }
 
 /// A failure real traffic met: counted, logged, and fed to the tunnel's probe counter.
-fn fail(shared: &Shared, index: usize, name: &str, reason: String) {
-    if let Some(c) = shared.counters.failed_dials.get(index) {
-        c.fetch_add(1, Ordering::Relaxed);
-    }
-    tracing::debug!(service = %shared.service, tunnel = name, "connection through tunnel failed: {reason}");
-    shared.routes.report_failure(index, reason);
+fn fail(shared: &Shared, route: &Route, reason: String) {
+    *shared
+        .counters
+        .failed_dials
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(route.name.clone())
+        .or_default() += 1;
+    tracing::debug!(service = %shared.service, tunnel = %route.name, "connection through tunnel failed: {reason}");
+    route.report_failure(reason);
 }
 
 /// Sends a new upstream what the client already sent (and its half-close, if any).
