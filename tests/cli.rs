@@ -182,6 +182,28 @@ async fn peer_credentials_decide_who_may_read() {
                 "{stderr}"
             );
         }
+        // Writes need root or the daemon's own uid, whatever `readers` says.
+        for write in [
+            &["pin", "web", "lan"][..],
+            &["unpin", "web"][..],
+            &["reload"][..],
+        ] {
+            let out = Command::new("runuser")
+                .args(["-u", "nobody", "--", BIN])
+                .args(write)
+                .arg("--socket")
+                .arg(&daemon.socket)
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{write:?} by nobody: {stderr}");
+            let why = if allowed { "read-only access" } else { "permission denied" };
+            assert!(stderr.contains("403") && stderr.contains(why), "{write:?}: {stderr}");
+        }
+        assert!(daemon.status().await.services[0].pin.is_none());
+        // Root may write.
+        let out = cli(&["pin", "web", "lan"], &daemon.socket);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
 }
 
@@ -239,8 +261,15 @@ services:
       - {{ name: lan, provider: direct, address: "{echo}" }}
 "#
     );
-    let mut daemon =
-        Daemon::start_with_env(&config, &[("NOTIFY_SOCKET", notify_path.as_os_str())]).await;
+    let mut daemon = Daemon::start_with_env(
+        &config,
+        &[
+            ("NOTIFY_SOCKET", notify_path.as_os_str()),
+            // As systemd sets it for WatchdogSec=400ms: pets every 200 ms.
+            ("WATCHDOG_USEC", std::ffi::OsStr::new("400000")),
+        ],
+    )
+    .await;
     let mut got = Vec::new();
     let mut buf = vec![0u8; 4096];
     // READY=1 comes first, and only once the control socket answers (Daemon::start waited).
@@ -251,6 +280,34 @@ services:
     }
     let status = got.iter().rev().find(|m| m.starts_with("STATUS=")).unwrap();
     assert!(status.contains("1/1 up"), "{status}");
+    while !got.iter().any(|m| m.trim() == "WATCHDOG=1") {
+        got.push(recv(&notify, &mut buf).await);
+    }
+    // SIGHUP (what `systemctl reload` sends under Type=notify-reload): RELOADING=1 with the
+    // monotonic time in one message, then READY=1 once the reload is done.
+    let pid = nix::unistd::Pid::from_raw(daemon.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    let reloading = loop {
+        let m = recv(&notify, &mut buf).await;
+        if m.contains("RELOADING=1") {
+            break m;
+        }
+    };
+    let usec: u64 = reloading
+        .lines()
+        .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
+        .unwrap_or_else(|| panic!("no MONOTONIC_USEC in {reloading:?}"))
+        .parse()
+        .unwrap();
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
+    let now_usec = now.tv_sec() as u64 * 1_000_000 + now.tv_nsec() as u64 / 1000;
+    assert!(usec <= now_usec && now_usec - usec < 10_000_000, "{usec} vs {now_usec}");
+    loop {
+        let m = recv(&notify, &mut buf).await;
+        if m.trim() == "READY=1" {
+            break;
+        }
+    }
     assert!(daemon.terminate().success());
     let mut rest = Vec::new();
     while let Ok(Ok(n)) =

@@ -10,20 +10,6 @@ use nix::unistd::Pid;
 use support::*;
 use tunnelkeeper::status::TunnelState;
 
-const SOCAT: &str = "/usr/bin/socat";
-
-fn socat_tunnel(name: &str, priority: u32, port: u16, echo: std::net::SocketAddr) -> String {
-    format!(
-        r#"
-      - name: {name}
-        provider: command
-        priority: {priority}
-        run: ["{SOCAT}", "TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr", "TCP:{echo}"]
-        endpoint: 127.0.0.1:{port}
-        stop_grace: 1s"#
-    )
-}
-
 fn config(echo: std::net::SocketAddr, ports: [u16; 3], hold: &str) -> String {
     format!(
         r#"version: 1
@@ -43,13 +29,6 @@ services:
         socat_tunnel("b", 20, ports[1], echo),
         socat_tunnel("c", 30, ports[2], echo),
     )
-}
-
-fn assert_socat() {
-    assert!(
-        std::path::Path::new(SOCAT).exists(),
-        "socat is required (the README's test command installs it)"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

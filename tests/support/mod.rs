@@ -298,3 +298,27 @@ pub fn tunnel_event<'a>(
 ) -> impl Fn(&serde_json::Value) -> bool + 'a {
     move |v| v["type"] == kind && v["tunnel"] == tunnel
 }
+
+/// Debian's socat, installed by the README's test command.
+pub const SOCAT: &str = "/usr/bin/socat";
+
+/// Fails clearly when socat is missing.
+pub fn assert_socat() {
+    assert!(
+        Path::new(SOCAT).exists(),
+        "socat is required (the README's test command installs it)"
+    );
+}
+
+/// YAML lines of a `command` tunnel: a socat relay from 127.0.0.1:`port` to `echo`.
+pub fn socat_tunnel(name: &str, priority: u32, port: u16, echo: SocketAddr) -> String {
+    format!(
+        r#"
+      - name: {name}
+        provider: command
+        priority: {priority}
+        run: ["{SOCAT}", "TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr", "TCP:{echo}"]
+        endpoint: 127.0.0.1:{port}
+        stop_grace: 1s"#
+    )
+}
