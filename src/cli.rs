@@ -83,10 +83,11 @@ pub fn check(path: &Path) -> u8 {
         Ok(config) => {
             let tunnels: usize = config.services.iter().map(|s| s.tunnels.len()).sum();
             println!(
-                "{}: ok ({} services, {} tunnels)",
+                "{}: ok ({} services, {} tunnels, {} routers)",
                 path.display(),
                 config.services.len(),
-                tunnels
+                tunnels,
+                config.routers.len()
             );
             EXIT_OK
         }
@@ -248,6 +249,47 @@ pub fn render_status(status: &DaemonStatus) -> String {
             );
         }
     }
+    for r in &status.routers {
+        let provision = r
+            .last_provision
+            .as_ref()
+            .map(|p| {
+                format!(
+                    "{} ({}, {})",
+                    if p.ok { "ok" } else { "FAILED" },
+                    p.cause,
+                    p.at
+                )
+            })
+            .unwrap_or_else(|| "-".into());
+        let _ = writeln!(
+            out,
+            "\nrouter {}  {}  boot id: {}  last reboot: {}  last provision: {}{}",
+            r.name,
+            if r.connected { "connected" } else { "UNREACHABLE" },
+            r.boot_id.as_deref().unwrap_or("-"),
+            r.last_reboot.as_deref().unwrap_or("-"),
+            provision,
+            r.reason
+                .as_deref()
+                .map(|why| format!("  reason: {why}"))
+                .unwrap_or_default()
+        );
+        for c in &r.checks {
+            let result = match c.ok {
+                Some(true) => "ok",
+                Some(false) => "DRIFT",
+                None => "not run",
+            };
+            let _ = writeln!(
+                out,
+                "  check {:<16} {:<7} {}",
+                c.name,
+                result,
+                c.got.as_deref().unwrap_or("")
+            );
+        }
+    }
     out
 }
 
@@ -370,7 +412,10 @@ pub fn reload(socket: &SocketArgs) -> u8 {
             list("removed"),
             list("changed")
         );
-        if answer["restart_required"].as_array().is_some_and(|a| !a.is_empty()) {
+        if answer["restart_required"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty())
+        {
             println!(
                 "takes effect at the next restart: {}",
                 list("restart_required")

@@ -27,8 +27,11 @@ use crate::config::spec::{Config, ListenAddress, ProviderSpec, ServiceSpec, Tunn
 use crate::control::{self, ControlState, Op, OpError};
 use crate::forward::{Acceptor, ListenerStats};
 use crate::pins::Pins;
+use crate::router::{RouterBoard, RouterStatus, Routers};
 use crate::service::ServiceHandle;
-use crate::status::{self, DaemonInfo, DaemonStatus, ReloadStatus, SharedStatus};
+use crate::status::{
+    self, DaemonInfo, DaemonStatus, ReloadStatus, ServiceStatus, SharedStatus, TunnelState,
+};
 use crate::systemd;
 
 /// A running daemon.
@@ -38,6 +41,7 @@ pub struct Daemon {
     ssh: SshPool,
     resolver: Resolver,
     services: Vec<ServiceHandle>,
+    routers: Routers,
     /// What the status document reads; replaced on reload.
     board: Board,
     pins: Pins,
@@ -89,14 +93,19 @@ impl Daemon {
             .services
             .iter()
             .zip(acceptors)
-            .map(|(spec, acceptor)| {
-                start_service(spec, acceptor, &ssh, &bus, &resolver, &cancel)
-            })
+            .map(|(spec, acceptor)| start_service(spec, acceptor, &ssh, &bus, &resolver, &cancel))
             .collect();
 
+        let routers = Routers::start(
+            &config.routers,
+            ssh.clone(),
+            bus.clone(),
+            config.daemon.state_dir.clone(),
+            &cancel,
+        );
         let board: Board = Arc::new(RwLock::new(Vec::new()));
         let last_reload = Arc::new(RwLock::new(None));
-        let status = status_source(&config, &bus, &board, &ssh, &last_reload);
+        let status = status_source(&config, &bus, &board, &routers.board(), &ssh, &last_reload);
         let (ops_tx, ops) = mpsc::channel(OPS_QUEUE);
         let control_state = Arc::new(ControlState {
             bus: bus.clone(),
@@ -123,6 +132,7 @@ impl Daemon {
             ssh,
             resolver,
             services,
+            routers,
             board,
             pins,
             control_state,
@@ -156,6 +166,29 @@ impl Daemon {
     /// The configuration in force.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The running routers' watchers.
+    pub fn routers(&self) -> &Routers {
+        &self.routers
+    }
+
+    /// Reacts to an event on the bus: after a router is provisioned, the tunnels that depend
+    /// on it restart at once instead of waiting out their backoff.
+    pub fn on_event(&self, event: &EventKind) {
+        if let EventKind::RouterProvisioned { router, .. } = event {
+            for service in &self.services {
+                let kicked = service.kick_via_router(router);
+                if !kicked.is_empty() {
+                    tracing::info!(
+                        router,
+                        service = %service.spec.name,
+                        tunnels = ?kicked,
+                        "router provisioned: restarting the tunnels that depend on it"
+                    );
+                }
+            }
+        }
     }
 
     /// The next write from the control socket (pin, unpin, reload).
@@ -196,7 +229,12 @@ impl Daemon {
         // Validate before persisting: a pin on a tunnel that does not exist is refused.
         if let Some(name) = tunnel {
             if !handle.spec.tunnels.iter().any(|t| t.name == name) {
-                let known: Vec<&str> = handle.spec.tunnels.iter().map(|t| t.name.as_str()).collect();
+                let known: Vec<&str> = handle
+                    .spec
+                    .tunnels
+                    .iter()
+                    .map(|t| t.name.as_str())
+                    .collect();
                 return Err(OpError::not_found(format!(
                     "service `{service}` has no tunnel `{name}` (tunnels: {})",
                     known.join(", ")
@@ -280,7 +318,9 @@ impl Daemon {
         for spec in &next.services {
             let current = self.services.iter().find(|s| s.spec.name == spec.name);
             let Some(listen) = &spec.listen else { continue };
-            let moved = current.is_none_or(|c| c.spec.listen.as_ref().map(|l| &l.address) != Some(&listen.address));
+            let moved = current.is_none_or(|c| {
+                c.spec.listen.as_ref().map(|l| &l.address) != Some(&listen.address)
+            });
             if moved && !held.contains(&&listen.address) {
                 let acceptor = bind_listener(spec).await.map_err(|e| format!("{e:#}"))?;
                 if let Some(acceptor) = acceptor {
@@ -307,10 +347,8 @@ impl Daemon {
             service.drain(grace).await;
             service.stop().await;
         }
-        let mut kept: HashMap<String, ServiceHandle> = kept
-            .into_iter()
-            .map(|s| (s.spec.name.clone(), s))
-            .collect();
+        let mut kept: HashMap<String, ServiceHandle> =
+            kept.into_iter().map(|s| (s.spec.name.clone(), s)).collect();
         let ssh = self.ssh.clone();
         let provider = move |t: &TunnelSpec| provider_for(&t.provider, &ssh);
         for spec in &next.services {
@@ -369,6 +407,11 @@ impl Daemon {
                 }
             }
         }
+        let (added, removed, changed) = self.routers.reconfigure(&next.routers).await;
+        let router = |names: Vec<String>| names.into_iter().map(|n| format!("router:{n}"));
+        done.added.extend(router(added));
+        done.removed.extend(router(removed));
+        done.changed.extend(router(changed));
         self.config = next;
         self.refresh_board();
         for stale in self.pins.retain_known(&self.config) {
@@ -416,6 +459,7 @@ impl Daemon {
                 "shutdown grace elapsed; some tunnels were still stopping"
             );
         }
+        self.routers.stop().await;
         self.cancel.cancel();
         let _ = self.control.await;
         if let Err(e) = std::fs::remove_file(&self.socket) {
@@ -480,6 +524,7 @@ fn status_source(
     config: &Config,
     bus: &Arc<Bus>,
     board: &Board,
+    routers: &RouterBoard,
     ssh: &SshPool,
     last_reload: &Arc<RwLock<Option<ReloadStatus>>>,
 ) -> Arc<dyn Fn() -> DaemonStatus + Send + Sync> {
@@ -487,20 +532,13 @@ fn status_source(
     let board = board.clone();
     let bus = bus.clone();
     let last_reload = last_reload.clone();
+    let routers = routers.clone();
     let config_path = config.source.display().to_string();
     let started_wall = status::rfc3339(SystemTime::now());
     let started = Instant::now();
-    Arc::new(move || DaemonStatus {
-        daemon: DaemonInfo {
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            pid: std::process::id(),
-            config: config_path.clone(),
-            started: started_wall.clone(),
-            uptime_s: started.elapsed().as_secs(),
-            last_seq: bus.last_seq(),
-            last_reload: last_reload.read().unwrap_or_else(|p| p.into_inner()).clone(),
-        },
-        services: board
+    Arc::new(move || {
+        let routers = routers.snapshot();
+        let mut services: Vec<ServiceStatus> = board
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
@@ -509,9 +547,49 @@ fn status_source(
                 s.listener = listener.as_ref().map(ListenerStats::status);
                 s
             })
-            .collect(),
-        ssh_pool: serde_json::to_value(ssh.stats()).unwrap_or_default(),
+            .collect();
+        blame_unreachable_routers(&mut services, &routers);
+        DaemonStatus {
+            daemon: DaemonInfo {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                pid: std::process::id(),
+                config: config_path.clone(),
+                started: started_wall.clone(),
+                uptime_s: started.elapsed().as_secs(),
+                last_seq: bus.last_seq(),
+                subscribers: bus.subscriber_count(),
+                last_reload: last_reload
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone(),
+            },
+            services,
+            routers,
+            ssh_pool: serde_json::to_value(ssh.stats()).unwrap_or_default(),
+        }
     })
+}
+
+/// A tunnel that is not up while the router it goes through is unreachable is down because of
+/// the router: its reason says so first, so the operator looks in the right place.
+fn blame_unreachable_routers(services: &mut [ServiceStatus], routers: &[RouterStatus]) {
+    for tunnel in services.iter_mut().flat_map(|s| s.tunnels.iter_mut()) {
+        let Some(router) = tunnel
+            .via_router
+            .as_deref()
+            .and_then(|name| routers.iter().find(|r| r.name == name))
+        else {
+            continue;
+        };
+        if router.connected || tunnel.state == TunnelState::Up {
+            continue;
+        }
+        let why = router.reason.as_deref().unwrap_or("no answer");
+        tunnel.reason = Some(match &tunnel.reason {
+            Some(own) => format!("router `{}` unreachable ({why}); {own}", router.name),
+            None => format!("router `{}` unreachable ({why})", router.name),
+        });
+    }
 }
 
 /// Runs the daemon until `shutdown` resolves: READY=1 once the socket is bound, STATUS= on every
@@ -567,7 +645,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 }
                 report_status(&daemon);
             }
-            _ = events.next() => report_status(&daemon),
+            event = events.next() => {
+                if let Some(crate::bus::Delivery::Event(event)) = event {
+                    daemon.on_event(&event.kind);
+                }
+                report_status(&daemon);
+            }
         }
     }
     systemd::stopping();

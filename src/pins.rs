@@ -28,8 +28,12 @@ impl Pins {
         let path = state_dir.join("pins.json");
         let loaded = state::read_optional(&path).and_then(|text| match text {
             None => Ok(BTreeMap::new()),
-            Some(text) => serde_json::from_str(&text)
-                .with_context(|| format!("{} is not a JSON object of service → tunnel", path.display())),
+            Some(text) => serde_json::from_str(&text).with_context(|| {
+                format!(
+                    "{} is not a JSON object of service → tunnel",
+                    path.display()
+                )
+            }),
         });
         match loaded {
             Ok(pins) => (Pins { path, pins }, None),

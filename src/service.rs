@@ -133,10 +133,17 @@ struct TaskContext {
 
 impl TaskContext {
     /// Spawns the task of one tunnel; returns it and the switch that wakes it from cold standby.
-    fn spawn(&self, tunnel: &TunnelSpec, provider: Arc<dyn Provider>) -> (Slot, watch::Sender<bool>) {
+    fn spawn(
+        &self,
+        tunnel: &TunnelSpec,
+        provider: Arc<dyn Provider>,
+    ) -> (Slot, watch::Sender<bool>) {
         // Hot tunnels run at once; cold ones wait for the election loop to wake them.
         let (wanted_tx, wanted_rx) = watch::channel(tunnel.standby == Standby::Hot);
-        (self.spawn_as(next_slot_id(), wanted_rx, tunnel, provider), wanted_tx)
+        (
+            self.spawn_as(next_slot_id(), wanted_rx, tunnel, provider),
+            wanted_tx,
+        )
     }
 
     /// Spawns the task of one tunnel under a chosen id and standby switch.
@@ -329,8 +336,10 @@ impl ServiceHandle {
     ) -> anyhow::Result<TunnelChanges> {
         let mut changes = TunnelChanges::default();
         let qualified = |name: &str| format!("{}/{name}", spec.name);
-        let mut old: Vec<Option<Slot>> =
-            std::mem::take(&mut self.slots).into_iter().map(Some).collect();
+        let mut old: Vec<Option<Slot>> = std::mem::take(&mut self.slots)
+            .into_iter()
+            .map(Some)
+            .collect();
         // Plan first: which tunnels keep their task, which get a new one (under a new id).
         enum Plan {
             Keep(Slot),
@@ -381,7 +390,8 @@ impl ServiceHandle {
             .map(|(plan, tunnel)| match plan {
                 Plan::Keep(slot) => slot,
                 Plan::Start(id, wanted) => {
-                    self.tasks.spawn_as(id, wanted, tunnel, provider_for(tunnel))
+                    self.tasks
+                        .spawn_as(id, wanted, tunnel, provider_for(tunnel))
                 }
             })
             .collect();
@@ -408,9 +418,9 @@ impl ServiceHandle {
             if let Some(listen) = &self.spec.listen {
                 let acceptor = match acceptor {
                     Some(a) => a,
-                    None => Acceptor::bind(&listen.address).await.map_err(|e| {
-                        anyhow::anyhow!("service `{}`: {e:#}", self.spec.name)
-                    })?,
+                    None => Acceptor::bind(&listen.address)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("service `{}`: {e:#}", self.spec.name))?,
                 };
                 self.listener = Some(Listener::start(
                     acceptor,
@@ -479,6 +489,7 @@ fn initial_status(spec: &ServiceSpec) -> ServiceStatus {
                 restarts: 0,
                 since: now.clone(),
                 hold_ms: t_hold_ms(spec.policy.failback_hold),
+                via_router: t.via_router.clone(),
             })
             .collect(),
         listener: None,
@@ -607,7 +618,11 @@ impl Election {
 
     /// Takes a reloaded spec: kept tunnels carry their state (health, latency, dampening,
     /// status entry) to their new position; new ones start from scratch.
-    fn reconfigure(&mut self, spec: ServiceSpec, slots: Vec<(SlotId, Option<watch::Sender<bool>>)>) {
+    fn reconfigure(
+        &mut self,
+        spec: ServiceSpec,
+        slots: Vec<(SlotId, Option<watch::Sender<bool>>)>,
+    ) {
         let hold = spec.policy.failback_hold;
         let mut contenders = Vec::with_capacity(slots.len());
         let mut dampening = Vec::with_capacity(slots.len());
@@ -617,7 +632,10 @@ impl Election {
         let fresh = initial_status(&spec);
         let mut board = self.status.write().unwrap_or_else(|p| p.into_inner());
         let mut tunnels = Vec::with_capacity(slots.len());
-        for ((id, switch), (tunnel, fresh)) in slots.into_iter().zip(spec.tunnels.iter().zip(fresh.tunnels)) {
+        for ((id, switch), (tunnel, fresh)) in slots
+            .into_iter()
+            .zip(spec.tunnels.iter().zip(fresh.tunnels))
+        {
             let kept = match switch {
                 None => self.slots.iter().position(|s| *s == id),
                 Some(_) => None,
@@ -1092,13 +1110,23 @@ mod tests {
         assert_eq!(h.primary().as_deref(), Some("a"));
         h.up(1);
         h.settle().await;
-        assert_eq!(h.primary().as_deref(), Some("b"), "the pin applies again, no hold");
+        assert_eq!(
+            h.primary().as_deref(),
+            Some("b"),
+            "the pin applies again, no hold"
+        );
         tokio::time::advance(hold + Duration::from_secs(1)).await;
         h.pin(None).await;
         assert_eq!(h.primary().as_deref(), Some("a"));
         assert_eq!(
             h.reasons(),
-            ["initial", "pinned", "primary_down (hard: killed by signal 9 (SIGKILL))", "pinned", "unpinned"]
+            [
+                "initial",
+                "pinned",
+                "primary_down (hard: killed by signal 9 (SIGKILL))",
+                "pinned",
+                "unpinned"
+            ]
         );
     }
 
@@ -1138,11 +1166,14 @@ mod tests {
         h.settle().await;
         assert_eq!(h.primary().as_deref(), Some("a"));
         h.reports
-            .send((7, Report::Probe {
-                latency: Some(Duration::from_millis(1)),
-                error: None,
-                transition: Some(Transition::Up),
-            }))
+            .send((
+                7,
+                Report::Probe {
+                    latency: Some(Duration::from_millis(1)),
+                    error: None,
+                    transition: Some(Transition::Up),
+                },
+            ))
             .unwrap();
         h.settle().await;
         assert_eq!(h.primary().as_deref(), Some("a"), "c waits out the hold");
@@ -1151,9 +1182,16 @@ mod tests {
         assert_eq!(h.primary().as_deref(), Some("c"));
         spec.tunnels.truncate(1);
         h.commands
-            .send(Command::Reconfigure { spec, slots: vec![(0, None)] })
+            .send(Command::Reconfigure {
+                spec,
+                slots: vec![(0, None)],
+            })
             .unwrap();
         h.settle().await;
-        assert_eq!(h.primary().as_deref(), Some("a"), "a removed primary is replaced at once");
+        assert_eq!(
+            h.primary().as_deref(),
+            Some("a"),
+            "a removed primary is replaced at once"
+        );
     }
 }

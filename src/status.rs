@@ -53,6 +53,9 @@ pub struct TunnelStatus {
     pub since: String,
     /// Its current failback hold in milliseconds (grows when it flaps).
     pub hold_ms: u64,
+    /// The router it depends on, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via_router: Option<String>,
 }
 
 /// One service in the status.
@@ -122,6 +125,9 @@ pub struct DaemonStatus {
     pub daemon: DaemonInfo,
     /// Every service.
     pub services: Vec<ServiceStatus>,
+    /// Every router: connected, boot id, last reboot, last provision, each check's result.
+    #[serde(default)]
+    pub routers: Vec<crate::router::RouterStatus>,
     /// The shared SSH session pool: sessions, channels in use, opened/closed, acquire latency,
     /// reconnects, per target.
     #[serde(default)]
@@ -143,6 +149,10 @@ pub struct DaemonInfo {
     pub uptime_s: u64,
     /// Sequence number of the last event.
     pub last_seq: u64,
+    /// Live event-bus subscriptions (hooks, router recovery, metrics, event streams); a
+    /// reload must not grow it.
+    #[serde(default)]
+    pub subscribers: usize,
     /// The outcome of the last reload, if there was one.
     #[serde(default)]
     pub last_reload: Option<ReloadStatus>,

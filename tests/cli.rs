@@ -197,13 +197,24 @@ async fn peer_credentials_decide_who_may_read() {
                 .unwrap();
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert_eq!(out.status.code(), Some(1), "{write:?} by nobody: {stderr}");
-            let why = if allowed { "read-only access" } else { "permission denied" };
-            assert!(stderr.contains("403") && stderr.contains(why), "{write:?}: {stderr}");
+            let why = if allowed {
+                "read-only access"
+            } else {
+                "permission denied"
+            };
+            assert!(
+                stderr.contains("403") && stderr.contains(why),
+                "{write:?}: {stderr}"
+            );
         }
         assert!(daemon.status().await.services[0].pin.is_none());
         // Root may write.
         let out = cli(&["pin", "web", "lan"], &daemon.socket);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -301,7 +312,10 @@ services:
         .unwrap();
     let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
     let now_usec = now.tv_sec() as u64 * 1_000_000 + now.tv_nsec() as u64 / 1000;
-    assert!(usec <= now_usec && now_usec - usec < 10_000_000, "{usec} vs {now_usec}");
+    assert!(
+        usec <= now_usec && now_usec - usec < 10_000_000,
+        "{usec} vs {now_usec}"
+    );
     loop {
         let m = recv(&notify, &mut buf).await;
         if m.trim() == "READY=1" {

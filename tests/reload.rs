@@ -96,13 +96,31 @@ async fn a_reload_touches_only_the_added_changed_and_removed_tunnels() {
     assert_eq!(reloaded["added"], serde_json::json!(["echo/add"]));
     assert_eq!(reloaded["removed"], serde_json::json!(["echo/drop"]));
     assert_eq!(reloaded["changed"], serde_json::json!(["echo/change"]));
-    events.wait(Duration::from_secs(20), "add up", tunnel_event("tunnel_up", "add")).await;
+    events
+        .wait(
+            Duration::from_secs(20),
+            "add up",
+            tunnel_event("tunnel_up", "add"),
+        )
+        .await;
 
     let status = daemon.status().await;
-    let names: Vec<&str> = status.services[0].tunnels.iter().map(|t| t.name.as_str()).collect();
+    let names: Vec<&str> = status.services[0]
+        .tunnels
+        .iter()
+        .map(|t| t.name.as_str())
+        .collect();
     assert_eq!(names, ["keep", "change", "add"]);
-    assert_eq!(tunnel(&status, "keep").pid, Some(keep_pid), "unchanged tunnel restarted");
-    assert_eq!(tunnel(&status, "keep").since, keep_since, "unchanged tunnel's state reset");
+    assert_eq!(
+        tunnel(&status, "keep").pid,
+        Some(keep_pid),
+        "unchanged tunnel restarted"
+    );
+    assert_eq!(
+        tunnel(&status, "keep").since,
+        keep_since,
+        "unchanged tunnel's state reset"
+    );
     assert_eq!(tunnel(&status, "keep").restarts, 0);
     assert!(alive(keep_pid));
     assert!(!alive(drop_pid), "removed tunnel's child still runs");
@@ -140,26 +158,38 @@ async fn an_invalid_file_is_refused_and_the_running_config_stays() {
     let pid = daemon.tunnel_pid("echo", "only").await;
     let path = daemon.dir.path().join("config.yaml");
     let good = std::fs::read_to_string(&path).unwrap();
-    std::fs::write(&path, good.replace("priority: 10", "priority: 10\n        colour: red")).unwrap();
+    std::fs::write(
+        &path,
+        good.replace("priority: 10", "priority: 10\n        colour: red"),
+    )
+    .unwrap();
 
     // Through the CLI: exit 2 and the exact place of the error.
     let out = cli(&["reload"], &daemon.socket);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("config.yaml:") && stderr.contains("colour"), "{stderr}");
+    assert!(
+        stderr.contains("config.yaml:") && stderr.contains("colour"),
+        "{stderr}"
+    );
     let (_, failed) = events
         .wait(Duration::from_secs(20), "config_reload_failed", |v| {
             v["type"] == "config_reload_failed"
         })
         .await;
-    assert!(failed["error"].as_str().unwrap().contains("colour"), "{failed}");
+    assert!(
+        failed["error"].as_str().unwrap().contains("colour"),
+        "{failed}"
+    );
 
     // Through SIGHUP: the same refusal, reported as an event and in the status.
     kill(Pid::from_raw(daemon.child.id() as i32), Signal::SIGHUP).unwrap();
     events
-        .wait(Duration::from_secs(20), "second config_reload_failed", |v| {
-            v["type"] == "config_reload_failed"
-        })
+        .wait(
+            Duration::from_secs(20),
+            "second config_reload_failed",
+            |v| v["type"] == "config_reload_failed",
+        )
         .await;
     let status = daemon.status().await;
     let last = status.daemon.last_reload.clone().unwrap();
@@ -195,15 +225,27 @@ async fn a_pin_moves_the_primary_and_survives_a_restart() {
     let mut daemon = Daemon::start(&config).await;
     let mut events = daemon.follow();
     events
-        .wait(Duration::from_secs(20), "a elected", primary_changed(Some("a"), None))
+        .wait(
+            Duration::from_secs(20),
+            "a elected",
+            primary_changed(Some("a"), None),
+        )
         .await;
     events.wait_up(&["b"]).await;
 
     let out = cli(&["pin", "echo", "b"], &daemon.socket);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("primary now: b"));
     let (_, pinned) = events
-        .wait(Duration::from_secs(20), "pinned", primary_changed(Some("b"), Some("a")))
+        .wait(
+            Duration::from_secs(20),
+            "pinned",
+            primary_changed(Some("b"), Some("a")),
+        )
         .await;
     assert_eq!(pinned["reason"], "pinned");
     assert_eq!(daemon.status().await.services[0].pin.as_deref(), Some("b"));
@@ -223,20 +265,34 @@ async fn a_pin_moves_the_primary_and_survives_a_restart() {
     let mut daemon = Daemon::start(&config).await;
     let mut events = daemon.follow();
     let (_, first) = events
-        .wait(Duration::from_secs(20), "b elected", primary_changed(Some("b"), None))
+        .wait(
+            Duration::from_secs(20),
+            "b elected",
+            primary_changed(Some("b"), None),
+        )
         .await;
     assert_eq!(first["reason"], "pinned");
     events.wait_up(&["a"]).await;
     // Let `a` outlive its failback hold (500 ms), so the unpin alone decides.
     tokio::time::sleep(Duration::from_millis(800)).await;
     let out = cli(&["unpin", "echo"], &daemon.socket);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let (_, unpinned) = events
-        .wait(Duration::from_secs(20), "unpinned", primary_changed(Some("a"), Some("b")))
+        .wait(
+            Duration::from_secs(20),
+            "unpinned",
+            primary_changed(Some("a"), Some("b")),
+        )
         .await;
     assert_eq!(unpinned["reason"], "unpinned");
     assert_eq!(
-        std::fs::read_to_string(state.path().join("pins.json")).unwrap().trim(),
+        std::fs::read_to_string(state.path().join("pins.json"))
+            .unwrap()
+            .trim(),
         "{}"
     );
     assert!(daemon.terminate().success());

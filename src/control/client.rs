@@ -110,7 +110,8 @@ impl Client {
     /// `POST /v1/services/SERVICE/pin {"tunnel": TUNNEL}`.
     pub async fn pin(&self, service: &str, tunnel: &str) -> anyhow::Result<serde_json::Value> {
         let body = serde_json::json!({ "tunnel": tunnel });
-        self.write(Method::POST, &pin_path(service), Some(body)).await
+        self.write(Method::POST, &pin_path(service), Some(body))
+            .await
     }
 
     /// `DELETE /v1/services/SERVICE/pin`.

@@ -274,7 +274,10 @@ async fn route(
             let (reply, answer) = tokio::sync::oneshot::channel();
             submit(state, Op::Reload { reply }, answer).await
         }
-        (_, ["v1", "status"]) | (_, ["v1", "events"]) | (_, ["metrics"]) | (_, ["v1", "reload"])
+        (_, ["v1", "status"])
+        | (_, ["v1", "events"])
+        | (_, ["metrics"])
+        | (_, ["v1", "reload"])
         | (_, ["v1", "services", _, "pin"]) => {
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
         }
@@ -309,7 +312,12 @@ async fn submit(
     op: Op,
     answer: tokio::sync::oneshot::Receiver<Result<serde_json::Value, OpError>>,
 ) -> Response<Body> {
-    let unavailable = || error(StatusCode::SERVICE_UNAVAILABLE, "the daemon is not taking changes now");
+    let unavailable = || {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the daemon is not taking changes now",
+        )
+    };
     if state.ops.try_send(op).is_err() {
         return unavailable();
     }

@@ -221,6 +221,20 @@ impl Events {
 }
 
 impl Events {
+    /// Like [`Events::wait`], but an event already seen counts too: for events whose order
+    /// relative to the last one waited for is not fixed.
+    pub async fn seen_or_wait(
+        &mut self,
+        limit: Duration,
+        what: &str,
+        want: impl Fn(&serde_json::Value) -> bool,
+    ) -> (Instant, serde_json::Value) {
+        if let Some(hit) = self.seen.iter().find(|(_, v)| want(v)) {
+            return hit.clone();
+        }
+        self.wait(limit, what, want).await
+    }
+
     /// Waits until every tunnel in `names` has sent `tunnel_up`, in any order.
     pub async fn wait_up(&mut self, names: &[&str]) {
         let mut missing: Vec<String> = names.iter().map(|s| s.to_string()).collect();

@@ -1,0 +1,542 @@
+//! Prometheus metrics: counters fed by the event bus, gauges read from the status snapshot.
+//!
+//! [`Metrics`] keeps what must accumulate over the daemon's life — failovers, tunnel restarts,
+//! router reboots (counted from the [`Bus`] by one collector task) and probe latencies (a
+//! histogram fed by the service tasks). Everything that describes the present — tunnel up,
+//! primary, open listener connections, SSH sessions, events dropped — is built fresh on each
+//! [`Metrics::render`] from a [`DaemonStatus`], so tunnels and services removed by a reload
+//! disappear from the gauges at once instead of lingering with their last value.
+//!
+//! The exposition is OpenMetrics text (`prometheus_client::encoding::text::encode`); counters
+//! get the `_total` suffix from the encoder. Metric names and labels are a public contract:
+//!
+//! | metric | labels | kind |
+//! |---|---|---|
+//! | `tunnelkeeper_tunnel_up` | service, tunnel, provider | gauge, 1 when the state is `up` |
+//! | `tunnelkeeper_tunnel_latency_seconds` | service, tunnel | histogram of successful probes |
+//! | `tunnelkeeper_primary` | service, tunnel | gauge, 1 for the primary, 0 for the others |
+//! | `tunnelkeeper_failovers_total` | service | counter |
+//! | `tunnelkeeper_tunnel_restarts_total` | service, tunnel | counter (`tunnel_restarting`) |
+//! | `tunnelkeeper_listener_connections` | service | gauge, open connections |
+//! | `tunnelkeeper_ssh_sessions` | | gauge, open sessions of the SSH pool |
+//! | `tunnelkeeper_router_reboots_total` | router | counter (`router_rebooted`) |
+//! | `tunnelkeeper_events_dropped_total` | | counter, events lost by lagging subscribers |
+//! | `tunnelkeeper_build_info` | version | info, always 1 |
+//!
+//! A failover is a `primary_changed` event whose `from` is set and differs from `to`: any move
+//! away from an existing primary (failure, failback, pin, or losing it with no replacement)
+//! counts; the first election (`from` null) does not. Counters and the latency histogram keep the
+//! series of removed tunnels until the daemon restarts (a counter must not go back); the
+//! counters of configured services and tunnels are exported from 0 so that `increase()` sees
+//! their first event.
+//!
+//! [`serve_tcp`] serves `GET /metrics` on `daemon.metrics_listen`, bounded like the control
+//! socket: header read timeout, request head size, connections at once.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::{Registry, Unit};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{Bus, Delivery, EventKind};
+use crate::status::{DaemonStatus, TunnelState};
+
+/// Upper bounds of the latency histogram, in seconds: 0.1 ms to 2 s.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0,
+];
+
+/// What the text encoder produces.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabels {
+    service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TunnelLabels {
+    service: String,
+    tunnel: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpLabels {
+    service: String,
+    tunnel: String,
+    provider: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouterLabels {
+    router: String,
+}
+
+type HistogramFamily = Family<TunnelLabels, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
+}
+
+/// The daemon's metrics. One per daemon, shared behind an `Arc`; `Send + Sync`.
+#[derive(Debug)]
+pub struct Metrics {
+    failovers: Family<ServiceLabels, Counter>,
+    restarts: Family<TunnelLabels, Counter>,
+    router_reboots: Family<RouterLabels, Counter>,
+    latency: HistogramFamily,
+}
+
+impl Metrics {
+    /// Empty metrics.
+    pub fn new() -> Arc<Metrics> {
+        Arc::new(Metrics {
+            failovers: Family::default(),
+            restarts: Family::default(),
+            router_reboots: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+        })
+    }
+
+    /// Counts events from the bus until `cancel`: one subscriber for the daemon's life. The
+    /// subscription is taken before this returns, so every event published afterwards is
+    /// counted; events already queued when `cancel` fires are still counted before the task
+    /// ends. A lag (events lost to a slow collector) is logged; the bus counts the loss itself
+    /// (`tunnelkeeper_events_dropped_total`).
+    pub fn spawn_collector(
+        self: &Arc<Self>,
+        bus: Arc<Bus>,
+        cancel: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        let mut subscription = bus.subscribe();
+        drop(bus);
+        let metrics = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => {
+                        // Drain what is queued now, no more: publishers may keep going.
+                        for _ in 0..crate::bus::DEFAULT_JOURNAL {
+                            match futures_util::FutureExt::now_or_never(subscription.next()) {
+                                Some(Some(delivery)) => metrics.count(delivery),
+                                _ => break,
+                            }
+                        }
+                        return;
+                    }
+                    delivery = subscription.next() => match delivery {
+                        Some(delivery) => metrics.count(delivery),
+                        None => return,
+                    },
+                }
+            }
+        })
+    }
+
+    fn count(&self, delivery: Delivery) {
+        let event = match delivery {
+            Delivery::Event(event) => event,
+            Delivery::Lagged(n) => {
+                tracing::warn!(missed = n, "metrics fell behind the event bus");
+                return;
+            }
+        };
+        match &event.kind {
+            EventKind::PrimaryChanged {
+                service, from, to, ..
+            } if from.is_some() && from != to => {
+                self.failovers
+                    .get_or_create(&ServiceLabels {
+                        service: service.clone(),
+                    })
+                    .inc();
+            }
+            EventKind::TunnelRestarting {
+                service, tunnel, ..
+            } => {
+                self.restarts
+                    .get_or_create(&TunnelLabels {
+                        service: service.clone(),
+                        tunnel: tunnel.clone(),
+                    })
+                    .inc();
+            }
+            EventKind::RouterRebooted { router, .. } => {
+                self.router_reboots
+                    .get_or_create(&RouterLabels {
+                        router: router.clone(),
+                    })
+                    .inc();
+            }
+            _ => {}
+        }
+    }
+
+    /// Records one successful probe's latency (called by the service task).
+    pub fn observe_latency(&self, service: &str, tunnel: &str, latency: Duration) {
+        self.latency
+            .get_or_create(&TunnelLabels {
+                service: service.to_string(),
+                tunnel: tunnel.to_string(),
+            })
+            .observe(latency.as_secs_f64());
+    }
+
+    /// Renders the text exposition: the counters and histograms accumulated so far, plus gauges
+    /// built from this status snapshot and `bus.dropped()`.
+    pub fn render(&self, status: &DaemonStatus, bus: &Bus) -> String {
+        let mut registry = Registry::default();
+
+        let up = Family::<UpLabels, Gauge>::default();
+        let primary = Family::<TunnelLabels, Gauge>::default();
+        let connections = Family::<ServiceLabels, Gauge>::default();
+        for service in &status.services {
+            let service_labels = ServiceLabels {
+                service: service.name.clone(),
+            };
+            // Exported from 0, so that the first failover shows as an increase.
+            self.failovers.get_or_create(&service_labels);
+            for tunnel in &service.tunnels {
+                let labels = TunnelLabels {
+                    service: service.name.clone(),
+                    tunnel: tunnel.name.clone(),
+                };
+                up.get_or_create(&UpLabels {
+                    service: service.name.clone(),
+                    tunnel: tunnel.name.clone(),
+                    provider: tunnel.provider.clone(),
+                })
+                .set(i64::from(tunnel.state == TunnelState::Up));
+                let is_primary = service.primary.as_deref() == Some(tunnel.name.as_str());
+                primary.get_or_create(&labels).set(i64::from(is_primary));
+                self.restarts.get_or_create(&labels);
+            }
+            if let Some(listener) = &service.listener {
+                connections
+                    .get_or_create(&service_labels)
+                    .set(i64::try_from(listener.active).unwrap_or(i64::MAX));
+            }
+        }
+        let ssh_sessions = Gauge::<i64>::default();
+        ssh_sessions.set(
+            status
+                .ssh_pool
+                .get("sessions")
+                .and_then(|v| v.as_i64())
+                .unwrap_or(0),
+        );
+        let dropped = Counter::<u64>::default();
+        dropped.inc_by(bus.dropped());
+
+        registry.register(
+            "tunnelkeeper_build",
+            "The running version",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+        );
+        registry.register(
+            "tunnelkeeper_tunnel_up",
+            "1 when the tunnel is up (eligible for election), else 0",
+            up,
+        );
+        registry.register_with_unit(
+            "tunnelkeeper_tunnel_latency",
+            "Latency of successful end-to-end probes",
+            Unit::Seconds,
+            self.latency.clone(),
+        );
+        registry.register(
+            "tunnelkeeper_primary",
+            "1 for the service's current primary, 0 for its other tunnels",
+            primary,
+        );
+        registry.register(
+            "tunnelkeeper_failovers",
+            "Primary changes away from an existing primary (the first election is not counted)",
+            self.failovers.clone(),
+        );
+        registry.register(
+            "tunnelkeeper_tunnel_restarts",
+            "Tunnel restarts scheduled by the supervisor",
+            self.restarts.clone(),
+        );
+        registry.register(
+            "tunnelkeeper_listener_connections",
+            "Connections open through the service's failover listener",
+            connections,
+        );
+        registry.register(
+            "tunnelkeeper_ssh_sessions",
+            "Open sessions of the shared SSH pool",
+            ssh_sessions,
+        );
+        registry.register(
+            "tunnelkeeper_router_reboots",
+            "Router reboots detected (boot id changed)",
+            self.router_reboots.clone(),
+        );
+        registry.register(
+            "tunnelkeeper_events_dropped",
+            "Events lost by event-bus subscribers that fell behind",
+            dropped,
+        );
+
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
+            // Writing to a String cannot fail; an encoder bug must not take the daemon down.
+            tracing::error!("encoding metrics: {e}");
+        }
+        out
+    }
+}
+
+/// Bounds of the metrics HTTP server.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    /// Connections served at once; more wait in the kernel backlog.
+    max_connections: usize,
+    /// A client must send its request headers within this time (also bounds idle keep-alive).
+    header_timeout: Duration,
+    /// Request heads larger than this are refused.
+    max_head: usize,
+    /// A connection is closed after this long whatever it does (a client that never reads).
+    lifetime: Duration,
+}
+
+const LIMITS: Limits = Limits {
+    max_connections: 64,
+    header_timeout: Duration::from_secs(5),
+    max_head: 16 * 1024,
+    lifetime: Duration::from_secs(60),
+};
+
+/// Serves `GET /metrics` (200, OpenMetrics text from `render`) and a JSON `{"error": ..}`
+/// otherwise, on `listener` until `cancel`. A stuck client holds one of 64 slots for at most the
+/// header read timeout; it never blocks other scrapes.
+pub async fn serve_tcp(
+    listener: TcpListener,
+    render: Arc<dyn Fn() -> String + Send + Sync>,
+    cancel: CancellationToken,
+) {
+    serve_with(listener, render, cancel, LIMITS).await
+}
+
+async fn serve_with(
+    listener: TcpListener,
+    render: Arc<dyn Fn() -> String + Send + Sync>,
+    cancel: CancellationToken,
+    limits: Limits,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    loop {
+        let permit = tokio::select! {
+            _ = cancel.cancelled() => return,
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+        };
+        let stream = tokio::select! {
+            _ = cancel.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning on accept.
+                    tracing::warn!("metrics accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let render = render.clone();
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let render = render.clone();
+                async move { Ok::<_, Infallible>(route(&req, &*render)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .max_buf_size(limits.max_head)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = tokio::time::timeout(limits.lifetime, conn) => {}
+            }
+            drop(permit);
+        });
+    }
+}
+
+type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+fn route(req: &Request<Incoming>, render: &(dyn Fn() -> String + Send + Sync)) -> Response<Body> {
+    use crate::control::server::error;
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => Response::builder()
+            .status(StatusCode::OK)
+            .header("content-type", CONTENT_TYPE)
+            .body(Full::new(Bytes::from(render())).boxed())
+            .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "response")),
+        (_, "/metrics") => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+        (_, path) => error(StatusCode::NOT_FOUND, &format!("no such endpoint: {path}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::{ServiceStatus, TunnelStatus};
+    use prometheus_parse::{Scrape, Value};
+
+    fn tunnel(name: &str, state: TunnelState) -> TunnelStatus {
+        serde_json::from_value(serde_json::json!({
+            "name": name, "provider": "direct", "priority": 10, "state": state,
+            "reason": null, "endpoint": null, "latency_ms": null, "pid": null,
+            "restarts": 0, "since": "2024-01-01T00:00:00.000Z", "hold_ms": 0,
+        }))
+        .unwrap()
+    }
+
+    fn service(name: &str, primary: Option<&str>, tunnels: Vec<TunnelStatus>) -> ServiceStatus {
+        ServiceStatus {
+            name: name.into(),
+            primary: primary.map(Into::into),
+            degraded: false,
+            reason: String::new(),
+            pin: None,
+            mode: "priority".into(),
+            tunnels,
+            listener: None,
+        }
+    }
+
+    /// Built through serde so that fields added later with defaults don't break the test.
+    fn daemon(services: Vec<ServiceStatus>) -> DaemonStatus {
+        serde_json::from_value(serde_json::json!({
+            "daemon": { "version": "0", "pid": 1, "config": "c.yaml",
+                        "started": "2024-01-01T00:00:00.000Z", "uptime_s": 1, "last_seq": 0 },
+            "services": services,
+            "ssh_pool": { "sessions": 3, "channels_in_use": 5 },
+        }))
+        .unwrap()
+    }
+
+    fn value(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        scrape
+            .samples
+            .iter()
+            .find(|s| {
+                s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
+            })
+            .map(|s| match &s.value {
+                Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
+                other => panic!("{metric}: unexpected {other:?}"),
+            })
+    }
+
+    fn parse(text: &str) -> Scrape {
+        Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap()
+    }
+
+    #[tokio::test]
+    async fn counts_events_and_renders_gauges_from_the_snapshot() {
+        let bus = Bus::new(64);
+        let metrics = Metrics::new();
+        let cancel = CancellationToken::new();
+        let collector = metrics.spawn_collector(bus.clone(), cancel.clone());
+        bus.publish(EventKind::PrimaryChanged {
+            service: "s".into(),
+            from: None,
+            to: Some("a".into()),
+            reason: "initial".into(),
+        });
+        bus.publish(EventKind::PrimaryChanged {
+            service: "s".into(),
+            from: Some("a".into()),
+            to: Some("b".into()),
+            reason: "primary_down".into(),
+        });
+        bus.publish(EventKind::TunnelRestarting {
+            service: "s".into(),
+            tunnel: "a".into(),
+            attempt: 1,
+            delay_ms: 500,
+        });
+        cancel.cancel();
+        collector.await.unwrap();
+        metrics.observe_latency("s", "b", Duration::from_millis(3));
+
+        let status = daemon(vec![service(
+            "s",
+            Some("b"),
+            vec![tunnel("a", TunnelState::Down), tunnel("b", TunnelState::Up)],
+        )]);
+        let text = metrics.render(&status, &bus);
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        let scrape = parse(&text);
+        let v = |m: &str, l: &[(&str, &str)]| value(&scrape, m, l);
+        assert_eq!(v("tunnelkeeper_failovers_total", &[("service", "s")]), Some(1.0));
+        let a = [("service", "s"), ("tunnel", "a")];
+        let b = [("service", "s"), ("tunnel", "b")];
+        assert_eq!(v("tunnelkeeper_tunnel_restarts_total", &a), Some(1.0));
+        assert_eq!(v("tunnelkeeper_tunnel_restarts_total", &b), Some(0.0));
+        assert_eq!(v("tunnelkeeper_primary", &a), Some(0.0));
+        assert_eq!(v("tunnelkeeper_primary", &b), Some(1.0));
+        assert_eq!(v("tunnelkeeper_tunnel_up", &a), Some(0.0));
+        assert_eq!(
+            v("tunnelkeeper_tunnel_up", &[("tunnel", "b"), ("provider", "direct")]),
+            Some(1.0)
+        );
+        assert_eq!(v("tunnelkeeper_ssh_sessions", &[]), Some(3.0));
+        assert_eq!(v("tunnelkeeper_tunnel_latency_seconds_count", &b), Some(1.0));
+        assert_eq!(v("tunnelkeeper_build_info", &[]).map(|_| ()), Some(()));
+    }
+
+    #[test]
+    fn latency_buckets_span_a_tenth_of_a_millisecond_to_two_seconds() {
+        assert!(LATENCY_BUCKETS.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(LATENCY_BUCKETS[0], 0.0001);
+        assert_eq!(LATENCY_BUCKETS[LATENCY_BUCKETS.len() - 1], 2.0);
+    }
+
+    #[tokio::test]
+    async fn an_idle_client_is_dropped_after_the_header_timeout() {
+        use tokio::io::AsyncReadExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cancel = CancellationToken::new();
+        let limits = Limits {
+            header_timeout: Duration::from_millis(200),
+            ..LIMITS
+        };
+        let server = tokio::spawn(serve_with(
+            listener,
+            Arc::new(String::new),
+            cancel.clone(),
+            limits,
+        ));
+        let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut buf = Vec::new();
+        // The server closes the connection (maybe after a 408); generous bound for a loaded box.
+        tokio::time::timeout(Duration::from_secs(20), idle.read_to_end(&mut buf))
+            .await
+            .expect("the idle connection was not closed")
+            .ok();
+        cancel.cancel();
+        server.await.unwrap();
+    }
+}
