@@ -191,20 +191,34 @@ pub async fn serve(listener: UnixListener, state: Arc<ControlState>, cancel: Can
         let state = state.clone();
         let cancel = cancel.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let state = state.clone();
-                let cancel = cancel.clone();
-                async move { Ok::<_, Infallible>(route(req, access, &state, cancel).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .max_buf_size(MAX_HEAD)
-                .serve_connection(TokioIo::new(stream), service);
-            let _ = conn.await;
+            serve_connection(stream, access, state, cancel).await;
             drop(permit);
         });
     }
+}
+
+/// Serves HTTP/1.1 requests on one connection whose peer has `access`, until it closes. Heads
+/// are bounded in size and in the time they may take to arrive. Public so that the request
+/// handling can be exercised without a socket (fuzzing, tests).
+pub async fn serve_connection<IO>(
+    io: IO,
+    access: Access,
+    state: Arc<ControlState>,
+    cancel: CancellationToken,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let state = state.clone();
+        let cancel = cancel.clone();
+        async move { Ok::<_, Infallible>(route(req, access, &state, cancel).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_HEAD)
+        .serve_connection(TokioIo::new(io), service);
+    let _ = conn.await;
 }
 
 async fn route(
