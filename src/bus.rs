@@ -442,91 +442,32 @@ impl Subscription {
     }
 }
 
+/// Logs an event: its JSON as the message, and its type, service, tunnel and router as fields,
+/// so `--log-format json` and journald can filter on them.
 fn log_event(event: &Event) {
     let json = serde_json::to_string(&event.kind).unwrap_or_default();
-    match &event.kind {
+    let kind = &event.kind;
+    let (service, tunnel, router) = (
+        kind.service().unwrap_or_default(),
+        kind.tunnel().unwrap_or_default(),
+        kind.router().unwrap_or_default(),
+    );
+    match kind {
         EventKind::TunnelDown { .. }
         | EventKind::NoHealthyTunnel { .. }
-        | EventKind::ProbeFailed { .. } => {
-            tracing::warn!(target: "tunnelkeeper::event", seq = event.seq, "{json}")
-        }
-        _ => tracing::info!(target: "tunnelkeeper::event", seq = event.seq, "{json}"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn starting(n: u32) -> EventKind {
-        EventKind::TunnelStarting {
-            service: "s".into(),
-            tunnel: format!("t{n}"),
-        }
-    }
-
-    #[test]
-    fn serializes_type_and_fields_flat() {
-        let bus = Bus::new(16);
-        let e = bus.publish(EventKind::PrimaryChanged {
-            service: "s".into(),
-            from: None,
-            to: Some("a".into()),
-            reason: "initial".into(),
-        });
-        let v: serde_json::Value = serde_json::to_value(&*e).unwrap();
-        assert_eq!(v["type"], "primary_changed");
-        assert_eq!(v["seq"], 1);
-        assert_eq!(v["to"], "a");
-        assert!(v["from"].is_null());
-        assert!(v["time"].as_str().unwrap().ends_with('Z'));
-    }
-
-    #[test]
-    fn replay_returns_events_after_since_and_counts_what_the_journal_dropped() {
-        let bus = Bus::new(16);
-        for n in 0..20 {
-            bus.publish(starting(n));
-        }
-        assert_eq!(bus.last_seq(), 20);
-        let r = bus.replay(10);
-        let seqs: Vec<u64> = r.events.iter().map(|e| e.seq).collect();
-        assert_eq!(seqs, (11..=20).collect::<Vec<_>>());
-        assert_eq!(r.missed, 0);
-        let r = bus.replay(0);
-        assert_eq!(r.events.first().unwrap().seq, 5);
-        assert_eq!(r.missed, 4);
-    }
-
-    #[tokio::test]
-    async fn replay_then_live_has_no_gap_and_no_duplicate() {
-        let bus = Bus::new(64);
-        bus.publish(starting(1));
-        let mut r = bus.replay(0);
-        bus.publish(starting(2));
-        assert_eq!(r.events.len(), 1);
-        match r.subscription.next().await {
-            Some(Delivery::Event(e)) => assert_eq!(e.seq, 2),
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-
-    #[tokio::test]
-    async fn a_slow_subscriber_lags_and_never_blocks_the_publisher() {
-        let bus = Bus::new(16);
-        let mut slow = bus.subscribe();
-        // Far more than the channel holds: publish must not block or fail.
-        for n in 0..100 {
-            bus.publish(starting(n));
-        }
-        match slow.next().await {
-            Some(Delivery::Lagged(n)) => assert_eq!(n, 84),
-            other => panic!("expected a lag notice, got {other:?}"),
-        }
-        assert_eq!(bus.dropped(), 84);
-        match slow.next().await {
-            Some(Delivery::Event(e)) => assert_eq!(e.seq, 85),
-            other => panic!("unexpected {other:?}"),
-        }
+        | EventKind::ProbeFailed { .. }
+        | EventKind::RouterConnectionDropped { .. }
+        | EventKind::RouterProvisionFailed { .. }
+        | EventKind::RouterDriftDetected { .. }
+        | EventKind::ConfigReloadFailed { .. } => tracing::warn!(
+            target: "tunnelkeeper::event",
+            seq = event.seq, event = kind.type_name(), service, tunnel, router,
+            "{json}"
+        ),
+        _ => tracing::info!(
+            target: "tunnelkeeper::event",
+            seq = event.seq, event = kind.type_name(), service, tunnel, router,
+            "{json}"
+        ),
     }
 }

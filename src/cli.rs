@@ -52,21 +52,6 @@ impl SocketArgs {
     }
 }
 
-/// Sets up tracing: `RUST_LOG`-style filtering (default `info`), and no ANSI colours or
-/// timestamps when journald captures the output (`JOURNAL_STREAM` set) since it adds its own.
-pub fn init_logging() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
-        builder.with_ansi(false).without_time().init();
-    } else {
-        builder.init();
-    }
-}
-
 fn runtime() -> Result<tokio::runtime::Runtime, u8> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -99,8 +84,11 @@ pub fn check(path: &Path) -> u8 {
 }
 
 /// `tunnelkeeper run -c FILE`
-pub fn run(path: &Path) -> u8 {
-    init_logging();
+pub fn run(path: &Path, log_format: crate::logging::LogFormat) -> u8 {
+    if let Err(e) = crate::logging::init(log_format) {
+        eprintln!("error: {e:#}");
+        return EXIT_CONFIG;
+    }
     let config = match crate::config::load(path) {
         Ok(c) => c,
         Err(e) => {

@@ -9,6 +9,15 @@ use clap::{Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(name = "tunnelkeeper", version, about)]
 struct Cli {
+    /// Log format: auto (journal under systemd, else text), text, json or journal.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "TUNNELKEEPER_LOG_FORMAT",
+        default_value_t = tunnelkeeper::logging::LogFormat::Auto
+    )]
+    log_format: tunnelkeeper::logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -92,7 +101,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Check { config } => tunnelkeeper::cli::check(&config),
-        Command::Run { config } => tunnelkeeper::cli::run(&config),
+        Command::Run { config } => tunnelkeeper::cli::run(&config, cli.log_format),
         Command::Status { json, socket } => tunnelkeeper::cli::status(&socket, json),
         Command::Events {
             follow,

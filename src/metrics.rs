@@ -211,7 +211,7 @@ impl Metrics {
                 service: service.name.clone(),
             };
             // Exported from 0, so that the first failover shows as an increase.
-            self.failovers.get_or_create(&service_labels);
+            let _ = self.failovers.get_or_create(&service_labels);
             for tunnel in &service.tunnels {
                 let labels = TunnelLabels {
                     service: service.name.clone(),
@@ -225,7 +225,7 @@ impl Metrics {
                 .set(i64::from(tunnel.state == TunnelState::Up));
                 let is_primary = service.primary.as_deref() == Some(tunnel.name.as_str());
                 primary.get_or_create(&labels).set(i64::from(is_primary));
-                self.restarts.get_or_create(&labels);
+                let _ = self.restarts.get_or_create(&labels);
             }
             if let Some(listener) = &service.listener {
                 connections
@@ -399,6 +399,7 @@ fn route(req: &Request<Incoming>, render: &(dyn Fn() -> String + Send + Sync)) -
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::forward::ListenerStatus;
     use crate::status::{ServiceStatus, TunnelStatus};
     use prometheus_parse::{Scrape, Value};
 
@@ -435,75 +436,278 @@ mod tests {
         .unwrap()
     }
 
+    /// `web` (primary `a` up, `b` down, a listener with 4 open connections) and `db` (no
+    /// primary; `x` down, `y` probing).
+    fn two_services() -> DaemonStatus {
+        let mut web = service(
+            "web",
+            Some("a"),
+            vec![tunnel("a", TunnelState::Up), tunnel("b", TunnelState::Down)],
+        );
+        web.listener = Some(ListenerStatus {
+            address: "127.0.0.1:2222".into(),
+            active: 4,
+            total: 9,
+            ..ListenerStatus::default()
+        });
+        let db = service(
+            "db",
+            None,
+            vec![
+                tunnel("x", TunnelState::Down),
+                tunnel("y", TunnelState::Probing),
+            ],
+        );
+        daemon(vec![web, db])
+    }
+
+    fn parse(text: &str) -> Scrape {
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap()
+    }
+
+    fn matches(s: &prometheus_parse::Sample, metric: &str, labels: &[(&str, &str)]) -> bool {
+        s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
+    }
+
+    /// The value of the sample named `metric` with (at least) `labels`.
     fn value(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
         scrape
             .samples
             .iter()
-            .find(|s| {
-                s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
-            })
+            .find(|s| matches(s, metric, labels))
             .map(|s| match &s.value {
                 Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
                 other => panic!("{metric}: unexpected {other:?}"),
             })
     }
 
-    fn parse(text: &str) -> Scrape {
-        Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap()
+    fn changed(service: &str, from: Option<&str>, to: Option<&str>) -> EventKind {
+        EventKind::PrimaryChanged {
+            service: service.into(),
+            from: from.map(Into::into),
+            to: to.map(Into::into),
+            reason: "test".into(),
+        }
+    }
+
+    fn restarting(service: &str, tunnel: &str) -> EventKind {
+        EventKind::TunnelRestarting {
+            service: service.into(),
+            tunnel: tunnel.into(),
+            attempt: 1,
+            delay_ms: 500,
+        }
+    }
+
+    fn rebooted(router: &str) -> EventKind {
+        EventKind::RouterRebooted {
+            router: router.into(),
+            old_boot_id: Some("old".into()),
+            new_boot_id: "new".into(),
+        }
+    }
+
+    /// Publishes `events` to a fresh collector and waits until it has counted all of them.
+    async fn collect(metrics: &Arc<Metrics>, bus: &Arc<Bus>, events: Vec<EventKind>) {
+        let cancel = CancellationToken::new();
+        let collector = metrics.spawn_collector(bus.clone(), cancel.clone());
+        for event in events {
+            bus.publish(event);
+        }
+        // Events queued before the cancel are drained before the task ends.
+        cancel.cancel();
+        collector.await.unwrap();
     }
 
     #[tokio::test]
-    async fn counts_events_and_renders_gauges_from_the_snapshot() {
+    async fn counts_bus_events_and_renders_gauges_from_the_snapshot() {
         let bus = Bus::new(64);
+        let metrics = Metrics::new();
+        collect(
+            &metrics,
+            &bus,
+            vec![
+                changed("web", None, Some("a")), // first election: not a failover
+                changed("web", Some("a"), Some("b")),
+                changed("web", Some("b"), Some("a")), // failback
+                changed("db", None, Some("x")),
+                changed("db", Some("x"), None), // lost with no replacement
+                restarting("web", "b"),
+                restarting("web", "b"),
+                restarting("db", "x"),
+                rebooted("home-router"),
+                rebooted("home-router"),
+                EventKind::DaemonStopping {},
+            ],
+        )
+        .await;
+        metrics.observe_latency("web", "a", Duration::from_micros(900));
+        metrics.observe_latency("web", "a", Duration::from_millis(3));
+
+        let scrape = parse(&metrics.render(&two_services(), &bus));
+        let v = |m: &str, l: &[(&str, &str)]| value(&scrape, m, l);
+        let web = [("service", "web")];
+        let (web_a, web_b) = (
+            [("service", "web"), ("tunnel", "a")],
+            [("service", "web"), ("tunnel", "b")],
+        );
+        let (db_x, db_y) = (
+            [("service", "db"), ("tunnel", "x")],
+            [("service", "db"), ("tunnel", "y")],
+        );
+
+        assert_eq!(v("tunnelkeeper_failovers_total", &web), Some(2.0));
+        assert_eq!(
+            v("tunnelkeeper_failovers_total", &[("service", "db")]),
+            Some(1.0)
+        );
+        assert_eq!(v("tunnelkeeper_tunnel_restarts_total", &web_b), Some(2.0));
+        assert_eq!(v("tunnelkeeper_tunnel_restarts_total", &db_x), Some(1.0));
+        // Configured tunnels are exported from 0.
+        assert_eq!(v("tunnelkeeper_tunnel_restarts_total", &web_a), Some(0.0));
+        assert_eq!(
+            v(
+                "tunnelkeeper_router_reboots_total",
+                &[("router", "home-router")]
+            ),
+            Some(2.0)
+        );
+
+        assert_eq!(v("tunnelkeeper_primary", &web_a), Some(1.0));
+        assert_eq!(v("tunnelkeeper_primary", &web_b), Some(0.0));
+        assert_eq!(v("tunnelkeeper_primary", &db_x), Some(0.0));
+        assert_eq!(v("tunnelkeeper_primary", &db_y), Some(0.0));
+        assert_eq!(
+            v(
+                "tunnelkeeper_tunnel_up",
+                &[("service", "web"), ("tunnel", "a"), ("provider", "direct")]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(v("tunnelkeeper_tunnel_up", &web_b), Some(0.0));
+        assert_eq!(
+            v("tunnelkeeper_tunnel_up", &db_y),
+            Some(0.0),
+            "probing is not up"
+        );
+        assert_eq!(v("tunnelkeeper_listener_connections", &web), Some(4.0));
+        assert_eq!(
+            v("tunnelkeeper_listener_connections", &[("service", "db")]),
+            None,
+            "db has no listener"
+        );
+        assert_eq!(v("tunnelkeeper_ssh_sessions", &[]), Some(3.0));
+        assert_eq!(v("tunnelkeeper_events_dropped_total", &[]), Some(0.0));
+        assert_eq!(
+            v(
+                "tunnelkeeper_build_info",
+                &[("version", env!("CARGO_PKG_VERSION"))]
+            ),
+            Some(1.0)
+        );
+
+        assert_eq!(
+            v("tunnelkeeper_tunnel_latency_seconds_count", &web_a),
+            Some(2.0)
+        );
+        let sum = v("tunnelkeeper_tunnel_latency_seconds_sum", &web_a).unwrap();
+        assert!((sum - 0.0039).abs() < 1e-9, "sum {sum}");
+        let histogram = scrape
+            .samples
+            .iter()
+            .find(|s| matches(s, "tunnelkeeper_tunnel_latency_seconds", &web_a))
+            .expect("the latency histogram");
+        let Value::Histogram(buckets) = &histogram.value else {
+            panic!("not a histogram: {histogram:?}");
+        };
+        let le = |bound: f64| {
+            buckets
+                .iter()
+                .find(|b| b.less_than == bound)
+                .map(|b| b.count)
+        };
+        assert_eq!(le(0.0005), Some(0.0));
+        assert_eq!(le(0.001), Some(1.0));
+        assert_eq!(le(0.005), Some(2.0));
+        assert_eq!(le(f64::INFINITY), Some(2.0));
+        assert_eq!(
+            v("tunnelkeeper_tunnel_latency_seconds_count", &web_b),
+            None,
+            "no probe observed"
+        );
+    }
+
+    #[tokio::test]
+    async fn removed_tunnels_and_services_disappear_from_the_gauges() {
+        let bus = Bus::new(64);
+        let metrics = Metrics::new();
+        collect(&metrics, &bus, vec![restarting("web", "b")]).await;
+        let before = parse(&metrics.render(&two_services(), &bus));
+        let web_b = [("service", "web"), ("tunnel", "b")];
+        assert_eq!(value(&before, "tunnelkeeper_tunnel_up", &web_b), Some(0.0));
+
+        // After a reload: `web` lost `b` and its listener, `db` is gone.
+        let mut status = two_services();
+        status.services.truncate(1);
+        status.services[0].tunnels.truncate(1);
+        status.services[0].listener = None;
+        let after = parse(&metrics.render(&status, &bus));
+        for gauge in ["tunnelkeeper_tunnel_up", "tunnelkeeper_primary"] {
+            assert_eq!(value(&after, gauge, &web_b), None, "{gauge}");
+            assert_eq!(value(&after, gauge, &[("service", "db")]), None, "{gauge}");
+            assert_eq!(
+                value(&after, gauge, &[("service", "web"), ("tunnel", "a")]),
+                Some(1.0),
+                "{gauge}"
+            );
+        }
+        assert_eq!(
+            value(&after, "tunnelkeeper_listener_connections", &[]),
+            None
+        );
+        // A counter never goes back: the removed tunnel's restarts stay exported.
+        assert_eq!(
+            value(&after, "tunnelkeeper_tunnel_restarts_total", &web_b),
+            Some(1.0)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_lagging_collector_counts_what_it_received_and_the_loss_is_exported() {
+        // Current-thread runtime: the collector cannot run before the burst is published.
+        let bus = Bus::new(16);
+        let metrics = Metrics::new();
+        collect(&metrics, &bus, vec![restarting("web", "a"); 100]).await;
+        assert_eq!(bus.dropped(), 84);
+        let scrape = parse(&metrics.render(&two_services(), &bus));
+        assert_eq!(
+            value(&scrape, "tunnelkeeper_events_dropped_total", &[]),
+            Some(84.0)
+        );
+        assert_eq!(
+            value(
+                &scrape,
+                "tunnelkeeper_tunnel_restarts_total",
+                &[("service", "web"), ("tunnel", "a")]
+            ),
+            Some(16.0)
+        );
+    }
+
+    #[tokio::test]
+    async fn the_collector_stops_on_cancel_and_unsubscribes() {
+        let bus = Bus::new(16);
         let metrics = Metrics::new();
         let cancel = CancellationToken::new();
         let collector = metrics.spawn_collector(bus.clone(), cancel.clone());
-        bus.publish(EventKind::PrimaryChanged {
-            service: "s".into(),
-            from: None,
-            to: Some("a".into()),
-            reason: "initial".into(),
-        });
-        bus.publish(EventKind::PrimaryChanged {
-            service: "s".into(),
-            from: Some("a".into()),
-            to: Some("b".into()),
-            reason: "primary_down".into(),
-        });
-        bus.publish(EventKind::TunnelRestarting {
-            service: "s".into(),
-            tunnel: "a".into(),
-            attempt: 1,
-            delay_ms: 500,
-        });
+        assert_eq!(bus.subscriber_count(), 1);
         cancel.cancel();
-        collector.await.unwrap();
-        metrics.observe_latency("s", "b", Duration::from_millis(3));
-
-        let status = daemon(vec![service(
-            "s",
-            Some("b"),
-            vec![tunnel("a", TunnelState::Down), tunnel("b", TunnelState::Up)],
-        )]);
-        let text = metrics.render(&status, &bus);
-        assert!(text.ends_with("# EOF\n"), "{text}");
-        let scrape = parse(&text);
-        let v = |m: &str, l: &[(&str, &str)]| value(&scrape, m, l);
-        assert_eq!(v("tunnelkeeper_failovers_total", &[("service", "s")]), Some(1.0));
-        let a = [("service", "s"), ("tunnel", "a")];
-        let b = [("service", "s"), ("tunnel", "b")];
-        assert_eq!(v("tunnelkeeper_tunnel_restarts_total", &a), Some(1.0));
-        assert_eq!(v("tunnelkeeper_tunnel_restarts_total", &b), Some(0.0));
-        assert_eq!(v("tunnelkeeper_primary", &a), Some(0.0));
-        assert_eq!(v("tunnelkeeper_primary", &b), Some(1.0));
-        assert_eq!(v("tunnelkeeper_tunnel_up", &a), Some(0.0));
-        assert_eq!(
-            v("tunnelkeeper_tunnel_up", &[("tunnel", "b"), ("provider", "direct")]),
-            Some(1.0)
-        );
-        assert_eq!(v("tunnelkeeper_ssh_sessions", &[]), Some(3.0));
-        assert_eq!(v("tunnelkeeper_tunnel_latency_seconds_count", &b), Some(1.0));
-        assert_eq!(v("tunnelkeeper_build_info", &[]).map(|_| ()), Some(()));
+        tokio::time::timeout(Duration::from_secs(30), collector)
+            .await
+            .expect("the collector did not stop")
+            .unwrap();
+        assert_eq!(bus.subscriber_count(), 0);
     }
 
     #[test]
@@ -531,8 +735,9 @@ mod tests {
         ));
         let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
         let mut buf = Vec::new();
-        // The server closes the connection (maybe after a 408); generous bound for a loaded box.
-        tokio::time::timeout(Duration::from_secs(20), idle.read_to_end(&mut buf))
+        // The server closes the connection (maybe after a 408); generous bound for a loaded box,
+        // far below the 60 s connection lifetime.
+        tokio::time::timeout(Duration::from_secs(30), idle.read_to_end(&mut buf))
             .await
             .expect("the idle connection was not closed")
             .ok();

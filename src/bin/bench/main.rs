@@ -6,6 +6,9 @@
 //!   a real OpenSSH `sshd` it starts on 127.0.0.1 — command latency (pooled exec vs a fresh
 //!   `ssh` per command vs OpenSSH ControlMaster), 1000 concurrent forwarded channels (acquire
 //!   latency, memory per idle session), and `-L` throughput vs direct loopback.
+//! - `bench router [--reps N]` (module `router`): router reboot recovery against a real sshd —
+//!   sshd accepting again → `router_verified` with `check_interval: 1s`, against the prior
+//!   art's 30 s uptime polling (computed).
 //!
 //! Results and method are written up in `docs/BENCHMARKS.md`.
 
@@ -14,6 +17,7 @@
 mod common;
 mod failover;
 mod listener;
+mod router;
 mod ssh;
 
 use std::process::ExitCode;
@@ -64,6 +68,12 @@ enum Command {
         #[arg(long)]
         quick: bool,
     },
+    /// Router reboot recovery: sshd accepting again → router_verified, vs 30 s polling.
+    Router {
+        /// Simulated reboots (default 10).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        reps: u32,
+    },
 }
 
 fn main() -> ExitCode {
@@ -95,6 +105,7 @@ fn main() -> ExitCode {
             rt.block_on(ssh::ssh(settings))
         }
         Command::Listener { quick } => rt.block_on(listener::listener(quick)),
+        Command::Router { reps } => rt.block_on(router::router(reps)),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

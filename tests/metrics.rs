@@ -1,0 +1,300 @@
+//! The metrics endpoint over real TCP: `GET /metrics` answers the OpenMetrics exposition that
+//! `Metrics::render` builds from a real bus and a status snapshot, other paths get a JSON 404,
+//! and clients that connect and stall never hold up a scrape.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_parse::{Scrape, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tunnelkeeper::bus::{Bus, EventKind};
+use tunnelkeeper::metrics::{self, Metrics};
+use tunnelkeeper::status::DaemonStatus;
+
+/// Bound on every network wait: generous for a loaded machine, never reached when things work.
+const WAIT: Duration = Duration::from_secs(30);
+
+/// One service `web` with tunnels `a` (up, primary) and `b` (down); built through serde so
+/// that status fields added later with defaults don't break the test.
+fn status() -> DaemonStatus {
+    let tunnel = |name: &str, state: &str| {
+        serde_json::json!({
+            "name": name, "provider": "direct", "priority": 10, "state": state,
+            "reason": null, "endpoint": null, "latency_ms": 1.5, "pid": null,
+            "restarts": 0, "since": "2024-01-01T00:00:00.000Z", "hold_ms": 0,
+        })
+    };
+    serde_json::from_value(serde_json::json!({
+        "daemon": { "version": "0", "pid": 1, "config": "c.yaml",
+                    "started": "2024-01-01T00:00:00.000Z", "uptime_s": 1, "last_seq": 0 },
+        "services": [{
+            "name": "web", "primary": "a", "degraded": false, "reason": "initial", "pin": null,
+            "mode": "priority", "tunnels": [tunnel("a", "up"), tunnel("b", "down")],
+            "listener": null,
+        }],
+        "ssh_pool": { "sessions": 2 },
+    }))
+    .expect("a valid status")
+}
+
+struct Server {
+    addr: SocketAddr,
+    cancel: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Server {
+    /// Serves metrics that saw one failover and one restart of `web`.
+    async fn start() -> Server {
+        let bus = Bus::new(64);
+        let metrics = Metrics::new();
+        let counting = CancellationToken::new();
+        let collector = metrics.spawn_collector(bus.clone(), counting.clone());
+        bus.publish(EventKind::PrimaryChanged {
+            service: "web".into(),
+            from: None,
+            to: Some("b".into()),
+            reason: "initial".into(),
+        });
+        bus.publish(EventKind::PrimaryChanged {
+            service: "web".into(),
+            from: Some("b".into()),
+            to: Some("a".into()),
+            reason: "primary_down".into(),
+        });
+        bus.publish(EventKind::TunnelRestarting {
+            service: "web".into(),
+            tunnel: "b".into(),
+            attempt: 1,
+            delay_ms: 500,
+        });
+        // The collector counts what was queued before the cancel, then ends: the scrapes below
+        // see every event without waiting on the scheduler.
+        counting.cancel();
+        collector.await.expect("the collector panicked");
+        metrics.observe_latency("web", "a", Duration::from_millis(2));
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local address");
+        let status = status();
+        let render: Arc<dyn Fn() -> String + Send + Sync> = {
+            let bus = bus.clone();
+            Arc::new(move || metrics.render(&status, &bus))
+        };
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(metrics::serve_tcp(listener, render, cancel.clone()));
+        Server { addr, cancel, task }
+    }
+
+    async fn stop(self) {
+        self.cancel.cancel();
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("the server did not stop on cancel")
+            .expect("the server panicked");
+    }
+}
+
+/// A response: status code, lower-cased headers, body.
+struct Answer {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Sends one HTTP/1.1 request with `Connection: close` and reads the whole answer.
+async fn request(addr: SocketAddr, method: &str, path: &str) -> Answer {
+    let exchange = async {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        let head = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+        stream.write_all(head.as_bytes()).await.expect("send");
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await.expect("receive");
+        raw
+    };
+    let raw = tokio::time::timeout(WAIT, exchange)
+        .await
+        .expect("no answer in time");
+    let text = String::from_utf8(raw).expect("utf-8 answer");
+    let (head, body) = text.split_once("\r\n\r\n").expect("a complete head");
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|code| code.parse().ok())
+        .expect("a status line");
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Answer {
+        status,
+        headers,
+        body: body.to_string(),
+    }
+}
+
+fn value(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match &s.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
+            other => panic!("{metric}: unexpected {other:?}"),
+        })
+}
+
+/// Scrapes `/metrics` and checks the answer is a complete, parseable exposition.
+async fn scrape(addr: SocketAddr) -> Scrape {
+    let answer = request(addr, "GET", "/metrics").await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(answer.header("content-type"), Some(metrics::CONTENT_TYPE));
+    assert!(answer.body.ends_with("# EOF\n"), "{}", answer.body);
+    Scrape::parse(answer.body.lines().map(|l| Ok(l.to_string()))).expect("parseable")
+}
+
+#[tokio::test]
+async fn get_metrics_serves_the_exposition() {
+    let server = Server::start().await;
+    let scrape = scrape(server.addr).await;
+    let web = [("service", "web")];
+    let (a, b) = (
+        [("service", "web"), ("tunnel", "a")],
+        [("service", "web"), ("tunnel", "b")],
+    );
+    assert_eq!(
+        value(&scrape, "tunnelkeeper_failovers_total", &web),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&scrape, "tunnelkeeper_tunnel_restarts_total", &b),
+        Some(1.0)
+    );
+    assert_eq!(value(&scrape, "tunnelkeeper_primary", &a), Some(1.0));
+    assert_eq!(value(&scrape, "tunnelkeeper_primary", &b), Some(0.0));
+    assert_eq!(
+        value(
+            &scrape,
+            "tunnelkeeper_tunnel_up",
+            &[("service", "web"), ("tunnel", "a"), ("provider", "direct")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(value(&scrape, "tunnelkeeper_tunnel_up", &b), Some(0.0));
+    assert_eq!(
+        value(&scrape, "tunnelkeeper_tunnel_latency_seconds_count", &a),
+        Some(1.0)
+    );
+    assert_eq!(value(&scrape, "tunnelkeeper_ssh_sessions", &[]), Some(2.0));
+    assert_eq!(
+        value(&scrape, "tunnelkeeper_events_dropped_total", &[]),
+        Some(0.0)
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn other_paths_and_methods_get_a_json_error() {
+    let server = Server::start().await;
+    for (method, path, status) in [
+        ("GET", "/", 404),
+        ("GET", "/v1/status", 404),
+        ("POST", "/metrics", 405),
+    ] {
+        let answer = request(server.addr, method, path).await;
+        assert_eq!(answer.status, status, "{method} {path}");
+        assert_eq!(answer.header("content-type"), Some("application/json"));
+        let body: serde_json::Value = serde_json::from_str(&answer.body).expect("JSON");
+        assert!(body["error"].is_string(), "{body}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn stalled_clients_do_not_block_a_scrape() {
+    let server = Server::start().await;
+    // One client sends nothing, another half a request head; neither is ever finished.
+    let silent = TcpStream::connect(server.addr).await.expect("connect");
+    let mut partial = TcpStream::connect(server.addr).await.expect("connect");
+    partial
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: te")
+        .await
+        .expect("send");
+    let scrape = scrape(server.addr).await;
+    assert_eq!(
+        value(
+            &scrape,
+            "tunnelkeeper_failovers_total",
+            &[("service", "web")]
+        ),
+        Some(1.0)
+    );
+    // The scrape was served while both still held their connections (the server closes them
+    // only after its 5 s header timeout): it did not queue behind them.
+    let mut byte = [0u8; 1];
+    for stalled in [&silent, &partial] {
+        match stalled.try_read(&mut byte) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            other => panic!("a stalled connection was already answered or closed: {other:?}"),
+        }
+    }
+    // Shutdown does not wait for them either.
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn keep_alive_serves_several_scrapes_on_one_connection() {
+    let server = Server::start().await;
+    let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+    for _ in 0..3 {
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+            .await
+            .expect("send");
+        // Read up to and including the body announced by content-length.
+        let mut raw = Vec::new();
+        let complete = async {
+            loop {
+                let mut chunk = [0u8; 4096];
+                let n = stream.read(&mut chunk).await.expect("receive");
+                assert!(n > 0, "closed early");
+                raw.extend_from_slice(&chunk[..n]);
+                let text = String::from_utf8_lossy(&raw);
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().to_string())
+                        })
+                        .and_then(|v| v.parse().ok())
+                        .expect("content-length");
+                    if body.len() >= length {
+                        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+                        assert!(body.ends_with("# EOF\n"));
+                        return;
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(WAIT, complete)
+            .await
+            .expect("no answer in time");
+    }
+    server.stop().await;
+}
