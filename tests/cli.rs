@@ -339,3 +339,43 @@ async fn recv(notify: &tokio::net::UnixDatagram, buf: &mut [u8]) -> String {
         .unwrap();
     String::from_utf8_lossy(&buf[..n]).into_owned()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_every_event_with_its_fields() {
+    let echo = echo_server().await;
+    let config = format!(
+        r#"version: 1
+daemon: {{ control_socket: "@DIR@/control.sock", state_dir: "@DIR@/state" }}
+defaults:
+  probe: {{ interval: 100ms, timeout: 100ms, rise: 1, fall: 2, send: "x", expect: "x" }}
+services:
+  - name: web
+    tunnels:
+      - {{ name: lan, provider: direct, address: "{echo}" }}
+"#
+    );
+    let format = std::ffi::OsStr::new("json");
+    let mut daemon = Daemon::start_with_env(&config, &[("TUNNELKEEPER_LOG_FORMAT", format)]).await;
+    let mut events = daemon.follow();
+    events
+        .wait(
+            Duration::from_secs(20),
+            "lan elected",
+            primary_changed(Some("lan"), None),
+        )
+        .await;
+    assert!(daemon.terminate().success());
+    let log = daemon.log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let elected = lines
+        .iter()
+        .find(|v| v["event"] == "primary_changed")
+        .unwrap_or_else(|| panic!("no primary_changed line in {log}"));
+    assert_eq!(elected["service"], "web");
+    assert_eq!(elected["level"], "INFO");
+    assert!(elected["timestamp"].is_string(), "{elected}");
+    assert!(lines.iter().any(|v| v["event"] == "daemon_stopping"));
+}
