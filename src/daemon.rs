@@ -26,6 +26,7 @@ use crate::bus::{Bus, EventKind, DEFAULT_JOURNAL};
 use crate::config::spec::{Config, ListenAddress, ProviderSpec, ServiceSpec, TunnelSpec};
 use crate::control::{self, ControlState, Op, OpError};
 use crate::forward::{Acceptor, ListenerStats};
+use crate::metrics::Metrics;
 use crate::pins::Pins;
 use crate::router::{RouterBoard, RouterStatus, Routers};
 use crate::service::ServiceHandle;
@@ -38,6 +39,7 @@ use crate::systemd;
 pub struct Daemon {
     config: Config,
     bus: Arc<Bus>,
+    metrics: Arc<Metrics>,
     ssh: SshPool,
     resolver: Resolver,
     services: Vec<ServiceHandle>,
@@ -82,6 +84,15 @@ impl Daemon {
         let cancel = CancellationToken::new();
         let socket = config.daemon.control_socket.clone();
         let listener = control::server::bind(&socket).await?;
+        let metrics_listener = match config.daemon.metrics_listen {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("daemon.metrics_listen: binding {addr}"))?,
+            ),
+            None => None,
+        };
+        let metrics = Metrics::new();
 
         // Every listener is bound before anything starts: a taken address fails the start
         // cleanly, with nothing to tear down.
@@ -93,7 +104,9 @@ impl Daemon {
             .services
             .iter()
             .zip(acceptors)
-            .map(|(spec, acceptor)| start_service(spec, acceptor, &ssh, &bus, &resolver, &cancel))
+            .map(|(spec, acceptor)| {
+                start_service(spec, acceptor, &ssh, &bus, &metrics, &resolver, &cancel)
+            })
             .collect();
 
         let routers = Routers::start(
@@ -107,13 +120,20 @@ impl Daemon {
         let last_reload = Arc::new(RwLock::new(None));
         let status = status_source(&config, &bus, &board, &routers.board(), &ssh, &last_reload);
         let (ops_tx, ops) = mpsc::channel(OPS_QUEUE);
+        let render_metrics: Arc<dyn Fn() -> String + Send + Sync> = {
+            let (metrics, status, bus) = (metrics.clone(), status.clone(), bus.clone());
+            Arc::new(move || metrics.render(&status(), &bus))
+        };
         let control_state = Arc::new(ControlState {
             bus: bus.clone(),
             status: {
                 let status = status.clone();
                 Box::new(move || status())
             },
-            metrics: Box::new(String::new),
+            metrics: {
+                let render = render_metrics.clone();
+                Box::new(move || render())
+            },
             readers: RwLock::new(config.daemon.readers.clone()),
             ops: ops_tx,
         });
@@ -122,6 +142,15 @@ impl Daemon {
             control_state.clone(),
             cancel.child_token(),
         ));
+        // One collector for the daemon's life: reloads never add subscribers.
+        metrics.spawn_collector(bus.clone(), cancel.child_token());
+        if let Some(listener) = metrics_listener {
+            tokio::spawn(crate::metrics::serve_tcp(
+                listener,
+                render_metrics,
+                cancel.child_token(),
+            ));
+        }
         let (pins, damaged) = Pins::load(&config.daemon.state_dir);
         if let Some(e) = damaged {
             tracing::warn!("starting without pins: {e:#}");
@@ -129,6 +158,7 @@ impl Daemon {
         let mut daemon = Daemon {
             config,
             bus,
+            metrics,
             ssh,
             resolver,
             services,
@@ -401,6 +431,7 @@ impl Daemon {
                         acceptor,
                         &self.ssh,
                         &self.bus,
+                        &self.metrics,
                         &self.resolver,
                         &self.cancel,
                     ));
@@ -487,6 +518,7 @@ fn start_service(
     acceptor: Option<Acceptor>,
     ssh: &SshPool,
     bus: &Arc<Bus>,
+    metrics: &Arc<Metrics>,
     resolver: &Resolver,
     cancel: &CancellationToken,
 ) -> ServiceHandle {
@@ -500,6 +532,7 @@ fn start_service(
         providers,
         acceptor,
         bus.clone(),
+        metrics.clone(),
         resolver.clone(),
         cancel,
     )
@@ -513,6 +546,9 @@ fn restart_required(old: &Config, new: &Config) -> Vec<String> {
     }
     if old.daemon.state_dir != new.daemon.state_dir {
         keys.push("daemon.state_dir".to_owned());
+    }
+    if old.daemon.metrics_listen != new.daemon.metrics_listen {
+        keys.push("daemon.metrics_listen".to_owned());
     }
     if old.nameservers != new.nameservers {
         keys.push("dns.nameservers".to_owned());

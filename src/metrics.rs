@@ -314,7 +314,8 @@ struct Limits {
     header_timeout: Duration,
     /// Request heads larger than this are refused.
     max_head: usize,
-    /// A connection is closed after this long whatever it does (a client that never reads).
+    /// A connection is closed after this long (after the answer in flight, if the client reads
+    /// it within `header_timeout`): a keep-alive client that never reads cannot hold a slot.
     lifetime: Duration,
 }
 
@@ -326,8 +327,10 @@ const LIMITS: Limits = Limits {
 };
 
 /// Serves `GET /metrics` (200, OpenMetrics text from `render`) and a JSON `{"error": ..}`
-/// otherwise, on `listener` until `cancel`. A stuck client holds one of 64 slots for at most the
-/// header read timeout; it never blocks other scrapes.
+/// otherwise, on `listener` until `cancel`. Each connection has its own task and one of 64
+/// slots; a client that sends nothing or half a request head is dropped after the 5 s header
+/// timeout, one that never reads its answer after the 60 s connection lifetime (+5 s), and
+/// neither blocks other scrapes. Open connections are dropped when `cancel` fires.
 pub async fn serve_tcp(
     listener: TcpListener,
     render: Arc<dyn Fn() -> String + Send + Sync>,
@@ -372,9 +375,16 @@ async fn serve_with(
                 .header_read_timeout(limits.header_timeout)
                 .max_buf_size(limits.max_head)
                 .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
             tokio::select! {
                 _ = cancel.cancelled() => {}
-                _ = tokio::time::timeout(limits.lifetime, conn) => {}
+                _ = conn.as_mut() => {}
+                _ = tokio::time::sleep(limits.lifetime) => {
+                    // Finish the request in flight, if any, then close; a client that does not
+                    // read its answer is cut off.
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(limits.header_timeout, conn).await;
+                }
             }
             drop(permit);
         });
@@ -413,19 +423,15 @@ mod tests {
     }
 
     fn service(name: &str, primary: Option<&str>, tunnels: Vec<TunnelStatus>) -> ServiceStatus {
-        ServiceStatus {
-            name: name.into(),
-            primary: primary.map(Into::into),
-            degraded: false,
-            reason: String::new(),
-            pin: None,
-            mode: "priority".into(),
-            tunnels,
-            listener: None,
-        }
+        serde_json::from_value(serde_json::json!({
+            "name": name, "primary": primary, "degraded": false, "reason": "", "pin": null,
+            "mode": "priority", "tunnels": tunnels, "listener": null,
+        }))
+        .unwrap()
     }
 
-    /// Built through serde so that fields added later with defaults don't break the test.
+    /// Status values are built through serde so that fields added later with defaults don't
+    /// break the tests.
     fn daemon(services: Vec<ServiceStatus>) -> DaemonStatus {
         serde_json::from_value(serde_json::json!({
             "daemon": { "version": "0", "pid": 1, "config": "c.yaml",
@@ -715,6 +721,38 @@ mod tests {
         assert!(LATENCY_BUCKETS.windows(2).all(|w| w[0] < w[1]));
         assert_eq!(LATENCY_BUCKETS[0], 0.0001);
         assert_eq!(LATENCY_BUCKETS[LATENCY_BUCKETS.len() - 1], 2.0);
+    }
+
+    #[tokio::test]
+    async fn a_keep_alive_connection_is_closed_after_its_lifetime() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cancel = CancellationToken::new();
+        let limits = Limits {
+            header_timeout: Duration::from_secs(120),
+            lifetime: Duration::from_millis(200),
+            ..LIMITS
+        };
+        let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(|| "# EOF\n".to_string());
+        let server = tokio::spawn(serve_with(listener, render, cancel.clone(), limits));
+        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        client
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+        // Keep-alive: the answer, then the close at the end of the lifetime — far sooner than
+        // the header timeout would.
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), client.read_to_end(&mut answer))
+            .await
+            .expect("the connection outlived its lifetime")
+            .unwrap();
+        let answer = String::from_utf8(answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("# EOF\n"), "{answer}");
+        cancel.cancel();
+        server.await.unwrap();
     }
 
     #[tokio::test]

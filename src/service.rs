@@ -23,6 +23,7 @@ use crate::config::model::Standby;
 use crate::config::spec::{ServiceSpec, TunnelSpec};
 use crate::election::{self, Contender, Dampening, Decision, Input, Mode, Reason};
 use crate::forward::{Acceptor, Listener, ListenerStats};
+use crate::metrics::Metrics;
 use crate::probe::Transition;
 use crate::standby;
 use crate::status::{self, ServiceStatus, SharedStatus, TunnelState, TunnelStatus};
@@ -126,6 +127,7 @@ pub struct TunnelChanges {
 struct TaskContext {
     service: String,
     bus: Arc<Bus>,
+    metrics: Arc<Metrics>,
     resolver: Resolver,
     reports: mpsc::UnboundedSender<TaggedReport>,
     cancel: CancellationToken,
@@ -174,6 +176,7 @@ impl TaskContext {
             live: live.clone(),
             wanted,
             kick: kick.clone(),
+            metrics: self.metrics.clone(),
         };
         Slot {
             id,
@@ -216,6 +219,7 @@ impl ServiceHandle {
         providers: Vec<Arc<dyn Provider>>,
         acceptor: Option<Acceptor>,
         bus: Arc<Bus>,
+        metrics: Arc<Metrics>,
         resolver: Resolver,
         parent: &CancellationToken,
     ) -> ServiceHandle {
@@ -227,6 +231,7 @@ impl ServiceHandle {
         let tasks = TaskContext {
             service: spec.name.clone(),
             bus: bus.clone(),
+            metrics,
             resolver,
             reports: reports_tx,
             cancel: cancel.clone(),

@@ -18,6 +18,7 @@ use tunnelkeeper_providers::{Provider, StartContext, Tunnel};
 
 use crate::bus::{Bus, EventKind};
 use crate::config::spec::{RestartSpec, TunnelSpec};
+use crate::metrics::Metrics;
 use crate::probe::{self, Counter, Ewma, Transition};
 
 /// What a tunnel task tells its service.
@@ -113,6 +114,8 @@ pub struct TunnelTask {
     /// Notified to restart the tunnel now, skipping any backoff (after its router was
     /// re-provisioned).
     pub kick: Arc<tokio::sync::Notify>,
+    /// Where successful probes' latencies are recorded.
+    pub metrics: Arc<Metrics>,
 }
 
 /// The running tunnel of one tunnel task, shared with the data plane.
@@ -292,6 +295,8 @@ impl TunnelTask {
             let error = match result {
                 Ok(sample) => {
                     latency.add(sample);
+                    self.metrics
+                        .observe_latency(&self.service, &self.spec.name, sample);
                     if failures_before > 0 && counter.is_up() {
                         self.publish(EventKind::ProbeRecovered {
                             service: self.service.clone(),
@@ -681,6 +686,7 @@ impl TunnelTask {
             live: Default::default(),
             wanted: watch::channel(true).1,
             kick: Default::default(),
+            metrics: Metrics::new(),
         }
     }
 }

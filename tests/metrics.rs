@@ -2,6 +2,8 @@
 //! `Metrics::render` builds from a real bus and a status snapshot, other paths get a JSON 404,
 //! and clients that connect and stall never hold up a scrape.
 
+mod support;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -297,4 +299,87 @@ async fn keep_alive_serves_several_scrapes_on_one_connection() {
             .expect("no answer in time");
     }
     server.stop().await;
+}
+
+/// The real daemon: `/metrics` on the control socket and on `metrics_listen` carry the live
+/// tunnels, the primary, probe latencies and the failover a pin causes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_serves_metrics_on_its_socket_and_on_metrics_listen() {
+    let echo = support::echo_server().await;
+    let port = support::free_port();
+    let config = format!(
+        r#"version: 1
+daemon: {{ control_socket: "@DIR@/control.sock", state_dir: "@DIR@/state", metrics_listen: "127.0.0.1:{port}" }}
+defaults:
+  probe: {{ interval: 100ms, timeout: 100ms, rise: 1, fall: 2, send: "x", expect: "x" }}
+services:
+  - name: web
+    tunnels:
+      - {{ name: a, provider: direct, priority: 10, address: "{echo}" }}
+      - {{ name: b, provider: direct, priority: 20, address: "{echo}" }}
+"#
+    );
+    let mut daemon = support::Daemon::start(&config).await;
+    let mut events = daemon.follow();
+    events.wait_up(&["a", "b"]).await;
+    events
+        .seen_or_wait(WAIT, "a elected", support::primary_changed(Some("a"), None))
+        .await;
+    daemon.client.pin("web", "b").await.unwrap();
+    events
+        .wait(
+            WAIT,
+            "pinned",
+            support::primary_changed(Some("b"), Some("a")),
+        )
+        .await;
+
+    let tcp = scrape(SocketAddr::from(([127, 0, 0, 1], port))).await;
+    let up = |scrape: &Scrape, t: &str| value(scrape, "tunnelkeeper_tunnel_up", &[("tunnel", t)]);
+    assert_eq!(up(&tcp, "a"), Some(1.0));
+    assert_eq!(up(&tcp, "b"), Some(1.0));
+    let primary = |t: &str| {
+        value(
+            &tcp,
+            "tunnelkeeper_primary",
+            &[("service", "web"), ("tunnel", t)],
+        )
+    };
+    assert_eq!(primary("b"), Some(1.0));
+    assert_eq!(primary("a"), Some(0.0));
+    assert_eq!(
+        value(&tcp, "tunnelkeeper_failovers_total", &[("service", "web")]),
+        Some(1.0)
+    );
+    let probes = tcp
+        .samples
+        .iter()
+        .find(|s| {
+            s.metric == "tunnelkeeper_tunnel_latency_seconds" && s.labels.get("tunnel") == Some("a")
+        })
+        .map(|s| match &s.value {
+            Value::Histogram(buckets) => buckets.last().map(|b| b.count).unwrap_or(0.0),
+            other => panic!("latency: unexpected {other:?}"),
+        })
+        .expect("a latency histogram for a");
+    assert!(probes >= 1.0, "{probes}");
+
+    // The same exposition over the control socket.
+    let response = daemon
+        .client
+        .request(hyper::Method::GET, "/metrics", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        response.headers()["content-type"].to_str().unwrap(),
+        metrics::CONTENT_TYPE
+    );
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    let unix = Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("parseable");
+    assert_eq!(up(&unix, "a"), Some(1.0));
+    assert!(daemon.terminate().success());
 }

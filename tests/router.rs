@@ -340,7 +340,10 @@ async fn drift_found_by_several_checks_is_healed_by_one_provision() {
     // A few more verify rounds: all pass, nothing more is provisioned.
     events.during(Duration::from_millis(4500)).await;
     let after = &events.seen[before..];
-    assert_eq!(count(after, "router_drift_detected"), 2, "{}", events.log());
+    // Normally both checks fail in one round (two events); a round already under way during
+    // the rename may see only the second one, and its provision heals both.
+    let drifts = count(after, "router_drift_detected");
+    assert!((1..=2).contains(&drifts), "{}", events.log());
     assert_eq!(count(after, "router_provisioned"), 1, "{}", events.log());
     assert!(count(after, "router_verified") >= 2, "{}", events.log());
     assert_eq!(router.provision_runs(), 2);

@@ -26,8 +26,6 @@ const MAX_CONNECTIONS: usize = 64;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Request heads larger than this are refused.
 const MAX_HEAD: usize = 16 * 1024;
-/// What prometheus-client's text encoder produces.
-const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 /// Request bodies (a pin's JSON) larger than this are refused.
 const MAX_BODY: usize = 4 * 1024;
 /// A client must send its body within this time.
@@ -249,7 +247,7 @@ async fn route(
         },
         (Method::GET, ["metrics"]) => Response::builder()
             .status(StatusCode::OK)
-            .header("content-type", METRICS_CONTENT_TYPE)
+            .header("content-type", crate::metrics::CONTENT_TYPE)
             .body(Full::new(Bytes::from((state.metrics)())).boxed())
             .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "response")),
         (Method::POST, ["v1", "services", service, "pin"]) => {
