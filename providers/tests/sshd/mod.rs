@@ -63,6 +63,18 @@ impl Sshd {
         let authorized = dir.path().join("authorized_keys");
         fs::copy(client_key.with_extension("pub"), &authorized).expect("authorized_keys");
         let host_public = public_key_text(&host_key.with_extension("pub"));
+        // Commands run with HOME set to an empty directory, so the login account's shell
+        // start-up files stay out of the tests: a `~/.bashrc` that runs `pyenv rehash` takes a
+        // lock file that a shell killed along with sshd leaves behind, and every later shell
+        // then waits a minute for it.
+        let home = dir.path().join("home");
+        fs::create_dir_all(&home).expect("home directory");
+        let extra = if extra.contains("SetEnv") {
+            extra.to_owned()
+        } else {
+            format!("SetEnv HOME={}\n{extra}", home.display())
+        };
+        let extra = extra.as_str();
 
         // A port nobody listens on; retried if another test grabs it before sshd binds it.
         for _ in 0..5 {
