@@ -209,6 +209,13 @@ async fn a_reboot_is_provisioned_once_and_the_dependent_tunnel_restarts_without_
     assert!(rtr.last_reboot.is_some());
     assert!(rtr.last_provision.as_ref().unwrap().ok);
     assert_eq!(rtr.checks[0].ok, Some(true));
+    let table = tunnelkeeper::cli::render_status(&status);
+    assert!(
+        table.contains("router rtr  connected  boot id: boot-2")
+            && table.contains("last provision: ok (reboot")
+            && table.contains("check marker"),
+        "{table}"
+    );
     assert!(daemon.terminate().success());
 }
 

@@ -161,3 +161,365 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Processes seen through `/proc`, and the real daemon binary run as a child (`scale`,
+// `footprint`).
+
+/// The 1-, 5- and 15-minute load averages, as `/proc/loadavg` prints them (`?` if unreadable).
+pub(crate) fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// The 1-minute load average (NaN if unreadable).
+pub(crate) fn load_1min() -> f64 {
+    load_average()
+        .split_whitespace()
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+/// The unit of `/proc/PID/stat` times (`getconf CLK_TCK`; 100 on every common Linux).
+pub(crate) fn clock_ticks() -> u64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|out| String::from_utf8_lossy(&out.stdout).trim().parse().ok())
+        .unwrap_or(100)
+}
+
+/// CPU time (user + system, every thread; reaped children not included) that `pid` has used,
+/// from `/proc/PID/stat`; `None` once the process is gone.
+pub(crate) fn process_cpu(pid: u32, ticks_per_second: u64) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) state ppid ...`: utime and stime are fields 14 and 15, i.e. the 12th and 13th
+    // after the closing parenthesis (comm may contain spaces and parentheses).
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut fields = rest.split_whitespace().skip(11);
+    let ticks: u64 = fields.next()?.parse::<u64>().ok()? + fields.next()?.parse::<u64>().ok()?;
+    Some(Duration::from_secs_f64(
+        ticks as f64 / ticks_per_second.max(1) as f64,
+    ))
+}
+
+/// CPU time summed over several processes (those gone are skipped: read the same set twice).
+pub(crate) fn processes_cpu(pids: &[u32], ticks_per_second: u64) -> Duration {
+    pids.iter()
+        .filter_map(|&pid| process_cpu(pid, ticks_per_second))
+        .sum()
+}
+
+/// Memory of a process, in KiB: `VmRSS` and `RssAnon` from `/proc/PID/status`, `Pss` from
+/// `/proc/PID/smaps_rollup` (shared pages divided among the processes sharing them, so sums
+/// over several processes do not count a shared library once per process).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct ProcMemory {
+    /// Every resident page, shared library pages included.
+    pub(crate) rss: u64,
+    /// Resident anonymous pages (heap, stacks).
+    pub(crate) anon: u64,
+    /// Proportional set size (0 when `smaps_rollup` is not readable).
+    pub(crate) pss: u64,
+}
+
+impl ProcMemory {
+    /// The memory of `pid`; `None` once the process is gone.
+    pub(crate) fn of(pid: u32) -> Option<ProcMemory> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let rollup =
+            std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+        Some(ProcMemory {
+            rss: kib_field(&status, "VmRSS:")?,
+            anon: kib_field(&status, "RssAnon:").unwrap_or(0),
+            pss: kib_field(&rollup, "Pss:").unwrap_or(0),
+        })
+    }
+
+    /// The summed memory of several processes (those gone are skipped).
+    pub(crate) fn sum(pids: &[u32]) -> ProcMemory {
+        pids.iter()
+            .filter_map(|&pid| ProcMemory::of(pid))
+            .fold(ProcMemory::default(), |a, m| ProcMemory {
+                rss: a.rss + m.rss,
+                anon: a.anon + m.anon,
+                pss: a.pss + m.pss,
+            })
+    }
+
+    /// Field by field maximum (for peaks over samples).
+    pub(crate) fn max(self, other: ProcMemory) -> ProcMemory {
+        ProcMemory {
+            rss: self.rss.max(other.rss),
+            anon: self.anon.max(other.anon),
+            pss: self.pss.max(other.pss),
+        }
+    }
+}
+
+/// The number in a `Name:   123 kB` line of a `/proc` file.
+fn kib_field(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+}
+
+/// `Threads:` of `/proc/PID/status` and the number of entries in `/proc/PID/fd`.
+pub(crate) fn threads_and_fds(pid: u32) -> (u64, usize) {
+    let threads = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Threads:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0);
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    (threads, fds)
+}
+
+/// Every descendant of `root` (children, their children, ...), from the parent links in
+/// `/proc/*/stat`.
+pub(crate) fn descendants_of(root: u32) -> Vec<u32> {
+    let mut parents: Vec<(u32, u32)> = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // `pid (comm) state ppid ...`; comm may contain spaces and parentheses.
+            let Some((_, rest)) = stat.rsplit_once(')') else {
+                continue;
+            };
+            if let Some(Ok(ppid)) = rest.split_whitespace().nth(1).map(str::parse::<u32>) {
+                parents.push((pid, ppid));
+            }
+        }
+    }
+    let mut found = std::collections::BTreeSet::new();
+    let mut frontier = vec![root];
+    while let Some(parent) = frontier.pop() {
+        for &(pid, ppid) in &parents {
+            if ppid == parent && found.insert(pid) {
+                frontier.push(pid);
+            }
+        }
+    }
+    found.into_iter().collect()
+}
+
+/// What [`ensure_open_files`] found and did.
+pub(crate) struct OpenFiles {
+    /// Soft limit before.
+    pub(crate) before: u64,
+    /// Soft limit now (inherited by every child started from here on).
+    pub(crate) now: u64,
+    /// Hard limit.
+    pub(crate) hard: u64,
+}
+
+impl std::fmt::Display for OpenFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.now > self.before {
+            write!(
+                f,
+                "raised from {} to {} (hard limit {})",
+                self.before, self.now, self.hard
+            )
+        } else {
+            write!(f, "{} (hard limit {}), not changed", self.now, self.hard)
+        }
+    }
+}
+
+/// Makes sure this process (and so every child it starts afterwards) may open `needed` files,
+/// raising the soft `RLIMIT_NOFILE` up to the hard limit if it is lower. The workspace's `nix`
+/// is built without its `resource` feature, and this binary forbids `unsafe`, so the raise is
+/// done by util-linux's `prlimit --pid SELF` (setrlimit from outside; same effect).
+pub(crate) fn ensure_open_files(needed: u64) -> anyhow::Result<OpenFiles> {
+    let read = || -> anyhow::Result<(u64, u64)> {
+        let text = std::fs::read_to_string("/proc/self/limits")
+            .context("reading /proc/self/limits")?;
+        let line = text
+            .lines()
+            .find(|line| line.starts_with("Max open files"))
+            .context("no `Max open files` in /proc/self/limits")?;
+        let mut values = line.trim_start_matches("Max open files").split_whitespace();
+        let mut value = || -> u64 {
+            values
+                .next()
+                .map(|v| v.parse().unwrap_or(u64::MAX))
+                .unwrap_or(0)
+        };
+        Ok((value(), value()))
+    };
+    let (before, hard) = read()?;
+    if before >= needed {
+        return Ok(OpenFiles {
+            before,
+            now: before,
+            hard,
+        });
+    }
+    if hard < needed {
+        anyhow::bail!(
+            "need about {needed} open files, and the hard limit is {hard}: raise it \
+             (`ulimit -Hn {needed}` as root) or use fewer tunnels"
+        );
+    }
+    let status = std::process::Command::new("prlimit")
+        .arg("--pid")
+        .arg(std::process::id().to_string())
+        .arg(format!("--nofile={needed}:{hard}"))
+        .status()
+        .context("running prlimit (util-linux) to raise the open-files limit")?;
+    let (now, hard) = read()?;
+    if !status.success() || now < needed {
+        anyhow::bail!("could not raise the open-files limit from {before} to {needed}");
+    }
+    Ok(OpenFiles { before, now, hard })
+}
+
+/// The `tunnelkeeper` binary next to this one.
+pub(crate) fn daemon_binary() -> anyhow::Result<PathBuf> {
+    let path = std::env::current_exe()
+        .context("locating the bench binary")?
+        .with_file_name("tunnelkeeper");
+    if !path.is_file() {
+        anyhow::bail!(
+            "{} not found; build both binaries first: \
+             `cargo build --release --bin bench --bin tunnelkeeper`",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A program's full path, from `PATH`.
+pub(crate) fn which(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
+}
+
+/// `tunnelkeeper run -c CONFIG` as a child process (stderr to a log file), and a control-socket
+/// client for it. SIGKILLed when dropped without [`DaemonProcess::stop`]; its children die
+/// with it (PR_SET_PDEATHSIG).
+pub(crate) struct DaemonProcess {
+    child: Option<std::process::Child>,
+    /// Its pid.
+    pub(crate) pid: u32,
+    /// A client for its control socket.
+    pub(crate) client: tunnelkeeper::control::client::Client,
+    log: PathBuf,
+}
+
+impl DaemonProcess {
+    /// Starts the daemon and returns once its control socket answers `GET /v1/status` (the
+    /// tunnels may still be starting), within `limit`.
+    pub(crate) async fn start(
+        config: &std::path::Path,
+        socket: &std::path::Path,
+        log: &std::path::Path,
+        limit: Duration,
+    ) -> anyhow::Result<DaemonProcess> {
+        let binary = daemon_binary()?;
+        let log_file = std::fs::File::create(log)
+            .with_context(|| format!("creating {}", log.display()))?;
+        let child = std::process::Command::new(&binary)
+            .arg("--log-format")
+            .arg("text")
+            .arg("run")
+            .arg("-c")
+            .arg(config)
+            // The daemon's own default level, whatever the bench was started with.
+            .env("TUNNELKEEPER_LOG", "info")
+            .env_remove("RUST_LOG")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::from(log_file))
+            .spawn()
+            .with_context(|| format!("spawning {}", binary.display()))?;
+        let mut daemon = DaemonProcess {
+            pid: child.id(),
+            child: Some(child),
+            client: tunnelkeeper::control::client::Client::new(socket),
+            log: log.to_path_buf(),
+        };
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(child) = daemon.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    daemon.child = None;
+                    anyhow::bail!("the daemon exited ({status}); its log:\n{}", daemon.log_tail());
+                }
+            }
+            if daemon.client.status_json().await.is_ok() {
+                return Ok(daemon);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                anyhow::bail!(
+                    "the daemon did not answer on its socket within {}; its log:\n{}",
+                    fmt_d(limit),
+                    daemon.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The last lines of its log.
+    pub(crate) fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// SIGTERM, then waits up to `limit` for it to exit (SIGKILL after that); returns how long
+    /// the shutdown took.
+    pub(crate) async fn stop(mut self, limit: Duration) -> anyhow::Result<Duration> {
+        let started = tokio::time::Instant::now();
+        let Some(mut child) = self.child.take() else {
+            anyhow::bail!("the daemon had already exited");
+        };
+        if let Ok(pid) = i32::try_from(self.pid) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        let deadline = started + limit;
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) => return Ok(started.elapsed()),
+                Ok(None) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    anyhow::bail!("the daemon did not stop within {}; killed", fmt_d(limit));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
