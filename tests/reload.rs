@@ -255,6 +255,27 @@ async fn a_pin_moves_the_primary_and_survives_a_restart() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("404"));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no tunnel `zzz`"));
+    // Bodies are bounded and must be exactly {"tunnel": NAME}.
+    let huge = serde_json::json!({ "tunnel": "b".repeat(10_000) });
+    let err = daemon
+        .client
+        .request(hyper::Method::POST, "/v1/services/echo/pin", Some(huge))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("400") && err.to_string().contains("at most"),
+        "{err}"
+    );
+    let wrong = serde_json::json!({ "tunel": "b" });
+    let err = daemon
+        .client
+        .request(hyper::Method::POST, "/v1/services/echo/pin", Some(wrong))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("400") && err.to_string().contains("unknown field"),
+        "{err}"
+    );
     let out = cli(&["unpin", "nope"], &daemon.socket);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no service `nope`"));
