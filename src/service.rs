@@ -97,7 +97,7 @@ enum Command {
     /// Take a reloaded spec. `slots` follows `spec.tunnels`: a kept tunnel's id, or a new
     /// tunnel's id with its standby switch.
     Reconfigure {
-        spec: ServiceSpec,
+        spec: Box<ServiceSpec>,
         slots: Vec<(SlotId, Option<watch::Sender<bool>>)>,
     },
 }
@@ -347,7 +347,7 @@ impl ServiceHandle {
             .collect();
         // Plan first: which tunnels keep their task, which get a new one (under a new id).
         enum Plan {
-            Keep(Slot),
+            Keep(Box<Slot>),
             Start(SlotId, watch::Receiver<bool>),
         }
         let mut plan = Vec::with_capacity(spec.tunnels.len());
@@ -360,7 +360,7 @@ impl ServiceHandle {
             match same_name.and_then(|i| old[i].take()) {
                 Some(slot) if slot.spec == *tunnel => {
                     handover.push((slot.id, None));
-                    plan.push(Plan::Keep(slot));
+                    plan.push(Plan::Keep(Box::new(slot)));
                 }
                 previous => {
                     match previous {
@@ -385,7 +385,7 @@ impl ServiceHandle {
         // (their `stopped`) are ignored rather than counted as failures. They are stopped
         // before their successors start: a restarted child may need the same port.
         let _ = self.commands.send(Command::Reconfigure {
-            spec: spec.clone(),
+            spec: Box::new(spec.clone()),
             slots: handover,
         });
         stop_slots(retired).await;
@@ -393,7 +393,7 @@ impl ServiceHandle {
             .into_iter()
             .zip(&spec.tunnels)
             .map(|(plan, tunnel)| match plan {
-                Plan::Keep(slot) => slot,
+                Plan::Keep(slot) => *slot,
                 Plan::Start(id, wanted) => {
                     self.tasks
                         .spawn_as(id, wanted, tunnel, provider_for(tunnel))
@@ -611,7 +611,7 @@ impl Election {
                         let _ = done.send(());
                     }
                     Some(Command::Reconfigure { spec, slots }) => {
-                        self.reconfigure(spec, slots);
+                        self.reconfigure(*spec, slots);
                         self.elect();
                     }
                     None => break,
@@ -1160,7 +1160,7 @@ mod tests {
         };
         h.commands
             .send(Command::Reconfigure {
-                spec: spec.clone(),
+                spec: Box::new(spec.clone()),
                 slots: vec![(0, None), (7, Some(watch::channel(true).0))],
             })
             .unwrap();
@@ -1188,7 +1188,7 @@ mod tests {
         spec.tunnels.truncate(1);
         h.commands
             .send(Command::Reconfigure {
-                spec,
+                spec: Box::new(spec),
                 slots: vec![(0, None)],
             })
             .unwrap();
