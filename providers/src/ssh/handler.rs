@@ -134,7 +134,8 @@ impl client::Handler for ClientHandler {
         _window_size: u32,
         _session: &mut client::Session,
     ) -> Result<(), Self::Error> {
-        // Runs on russh's task in protocol order, before the opener sees the channel.
+        // Runs on russh's task, but russh 0.65 wakes the opener first: the opener may have
+        // registered the channel already (see `Shared::channel_token`).
         self.shared.channel_opened(id);
         Ok(())
     }

@@ -184,21 +184,28 @@ impl Shared {
         !usage.retired && now < max_age_end && !self.closed.is_cancelled()
     }
 
-    /// The token that is cancelled when the server closes channel `id` (already cancelled if
-    /// it is gone).
+    /// The token that is cancelled when the server closes channel `id` (or the session ends).
+    ///
+    /// The opener may get here before the handler has registered the channel: russh 0.65 hands
+    /// the opener its channel first and calls `channel_open_confirmation` after, so "not
+    /// registered yet" must not read as "closed" (it did, and under load one dial in a few
+    /// hundred failed on its first write; found by the chaos test).
     pub fn channel_token(&self, id: ChannelId) -> CancellationToken {
-        match lock(&self.channel_tokens).get(&id) {
-            Some(token) => token.clone(),
-            None => {
-                let token = CancellationToken::new();
-                token.cancel();
-                token
-            }
-        }
+        lock(&self.channel_tokens)
+            .entry(id)
+            .or_insert_with(|| self.closed.child_token())
+            .clone()
     }
 
     pub(super) fn channel_opened(&self, id: ChannelId) {
-        lock(&self.channel_tokens).insert(id, self.closed.child_token());
+        lock(&self.channel_tokens)
+            .entry(id)
+            .or_insert_with(|| self.closed.child_token());
+    }
+
+    /// Drops the bookkeeping of a channel its user is done with (a no-op once it was closed).
+    pub(super) fn forget_channel(&self, id: ChannelId) {
+        lock(&self.channel_tokens).remove(&id);
     }
 
     pub(super) fn channel_closed(&self, id: ChannelId) {
@@ -261,6 +268,11 @@ pub(crate) struct ChannelGuard {
 }
 
 impl ChannelGuard {
+    /// The session this channel belongs to.
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
     /// Counts a channel the pool reserved (the count was already raised under its lock).
     pub(crate) fn reserved(shared: Arc<Shared>) -> ChannelGuard {
         ChannelGuard {

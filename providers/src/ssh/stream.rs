@@ -30,18 +30,27 @@ pub(crate) struct SshStream {
     /// Resolves when the server closed the channel or the connection ended.
     closed: Pin<Box<WaitForCancellationFutureOwned>>,
     token: CancellationToken,
-    _guard: ChannelGuard,
+    id: russh::ChannelId,
+    guard: ChannelGuard,
+}
+
+impl Drop for SshStream {
+    fn drop(&mut self) {
+        self.guard.shared().forget_channel(self.id);
+    }
 }
 
 impl SshStream {
     /// Wraps an open channel of `shared`'s session; `guard` is its pool slot.
     pub(crate) fn new(channel: Channel<Msg>, shared: &Shared, guard: ChannelGuard) -> SshStream {
-        let token = shared.channel_token(channel.id());
+        let id = channel.id();
+        let token = shared.channel_token(id);
         SshStream {
             inner: channel.into_stream(),
             closed: Box::pin(token.clone().cancelled_owned()),
             token,
-            _guard: guard,
+            id,
+            guard,
         }
     }
 
