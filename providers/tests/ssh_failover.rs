@@ -84,7 +84,13 @@ async fn killed_server_closes_every_tunnel_at_once_and_reconnects_after() {
         assert!(elapsed < HARD_SIGNAL, "closed() took {elapsed:?}");
         assert!(reason.contains("lost"), "{reason}");
     }
-    assert!(session_processes.iter().all(|pid| gone(*pid)));
+    // The kernel tears the killed session processes down on its own schedule (on a loaded
+    // machine, after the client has already seen the connection end).
+    let all_gone = || {
+        let pids = session_processes.clone();
+        async move { pids.iter().all(|pid| gone(*pid)) }
+    };
+    assert!(eventually(PATIENCE, all_gone).await, "sshd session processes left");
     // The stream in flight ends too (end-of-file or an error), it does not hang.
     let mut rest = Vec::new();
     let read = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut rest)).await;
