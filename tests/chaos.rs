@@ -56,25 +56,37 @@ const EXCHANGE_LIMIT: Duration = Duration::from_secs(10);
 const PROBE_EVERY: Duration = Duration::from_millis(100);
 
 /// Minimum share of exchanges that must succeed (see docs/STRESS.md for the reasoning).
-const MIN_SUCCESS: f64 = 0.90;
+const MIN_SUCCESS: f64 = 0.99;
 /// Status latency limits: 99th percentile and worst single answer.
 const STATUS_P99_LIMIT: Duration = Duration::from_millis(100);
 const STATUS_MAX_LIMIT: Duration = Duration::from_millis(500);
 /// Open fds the daemon may hold at the end beyond its count before the faults.
 const FD_MARGIN: usize = 16;
+/// How long the final state must hold to count as converged.
+const STABLE: Duration = Duration::from_secs(3);
 /// Resident memory the daemon may have gained at the end (KiB).
 const RSS_MARGIN_KB: u64 = 32 * 1024;
+/// Resident memory the daemon may gain after the first third of a long (≥ 600 s) run (KiB).
+const LATE_RSS_MARGIN_KB: u64 = 8 * 1024;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_survives_a_storm_of_faults() {
     assert_socat();
     let seed = std::env::var("TK_CHAOS_SEED")
         .ok()
-        .map(|s| s.trim().parse::<u64>().expect("TK_CHAOS_SEED must be a u64"))
+        .map(|s| {
+            s.trim()
+                .parse::<u64>()
+                .expect("TK_CHAOS_SEED must be a u64")
+        })
         .unwrap_or_else(rand::random);
     let secs = std::env::var("TK_CHAOS_SECS")
         .ok()
-        .map(|s| s.trim().parse::<u64>().expect("TK_CHAOS_SECS must be seconds"))
+        .map(|s| {
+            s.trim()
+                .parse::<u64>()
+                .expect("TK_CHAOS_SECS must be seconds")
+        })
         .unwrap_or(60);
     eprintln!("chaos: seed {seed} (replay with TK_CHAOS_SEED={seed}), {secs} s of faults");
     let mut rng = StdRng::seed_from_u64(seed);
@@ -201,8 +213,11 @@ async fn the_daemon_survives_a_storm_of_faults() {
         .max()
         .unwrap_or(0);
     let bound = Duration::from_secs(30) + 2 * Duration::from_millis(holds);
-    let converged_status = wait_until(&daemon.client, bound, |s| converged(s, &all_tunnels)).await;
-    let convergence = calm_at.elapsed();
+    let converged_at = wait_stable(&daemon.client, bound, STABLE, |s| {
+        converged(s, &all_tunnels)
+    })
+    .await;
+    let convergence = converged_at.map(|at| at - calm_at);
     let Chaos {
         fired,
         skipped,
@@ -231,7 +246,11 @@ async fn the_daemon_survives_a_storm_of_faults() {
     let ok = exchanges.ok.load(Ordering::Relaxed);
     let failures = exchanges.failures.lock().unwrap().clone();
     let total = ok + failures.len() as u64;
-    let ratio = if total == 0 { 0.0 } else { ok as f64 / total as f64 };
+    let ratio = if total == 0 {
+        0.0
+    } else {
+        ok as f64 / total as f64
+    };
     let mut by_kind: BTreeMap<String, usize> = BTreeMap::new();
     for (_, what) in &failures {
         *by_kind.entry(failure_kind(what)).or_default() += 1;
@@ -289,10 +308,13 @@ async fn the_daemon_survives_a_storm_of_faults() {
         samples.series.iter().map(|s| s.1.threads).max().unwrap_or(0),
         end_resources.threads,
     );
-    eprintln!("resource series (t, fds, RSS KiB): {}", series_summary(&samples.series));
     eprintln!(
-        "convergence after calm: {:.1}s (bound {:.0}s, largest hold {holds} ms); events: {events:?}",
-        convergence.as_secs_f64(),
+        "resource series (t, fds, RSS KiB): {}",
+        series_summary(&samples.series)
+    );
+    eprintln!(
+        "convergence after calm: {} (bound {:.0}s, largest hold {holds} ms, then stable for {STABLE:?}); events: {events:?}",
+        convergence.map_or("none".to_string(), |c| format!("{:.1}s", c.as_secs_f64())),
         bound.as_secs_f64()
     );
     eprintln!(
@@ -301,52 +323,118 @@ async fn the_daemon_survives_a_storm_of_faults() {
         samples.descendants.len()
     );
 
-    // ---- the verdict ----
-    assert!(findings.is_empty(), "control API refused a write: {findings:#?}");
-    assert!(
-        !log.contains("panicked"),
-        "the daemon panicked:\n{}",
-        log.lines()
-            .filter(|l| l.contains("panicked"))
-            .take(10)
-            .collect::<Vec<_>>()
-            .join("\n")
+    // ---- the verdict: every check is evaluated, all failures are reported together ----
+    let mut problems: Vec<String> = Vec::new();
+    let mut check = |ok: bool, what: String| {
+        if !ok {
+            problems.push(what);
+        }
+    };
+    check(
+        findings.is_empty(),
+        format!("the control API refused a write: {findings:?}"),
     );
-    assert!(
-        converged_status.is_some(),
-        "no convergence on the best tunnel within {bound:?} of calm:\n{last_status:#?}\n{}",
-        tail(&log, 80)
+    let panics: Vec<&str> = log.lines().filter(|l| l.contains("panicked")).collect();
+    check(
+        panics.is_empty(),
+        format!("the daemon panicked: {:?}", &panics[..panics.len().min(5)]),
     );
-    assert!(probes.errors.is_empty(), "status queries failed: {:?}", probes.errors);
-    assert!(lat.len() as u64 >= secs * 5, "only {} status answers", lat.len());
-    assert!(
+    let closed_channels = log
+        .lines()
+        .filter(|l| l.contains("real traffic: write: ssh channel closed by the server"))
+        .count();
+    check(
+        convergence.is_some(),
+        format!(
+            "no convergence on the best tunnel within {bound:?} of calm (stable for {STABLE:?}); \
+             primary {:?}, tunnels {:?}; {closed_channels} real-traffic failures on ssh read \
+             \"ssh channel closed by the server\" (the SSH channel-token race of \
+             docs/STRESS.md, Findings, when those are what take ssh down)",
+            last_status.services[0].primary,
+            last_status.services[0]
+                .tunnels
+                .iter()
+                .map(|t| format!("{} {:?}", t.name, t.state))
+                .collect::<Vec<_>>()
+        ),
+    );
+    check(
+        probes.errors.is_empty(),
+        format!("status queries failed: {:?}", probes.errors),
+    );
+    check(
+        lat.len() as u64 >= secs * 5,
+        format!("only {} status answers", lat.len()),
+    );
+    check(
         percentile(&lat, 0.99) < STATUS_P99_LIMIT,
-        "status p99 {:?} ≥ {STATUS_P99_LIMIT:?}",
-        percentile(&lat, 0.99)
+        format!(
+            "status p99 {:?} ≥ {STATUS_P99_LIMIT:?}",
+            percentile(&lat, 0.99)
+        ),
     );
     let worst = lat.last().copied().unwrap_or_default();
-    assert!(worst < STATUS_MAX_LIMIT, "slowest status answer {worst:?}");
-    assert!(total >= secs * 10, "only {total} exchanges in {secs} s");
-    assert!(
+    check(
+        worst < STATUS_MAX_LIMIT,
+        format!("slowest status answer {worst:?} ≥ {STATUS_MAX_LIMIT:?}"),
+    );
+    check(
+        total >= secs * 10,
+        format!("only {total} exchanges in {secs} s"),
+    );
+    check(
         ratio >= MIN_SUCCESS,
-        "{:.2} % of exchanges succeeded (minimum {:.0} %)",
-        100.0 * ratio,
-        100.0 * MIN_SUCCESS
+        format!(
+            "{:.2} % of exchanges succeeded (minimum {:.0} %)",
+            100.0 * ratio,
+            100.0 * MIN_SUCCESS
+        ),
     );
-    assert!(
+    check(
         end_resources.fds <= baseline.fds + FD_MARGIN,
-        "fd leak? {} open at the start, {} at the end",
-        baseline.fds,
-        end_resources.fds
+        format!(
+            "fd leak? {} open at the start, {} at the end",
+            baseline.fds, end_resources.fds
+        ),
     );
-    assert!(
+    check(
         end_resources.rss_kb <= baseline.rss_kb + RSS_MARGIN_KB,
-        "memory growth: RSS {} KiB at the start, {} KiB at the end",
-        baseline.rss_kb,
-        end_resources.rss_kb
+        format!(
+            "memory growth: RSS {} KiB at the start, {} KiB at the end",
+            baseline.rss_kb, end_resources.rss_kb
+        ),
     );
-    assert!(exit.success(), "daemon exit: {exit:?}\n{}", tail(&log, 40));
-    assert!(orphans.is_empty(), "left behind after SIGTERM: {orphans:#?}");
+    // On a long run, growth after the first third (warm-up: allocator arenas, the event journal
+    // filling up) is what a leak would look like.
+    if secs >= 600 {
+        let third = samples
+            .series
+            .iter()
+            .find(|(t, _)| *t >= secs as f64 / 3.0)
+            .map(|(_, r)| r.rss_kb)
+            .unwrap_or(baseline.rss_kb);
+        check(
+            end_resources.rss_kb <= third + LATE_RSS_MARGIN_KB,
+            format!(
+                "memory still growing: RSS {third} KiB after a third of the run, {} KiB at the end",
+                end_resources.rss_kb
+            ),
+        );
+    }
+    check(exit.success(), format!("daemon exit: {exit:?}"));
+    check(
+        orphans.is_empty(),
+        format!("left behind after SIGTERM: {orphans:?}"),
+    );
+    if !problems.is_empty() {
+        eprintln!("\n== daemon log (last 60 lines)\n{}", tail(&log, 60));
+    }
+    assert!(
+        problems.is_empty(),
+        "chaos (seed {seed}) found {} problem(s):\n- {}",
+        problems.len(),
+        problems.join("\n- ")
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -471,6 +559,34 @@ fn converged(status: &DaemonStatus, tunnels: &[(&str, i64)]) -> bool {
         .min_by_key(|t| t.priority)
         .map(|t| t.name.as_str());
     all_up && service.pin.is_none() && best.is_some() && service.primary.as_deref() == best
+}
+
+/// Polls the status until `done` has held for `stable` without a break; returns when that
+/// stretch began, or `None` if it did not begin within `limit`.
+async fn wait_stable(
+    client: &Client,
+    limit: Duration,
+    stable: Duration,
+    done: impl Fn(&DaemonStatus) -> bool,
+) -> Option<Instant> {
+    let deadline = Instant::now() + limit;
+    let mut since: Option<Instant> = None;
+    loop {
+        let now = Instant::now();
+        match client.status().await {
+            Ok(status) if done(&status) => {
+                let start = *since.get_or_insert(now);
+                if now - start >= stable {
+                    return Some(start);
+                }
+            }
+            _ => since = None,
+        }
+        if since.is_none() && now >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Polls the status until `done` holds (returns it) or `limit` passes.
@@ -683,7 +799,10 @@ impl Chaos<'_> {
                 let _ = kill(Pid::from_raw(*p as i32), Signal::SIGSTOP);
             }
             let span = self.span(500, 3000);
-            self.log(format!("sshd frozen ({} processes) for {span:?}", frozen.len()));
+            self.log(format!(
+                "sshd frozen ({} processes) for {span:?}",
+                frozen.len()
+            ));
             self.hold(span, Undo::SshdThaw(frozen));
         } else {
             self.sshd.kill();
@@ -724,11 +843,15 @@ impl Chaos<'_> {
             }
         };
         let Some(squatter) = squatter else {
-            self.log(format!("squat on {relay}'s port {port}: never won the port"));
+            self.log(format!(
+                "squat on {relay}'s port {port}: never won the port"
+            ));
             return false;
         };
         let span = self.span(1000, 4000);
-        self.log(format!("{relay}'s port {port} taken by a silent listener for {span:?}"));
+        self.log(format!(
+            "{relay}'s port {port} taken by a silent listener for {span:?}"
+        ));
         self.hold(span, Undo::Unsquat(relay, squatter));
         true
     }
@@ -772,7 +895,10 @@ impl Chaos<'_> {
         let answer = self.client.reload().await;
         let took = started.elapsed();
         match answer {
-            Ok(v) if v["ok"] == true && v["changed"] == serde_json::json!([format!("{SERVICE}/{RELOADED}")]) => {
+            Ok(v)
+                if v["ok"] == true
+                    && v["changed"] == serde_json::json!([format!("{SERVICE}/{RELOADED}")]) =>
+            {
                 self.log(format!("reload ({took:?}): {v}"));
             }
             other => {
@@ -832,7 +958,9 @@ impl Chaos<'_> {
                 }
                 Undo::Unsquat(relay, squatter) => {
                     let held = squatter.release().await;
-                    self.log(format!("{relay}'s port released ({held} connections were held)"));
+                    self.log(format!(
+                        "{relay}'s port released ({held} connections were held)"
+                    ));
                 }
                 Undo::DnsOn => {
                     if let Some(dns) = self.dns {
@@ -952,7 +1080,9 @@ impl DnsResponder {
                         continue;
                     }
                 }
-                let Some(sock) = socket.as_ref() else { continue };
+                let Some(sock) = socket.as_ref() else {
+                    continue;
+                };
                 let _ = sock.set_read_timeout(Some(Duration::from_millis(20)));
                 let Ok((n, from)) = sock.recv_from(&mut buf) else {
                     continue;
@@ -1390,4 +1520,91 @@ fn the_dns_reply_is_well_formed() {
     let mut response = q.clone();
     response[2] |= 0x80;
     assert!(dns_reply(&response, DNS_NAME, Ipv4Addr::LOCALHOST).is_none());
+}
+
+/// The finding of the chaos runs, alone: with no fault at all, steady traffic through the
+/// failover listener over an `ssh` local forward sees dials fail with "ssh channel closed by
+/// the server" on their first write, and three of them between two probes take a healthy SSH
+/// tunnel down. Cause: russh 0.65 hands an opened channel to its opener *before* it calls the
+/// handler's `channel_open_confirmation`, where the provider registers the channel's close
+/// token; an opener that gets there first finds no token and gets an already-cancelled one
+/// (`Shared::channel_token`). See docs/STRESS.md, "Findings".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_dials_under_steady_traffic_never_fail_without_a_fault() {
+    let sshd = sshd::Sshd::start("")
+        .await
+        .expect("sshd (scripts/test installs it)");
+    let echo = echo_server().await;
+    let port = quiet_port();
+    let config = format!(
+        r#"version: 1
+daemon: {{ control_socket: "@DIR@/control.sock", state_dir: "@DIR@/state" }}
+defaults:
+  probe: {{ interval: 300ms, timeout: 300ms, rise: 2, fall: 3, send: "ping\n", expect: "ping" }}
+  failover: {{ failback_hold: 500ms }}
+services:
+  - name: {SERVICE}
+    listen: "127.0.0.1:{port}"
+    connect_timeout: 500ms
+    tunnels:
+      - name: ssh
+        provider: ssh
+        priority: 10
+        ssh: {ssh}
+        local_forward: {{ to: "{echo}" }}
+      - {{ name: lan, provider: direct, priority: 20, address: "{echo}" }}
+"#,
+        ssh = ssh_section(&sshd),
+    );
+    let daemon = Daemon::start(&config).await;
+    let mut events = daemon.follow();
+    events
+        .wait(
+            Duration::from_secs(30),
+            "ssh elected",
+            primary_changed(Some("ssh"), None),
+        )
+        .await;
+
+    let t0 = Instant::now();
+    let stop = CancellationToken::new();
+    let tally = Arc::new(Exchanges::default());
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|c| tokio::spawn(client_loop(c, port, tally.clone(), stop.clone(), t0)))
+        .collect();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    stop.cancel();
+    for c in clients {
+        let _ = c.await;
+    }
+    let status = daemon.status().await;
+    let listener = status.services[0].listener.clone().expect("listener");
+    let ok = tally.ok.load(Ordering::Relaxed);
+    let closed: Vec<String> = daemon
+        .log()
+        .lines()
+        .filter(|l| l.contains("\"tunnel\":\"ssh\"") && l.contains("closed by the server"))
+        .map(str::to_string)
+        .collect();
+    eprintln!(
+        "{ok} exchanges, {} failed; listener: {} connections, {} replayed, failed dials {:?}; \
+         {} ssh events naming a closed channel",
+        tally.failures.lock().unwrap().len(),
+        listener.total,
+        listener.replayed,
+        listener.failed_dials,
+        closed.len()
+    );
+    assert!(ok > 1000, "only {ok} exchanges");
+    assert_eq!(
+        listener.failed_dials.get("ssh").copied().unwrap_or(0),
+        0,
+        "dials through a healthy ssh tunnel failed; first events:\n{}",
+        closed
+            .iter()
+            .take(5)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 }

@@ -67,8 +67,8 @@ impl Namespaces {
             vec!["-n", &a, "link", "set", "lo", "up"],
             vec!["-n", &b, "link", "set", "lo", "up"],
             vec![
-                "-n", &a, "link", "add", ns.a_if, "type", "veth", "peer", "name", ns.b_if,
-                "netns", &b,
+                "-n", &a, "link", "add", ns.a_if, "type", "veth", "peer", "name", ns.b_if, "netns",
+                &b,
             ],
             vec!["-n", &a, "addr", "add", &a_cidr, "dev", ns.a_if],
             vec!["-n", &b, "addr", "add", &b_cidr, "dev", ns.b_if],
@@ -155,7 +155,14 @@ async fn daemon_in(ns: &str, config: &str) -> Daemon {
     let socket = dir.path().join("control.sock");
     // `ip netns exec` execs the program itself: the child is the daemon.
     let mut child = Command::new("ip")
-        .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_tunnelkeeper"), "run", "-c"])
+        .args([
+            "netns",
+            "exec",
+            ns,
+            env!("CARGO_BIN_EXE_tunnelkeeper"),
+            "run",
+            "-c",
+        ])
         .arg(&path)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
@@ -170,7 +177,10 @@ async fn daemon_in(ns: &str, config: &str) -> Daemon {
     let deadline = Instant::now() + Duration::from_secs(20);
     while client.status_json().await.is_err() {
         if let Ok(Some(exit)) = child.try_wait() {
-            panic!("daemon exited ({exit}) before answering:\n{}", log(dir.path()));
+            panic!(
+                "daemon exited ({exit}) before answering:\n{}",
+                log(dir.path())
+            );
         }
         assert!(
             Instant::now() < deadline,
@@ -289,7 +299,13 @@ services:
                 primary_changed(Some("link"), Some("local")),
             )
             .await;
-        assert!(e["reason"].as_str().unwrap_or_default().starts_with("failback"), "{e}");
+        assert!(
+            e["reason"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("failback"),
+            "{e}"
+        );
         let hold = back_at - up_at;
         eprintln!("{interface} up in {side}: failback {hold:?} after the link's tunnel_up");
         assert!(
