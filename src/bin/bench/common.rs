@@ -347,8 +347,8 @@ impl std::fmt::Display for OpenFiles {
 /// done by util-linux's `prlimit --pid SELF` (setrlimit from outside; same effect).
 pub(crate) fn ensure_open_files(needed: u64) -> anyhow::Result<OpenFiles> {
     let read = || -> anyhow::Result<(u64, u64)> {
-        let text = std::fs::read_to_string("/proc/self/limits")
-            .context("reading /proc/self/limits")?;
+        let text =
+            std::fs::read_to_string("/proc/self/limits").context("reading /proc/self/limits")?;
         let line = text
             .lines()
             .find(|line| line.starts_with("Max open files"))
@@ -434,8 +434,8 @@ impl DaemonProcess {
         limit: Duration,
     ) -> anyhow::Result<DaemonProcess> {
         let binary = daemon_binary()?;
-        let log_file = std::fs::File::create(log)
-            .with_context(|| format!("creating {}", log.display()))?;
+        let log_file =
+            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let child = std::process::Command::new(&binary)
             .arg("--log-format")
             .arg("text")
@@ -461,7 +461,10 @@ impl DaemonProcess {
             if let Some(child) = daemon.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
                     daemon.child = None;
-                    anyhow::bail!("the daemon exited ({status}); its log:\n{}", daemon.log_tail());
+                    anyhow::bail!(
+                        "the daemon exited ({status}); its log:\n{}",
+                        daemon.log_tail()
+                    );
                 }
             }
             if daemon.client.status_json().await.is_ok() {
@@ -522,4 +525,28 @@ impl Drop for DaemonProcess {
             let _ = child.wait();
         }
     }
+}
+
+/// Resident KiB of `pid` per mapped file, from `/proc/PID/smaps`, largest first; anonymous
+/// mappings are summed under `[anon]` (heap, stacks and the like keep their own names).
+pub(crate) fn rss_by_mapping(pid: u32) -> Vec<(String, u64)> {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
+        return Vec::new();
+    };
+    let mut sums: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+    let mut current = String::from("[anon]");
+    for line in text.lines() {
+        let mut fields = line.split_whitespace();
+        let first = fields.next().unwrap_or("");
+        // A mapping's header: `start-end perms offset dev inode [path]`.
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            current = fields.nth(4).unwrap_or("[anon]").to_string();
+        } else if first == "Rss:" {
+            let kib: u64 = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            *sums.entry(current.clone()).or_default() += kib;
+        }
+    }
+    let mut sums: Vec<(String, u64)> = sums.into_iter().filter(|(_, kib)| *kib > 0).collect();
+    sums.sort_by_key(|entry| std::cmp::Reverse(entry.1));
+    sums
 }

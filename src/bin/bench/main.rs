@@ -9,15 +9,25 @@
 //! - `bench router [--reps N]` (module `router`): router reboot recovery against a real sshd —
 //!   sshd accepting again → `router_verified` with `check_interval: 1s`, against the prior
 //!   art's 30 s uptime polling (computed).
+//! - `bench scale [--tunnels N] [--secs S]` (module `scale`): the real daemon binary with N
+//!   tunnels (half `direct`, half `command` children) probed every second: CPU, memory,
+//!   events/s and `/v1/status` latency, against a run with a tenth of the tunnels.
+//! - `bench bus [--events N] [--secs S]` (module `bus`): publish rate of the event bus with no
+//!   subscriber, 9 fast ones, and 9 fast + 1 slow one (which must lag, not slow the publisher).
+//! - `bench footprint [--secs S]` (module `footprint`): the daemon at rest with 4 `ssh` forwards
+//!   against 4 × autossh + ssh holding the same forwards to the same local sshd.
 //!
 //! Results and method are written up in `docs/BENCHMARKS.md`.
 
 #![forbid(unsafe_code)]
 
+mod bus;
 mod common;
 mod failover;
+mod footprint;
 mod listener;
 mod router;
+mod scale;
 mod ssh;
 
 use std::process::ExitCode;
@@ -74,6 +84,39 @@ enum Command {
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=10_000))]
         reps: u32,
     },
+    /// The real daemon with many probed tunnels: CPU, RSS, events/s, /v1/status latency.
+    Scale {
+        /// Tunnels of the measured run (half direct, half command), 10 per service.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=5_000))]
+        tunnels: u64,
+        /// Tunnels of the anchor run (default: a tenth of --tunnels, at least 10).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(10..=5_000))]
+        anchor: Option<u64>,
+        /// Length of each measurement window, in seconds.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=600))]
+        secs: u64,
+    },
+    /// Event bus publish rate with 0, 9 fast, and 9 fast + 1 slow subscribers.
+    Bus {
+        /// Events per scenario at most.
+        #[arg(long, default_value_t = 5_000_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+        events: u64,
+        /// Publishing time per scenario at most, in seconds.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=120))]
+        secs: u64,
+        /// The slow subscriber's pause after each event, in milliseconds.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        slow_ms: u64,
+        /// Events per second of the paced scenario.
+        #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+        paced: u64,
+    },
+    /// Idle RSS and CPU with 4 ssh forwards, against 4 × autossh + ssh.
+    Footprint {
+        /// Length of each side's measurement window, in seconds.
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        secs: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -106,6 +149,39 @@ fn main() -> ExitCode {
         }
         Command::Listener { quick } => rt.block_on(listener::listener(quick)),
         Command::Router { reps } => rt.block_on(router::router(reps)),
+        Command::Scale {
+            tunnels,
+            anchor,
+            secs,
+        } => {
+            let tunnels = tunnels as usize;
+            let settings = scale::Settings {
+                tunnels,
+                anchor: anchor.map(|a| a as usize).unwrap_or((tunnels / 10).max(10)),
+                window: std::time::Duration::from_secs(secs),
+            };
+            rt.block_on(scale::scale(settings))
+        }
+        Command::Bus {
+            events,
+            secs,
+            slow_ms,
+            paced,
+        } => {
+            let settings = bus::Settings {
+                events,
+                limit: std::time::Duration::from_secs(secs),
+                slow: std::time::Duration::from_millis(slow_ms),
+                paced,
+            };
+            rt.block_on(bus::bus(settings))
+        }
+        Command::Footprint { secs } => {
+            let settings = footprint::Settings {
+                window: std::time::Duration::from_secs(secs),
+            };
+            rt.block_on(footprint::footprint(settings))
+        }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

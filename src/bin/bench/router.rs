@@ -22,10 +22,7 @@
 //! attempt that first finds the router up, then a uniformly random 0–30 s until the next poll.
 
 // The ssh bench's sshd helper: only its set-up (keys, config, known_hosts) is used here.
-#[allow(dead_code)]
-#[path = "ssh/sshd.rs"]
-mod sshd;
-
+use crate::ssh::sshd;
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

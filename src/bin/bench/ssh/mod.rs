@@ -16,7 +16,7 @@
 mod channels;
 mod latency;
 mod memory;
-mod sshd;
+pub(crate) mod sshd;
 mod throughput;
 
 use std::time::{Duration, SystemTime};
