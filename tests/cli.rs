@@ -132,6 +132,24 @@ async fn raw_http_works_like_curl_and_errors_are_json() {
     .await;
     assert!(wrong.starts_with("HTTP/1.1 405"), "{wrong}");
 
+    // A client that half-closes after its request (`printf … | socat - UNIX-CONNECT:…`) still
+    // gets its answer.
+    let mut stream = tokio::net::UnixStream::connect(&daemon.socket)
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET /v1/status HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    stream.shutdown().await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
+    let answer = String::from_utf8_lossy(&out);
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "half-closed client: {answer:?}"
+    );
+
     // A client that never finishes its request does not stop others from being served.
     let _stuck = {
         let mut s = tokio::net::UnixStream::connect(&daemon.socket)

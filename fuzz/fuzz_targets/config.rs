@@ -44,7 +44,7 @@ fuzz_target!(|data: &[u8]| {
 /// turns the tolerance off, e.g. to check a fix with
 /// `TK_FUZZ_STRICT=1 cargo fuzz run config fuzz/regressions/config -- -runs=0`.
 /// Once the fixes are in, set this to false (the regressions then guard them).
-const TOLERATE_KNOWN_FINDINGS: bool = true;
+const TOLERATE_KNOWN_FINDINGS: bool = false;
 
 fn tolerate_known_findings() -> bool {
     static STRICT: OnceLock<bool> = OnceLock::new();

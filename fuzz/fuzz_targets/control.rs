@@ -200,7 +200,7 @@ fuzz_target!(|data: &[u8]| {
 
 /// Known findings whose fix belongs in src/ (see docs/FUZZING.md, "Findings"): tolerated
 /// unless `TK_FUZZ_STRICT=1`. Once the fixes are in, set this to false.
-const TOLERATE_KNOWN_FINDINGS: bool = true;
+const TOLERATE_KNOWN_FINDINGS: bool = false;
 
 fn tolerate_known_findings() -> bool {
     static STRICT: OnceLock<bool> = OnceLock::new();

@@ -90,7 +90,8 @@ impl fmt::Display for KeyPath {
                     if i > 0 {
                         f.write_str(".")?;
                     }
-                    f.write_str(key)?;
+                    // An empty key (`"": 1`) must still be visible in the message.
+                    f.write_str(if key.is_empty() { "\"\"" } else { key })?;
                 }
             }
         }

@@ -59,9 +59,23 @@ fn diagnostic(file: &Path, at: Position, key: &KeyPath, message: String) -> Diag
         file: file.to_path_buf(),
         line: at.line,
         column: at.column,
-        key: key.to_string(),
-        message,
+        key: one_line(&key.to_string()),
+        message: one_line(&message),
     }
+}
+
+/// Escapes line breaks and other control characters, so that every diagnostic stays on one
+/// line: a key or value holding a newline must not split a message, or forge another one.
+fn one_line(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() || c == '\u{2028}' || c == '\u{2029}' {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// Turns serde's error into a diagnostic: the key path from serde_path_to_error, the position

@@ -215,6 +215,9 @@ pub async fn serve_connection<IO>(
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
         .max_buf_size(MAX_HEAD)
+        // `printf 'GET …' | socat - UNIX-CONNECT:…` half-closes after its request: it must
+        // still get its answer (found by fuzzing).
+        .half_close(true)
         .serve_connection(TokioIo::new(io), service);
     let _ = conn.await;
 }
