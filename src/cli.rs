@@ -254,7 +254,11 @@ pub fn render_status(status: &DaemonStatus) -> String {
             out,
             "\nrouter {}  {}  boot id: {}  last reboot: {}  last provision: {}{}",
             r.name,
-            if r.connected { "connected" } else { "UNREACHABLE" },
+            if r.connected {
+                "connected"
+            } else {
+                "UNREACHABLE"
+            },
             r.boot_id.as_deref().unwrap_or("-"),
             r.last_reboot.as_deref().unwrap_or("-"),
             provision,

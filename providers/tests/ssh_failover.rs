@@ -90,7 +90,10 @@ async fn killed_server_closes_every_tunnel_at_once_and_reconnects_after() {
         let pids = session_processes.clone();
         async move { pids.iter().all(|pid| gone(*pid)) }
     };
-    assert!(eventually(PATIENCE, all_gone).await, "sshd session processes left");
+    assert!(
+        eventually(PATIENCE, all_gone).await,
+        "sshd session processes left"
+    );
     // The stream in flight ends too (end-of-file or an error), it does not hang.
     let mut rest = Vec::new();
     let read = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut rest)).await;
