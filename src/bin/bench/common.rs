@@ -550,3 +550,26 @@ pub(crate) fn rss_by_mapping(pid: u32) -> Vec<(String, u64)> {
     sums.sort_by_key(|entry| std::cmp::Reverse(entry.1));
     sums
 }
+
+/// The head of a daemon config for the benches, up to `services:`: socket and state in `dir`,
+/// 1 s send/expect probes.
+pub fn config_header(dir: &std::path::Path) -> String {
+    format!(
+        "version: 1
+daemon:
+  control_socket: {socket}
+  state_dir: {state}
+  shutdown_grace: 5s
+defaults:
+  probe: {{ interval: 1s, timeout: 1s, rise: 3, fall: 3, send: \"ping\\n\", expect: \"ping\" }}
+services:
+",
+        socket = quote(&dir.join("control.sock")),
+        state = quote(&dir.join("state")),
+    )
+}
+
+/// A path as a quoted YAML (JSON) string.
+pub fn quote(p: &std::path::Path) -> String {
+    serde_json::to_string(&p.display().to_string()).unwrap_or_else(|_| "\"\"".into())
+}

@@ -161,22 +161,7 @@ struct Login<'a> {
 
 /// The daemon's configuration: one service per forward.
 fn config_text(dir: &Path, login: &Login<'_>, echo: SocketAddr) -> String {
-    let quote = |p: &Path| {
-        serde_json::to_string(&p.display().to_string()).unwrap_or_else(|_| "\"\"".into())
-    };
-    let mut text = format!(
-        "version: 1
-daemon:
-  control_socket: {socket}
-  state_dir: {state}
-  shutdown_grace: 5s
-defaults:
-  probe: {{ interval: 1s, timeout: 1s, rise: 3, fall: 3, send: \"ping\\n\", expect: \"ping\" }}
-services:
-",
-        socket = quote(&dir.join("control.sock")),
-        state = quote(&dir.join("state")),
-    );
+    let mut text = crate::common::config_header(dir);
     for i in 1..=FORWARDS {
         let _ = write!(
             text,
@@ -191,8 +176,8 @@ known_hosts: {known}, keepalive_interval: 1s, keepalive_max: 3 }}
 ",
             port = login.port,
             user = serde_json::to_string(login.user).unwrap_or_default(),
-            key = quote(login.key),
-            known = quote(login.known_hosts),
+            key = crate::common::quote(login.key),
+            known = crate::common::quote(login.known_hosts),
         );
     }
     text

@@ -270,22 +270,7 @@ async fn run(
 
 /// The generated configuration (YAML text, read by `tunnelkeeper run` like any other).
 fn config_text(dir: &Path, tunnels: usize, echoes: &[SocketAddr], sleep: &Path) -> String {
-    let quote = |p: &Path| {
-        serde_json::to_string(&p.display().to_string()).unwrap_or_else(|_| "\"\"".into())
-    };
-    let mut text = format!(
-        "version: 1
-daemon:
-  control_socket: {socket}
-  state_dir: {state}
-  shutdown_grace: 5s
-defaults:
-  probe: {{ interval: 1s, timeout: 1s, rise: 3, fall: 3, send: \"ping\\n\", expect: \"ping\" }}
-services:
-",
-        socket = quote(&dir.join("control.sock")),
-        state = quote(&dir.join("state")),
-    );
+    let mut text = crate::common::config_header(dir);
     for i in 0..tunnels {
         let (service, j) = (i / PER_SERVICE, i % PER_SERVICE);
         let echo = echoes.get(service).copied().unwrap_or(echoes[0]);
@@ -302,7 +287,7 @@ services:
                 text,
                 "      - {{ name: c{j}, provider: command, run: [{sleep}, \"1000000\"], \
                  endpoint: \"{echo}\", stop_grace: 1s }}",
-                sleep = quote(sleep)
+                sleep = crate::common::quote(sleep)
             );
         }
     }
