@@ -910,8 +910,9 @@ mod tests {
         events: crate::bus::Subscription,
     }
 
-    fn start(hold: Duration) -> Harness {
-        let spec = ServiceSpec {
+    /// Service `svc` in priority mode with a failback `hold`.
+    fn service(hold: Duration, tunnels: Vec<TunnelSpec>) -> ServiceSpec {
+        ServiceSpec {
             name: "svc".into(),
             policy: Policy {
                 mode: Mode::Priority,
@@ -924,8 +925,12 @@ mod tests {
             on_failover: OnFailover::Keep,
             listen: None,
             hooks: vec![],
-            tunnels: vec![tunnel("a", 10), tunnel("b", 20)],
-        };
+            tunnels,
+        }
+    }
+
+    fn start(hold: Duration) -> Harness {
+        let spec = service(hold, vec![tunnel("a", 10), tunnel("b", 20)]);
         let bus = Bus::new(64);
         let events = bus.subscribe();
         let status = Arc::new(RwLock::new(initial_status(&spec)));
@@ -1143,21 +1148,10 @@ mod tests {
         h.settle().await;
         assert_eq!(h.primary().as_deref(), Some("a"));
         // b is replaced by c (slot 7); a keeps its slot and its health.
-        let mut spec = ServiceSpec {
-            name: "svc".into(),
-            policy: Policy {
-                mode: Mode::Priority,
-                tolerance: Duration::from_millis(50),
-                max_latency: Duration::from_millis(500),
-                failback: Failback::Auto,
-                failback_hold: Duration::from_secs(30),
-            },
-            connect_timeout: Duration::from_secs(1),
-            on_failover: OnFailover::Keep,
-            listen: None,
-            hooks: vec![],
-            tunnels: vec![tunnel("a", 10), tunnel("c", 5)],
-        };
+        let mut spec = service(
+            Duration::from_secs(30),
+            vec![tunnel("a", 10), tunnel("c", 5)],
+        );
         h.commands
             .send(Command::Reconfigure {
                 spec: Box::new(spec.clone()),
