@@ -75,6 +75,11 @@ pub struct Contender {
     pub last_down: Option<String>,
     /// Whether the last down was a hard signal (child exit, SSH disconnect) rather than probes.
     pub last_down_hard: bool,
+    /// This up period is the tunnel's first since it was started (daemon start, or a reload
+    /// that added or changed it). A first up is news, not a return: it serves no hold and a
+    /// win is reported as [`Reason::Better`]. Holds and dampening are for tunnels that were
+    /// up, went down and came back.
+    pub first_up: bool,
 }
 
 /// Everything [`elect`] looks at. Borrowed, so the caller re-runs the election cheaply.
@@ -131,6 +136,9 @@ pub enum Reason {
     /// Latency mode: a tunnel faster by more than `tolerance` has been up for its hold and took
     /// over.
     BetterLatency,
+    /// A better tunnel came up for the first time (after the first election) and took over at
+    /// once: its first up is not a failback, so it serves no hold.
+    Better,
     /// A manual pin chose the primary.
     Pinned,
     /// The primary changed because a pin was removed. [`elect`] never returns this: its input
@@ -155,6 +163,7 @@ impl Reason {
             Reason::PrimaryDegraded => "primary_degraded",
             Reason::Failback => "failback",
             Reason::BetterLatency => "better_latency",
+            Reason::Better => "better",
             Reason::Pinned => "pinned",
             Reason::Unpinned => "unpinned",
             Reason::NoCandidate => "no_candidate",
@@ -270,6 +279,7 @@ pub fn elect(input: &Input<'_>) -> Decision {
     match ready_challenger {
         Some(challenger) => {
             let reason = match policy.mode {
+                _ if challenger.first_up => Reason::Better,
                 Mode::Priority => Reason::Failback,
                 Mode::Latency => Reason::BetterLatency,
             };
@@ -369,11 +379,13 @@ fn beats(challenger: &Contender, current: &Contender, policy: &Policy) -> bool {
     }
 }
 
-/// Continuously up for at least its own hold. A tunnel that claims to be up without an
-/// `up_since` has an unknown up time and is never treated as having served its hold.
+/// Continuously up for at least its own hold, or up for the first time (no hold applies).
+/// A returning tunnel that claims to be up without an `up_since` has an unknown up time and is
+/// never treated as having served its hold.
 fn served_hold(c: &Contender, now: Instant) -> bool {
-    c.up_since
-        .is_some_and(|since| now.saturating_duration_since(since) >= c.hold)
+    c.first_up
+        || c.up_since
+            .is_some_and(|since| now.saturating_duration_since(since) >= c.hold)
 }
 
 /// When the earliest hold of a tunnel that would replace `primary` expires. Only meaningful
@@ -427,6 +439,52 @@ fn no_candidate(input: &Input<'_>, current: Option<&Contender>) -> Decision {
         degraded: true,
         // Holds only matter between healthy candidates; only an input change can help here.
         recheck_at: None,
+    }
+}
+
+/// What one tunnel has said so far, for the first election of its service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FirstVerdict {
+    /// Nothing yet: still starting or still counting its first `rise`/`fall` probes.
+    #[default]
+    Pending,
+    /// It came up.
+    Up,
+    /// It cannot be up soon: its start failed, its process died, `fall` probes failed in a row,
+    /// or it is a cold standby that is not started.
+    NotUp,
+}
+
+/// Whether the first election of a service may run now, and if not, until when it waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    /// Elect now.
+    Done,
+    /// Keep waiting; elect at the latest at this instant.
+    Until(Instant),
+}
+
+/// The settle rule: the first election of a service waits until every tunnel has given its
+/// first verdict, or a pinned tunnel is up (the operator's choice is known, nobody can beat
+/// it), or `deadline` has passed. Electing on the first tunnel to come up would make whichever
+/// tunnel starts fastest the primary, and the best one would then wait out a failback hold.
+/// `verdicts` follows `contenders`.
+#[must_use]
+pub fn settle(
+    contenders: &[Contender],
+    verdicts: &[FirstVerdict],
+    pin: Option<&str>,
+    deadline: Instant,
+    now: Instant,
+) -> Settle {
+    let pinned_up = pin
+        .and_then(|name| find(contenders, name))
+        .is_some_and(|c| c.up);
+    let all_spoke = verdicts.iter().all(|v| *v != FirstVerdict::Pending);
+    if pinned_up || all_spoke || now >= deadline {
+        Settle::Done
+    } else {
+        Settle::Until(deadline)
     }
 }
 
@@ -530,6 +588,7 @@ mod tests {
             hold: Duration::ZERO,
             last_down: None,
             last_down_hard: false,
+            first_up: false,
         }
     }
 

@@ -15,6 +15,7 @@
 //! | `tunnelkeeper_tunnel_up` | service, tunnel, provider | gauge, 1 when the state is `up` |
 //! | `tunnelkeeper_tunnel_latency_seconds` | service, tunnel | histogram of successful probes |
 //! | `tunnelkeeper_primary` | service, tunnel | gauge, 1 for the primary, 0 for the others |
+//! | `tunnelkeeper_service_state` | service, state | gauge, 1 for the service's state (`starting`, `ok`, `degraded`), 0 for the others |
 //! | `tunnelkeeper_failovers_total` | service | counter |
 //! | `tunnelkeeper_tunnel_restarts_total` | service, tunnel | counter (`tunnel_restarting`) |
 //! | `tunnelkeeper_listener_connections` | service | gauge, open connections |
@@ -68,6 +69,16 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 struct ServiceLabels {
     service: String,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    service: String,
+    state: String,
+}
+
+/// The values of `tunnelkeeper_service_state`'s `state` label: before the first election, with
+/// a healthy primary, and without one.
+const SERVICE_STATES: [&str; 3] = ["starting", "ok", "degraded"];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TunnelLabels {
@@ -206,10 +217,26 @@ impl Metrics {
         let up = Family::<UpLabels, Gauge>::default();
         let primary = Family::<TunnelLabels, Gauge>::default();
         let connections = Family::<ServiceLabels, Gauge>::default();
+        let states = Family::<StateLabels, Gauge>::default();
         for service in &status.services {
             let service_labels = ServiceLabels {
                 service: service.name.clone(),
             };
+            let state = if service.starting {
+                "starting"
+            } else if service.degraded || service.primary.is_none() {
+                "degraded"
+            } else {
+                "ok"
+            };
+            for name in SERVICE_STATES {
+                states
+                    .get_or_create(&StateLabels {
+                        service: service.name.clone(),
+                        state: name.to_owned(),
+                    })
+                    .set(i64::from(name == state));
+            }
             // Exported from 0, so that the first failover shows as an increase.
             let _ = self.failovers.get_or_create(&service_labels);
             for tunnel in &service.tunnels {
@@ -264,6 +291,11 @@ impl Metrics {
             "tunnelkeeper_primary",
             "1 for the service's current primary, 0 for its other tunnels",
             primary,
+        );
+        registry.register(
+            "tunnelkeeper_service_state",
+            "1 for the service's state: starting (first election pending), ok or degraded",
+            states,
         );
         registry.register(
             "tunnelkeeper_failovers",

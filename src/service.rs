@@ -21,7 +21,9 @@ use tunnelkeeper_providers::{Provider, Resolver, StartContext, Tunnel};
 use crate::bus::{Bus, EventKind};
 use crate::config::model::Standby;
 use crate::config::spec::{ServiceSpec, TunnelSpec};
-use crate::election::{self, Contender, Dampening, Decision, Input, Mode, Reason};
+use crate::election::{
+    self, Contender, Dampening, Decision, FirstVerdict, Input, Mode, Reason, Settle,
+};
 use crate::forward::{Acceptor, Listener, ListenerStats};
 use crate::metrics::Metrics;
 use crate::probe::Transition;
@@ -472,7 +474,8 @@ fn initial_status(spec: &ServiceSpec) -> ServiceStatus {
     ServiceStatus {
         name: spec.name.clone(),
         primary: None,
-        degraded: true,
+        degraded: false,
+        starting: true,
         reason: "starting".into(),
         pin: None,
         mode: match spec.policy.mode {
@@ -529,6 +532,12 @@ struct Election {
     running: Vec<bool>,
     /// When the service started (cold standby's start-up grace).
     started: Instant,
+    /// Per tunnel: what it has said so far, for the first election.
+    verdicts: Vec<FirstVerdict>,
+    /// Per tunnel: failed probes in a row before its first verdict (`fall` of them is one).
+    early_failures: Vec<u32>,
+    /// Until the first election: the latest instant it may wait for (`failover.settle`).
+    settling: Option<Instant>,
 }
 
 /// A contender that has not reported yet.
@@ -542,6 +551,7 @@ fn new_contender(tunnel: &TunnelSpec, hold: Duration) -> Contender {
         hold,
         last_down: None,
         last_down_hard: false,
+        first_up: true,
     }
 }
 
@@ -577,6 +587,9 @@ impl Election {
             running: vec![false; spec.tunnels.len()],
             wanted,
             started: Instant::now(),
+            verdicts: vec![FirstVerdict::Pending; spec.tunnels.len()],
+            early_failures: vec![0; spec.tunnels.len()],
+            settling: Some(Instant::now() + spec.settle),
         }
     }
 
@@ -633,6 +646,8 @@ impl Election {
         let mut dampening = Vec::with_capacity(slots.len());
         let mut running = Vec::with_capacity(slots.len());
         let mut wanted = Vec::with_capacity(slots.len());
+        let mut verdicts = Vec::with_capacity(slots.len());
+        let mut early_failures = Vec::with_capacity(slots.len());
         let mut ids = Vec::with_capacity(slots.len());
         let fresh = initial_status(&spec);
         let mut board = self.status.write().unwrap_or_else(|p| p.into_inner());
@@ -651,6 +666,8 @@ impl Election {
                     dampening.push(self.dampening[i].clone());
                     running.push(self.running[i]);
                     wanted.push(self.wanted[i].clone());
+                    verdicts.push(self.verdicts[i]);
+                    early_failures.push(self.early_failures[i]);
                     tunnels.push(board.tunnels[i].clone());
                 }
                 (None, switch) => {
@@ -658,6 +675,8 @@ impl Election {
                     dampening.push(Dampening::default());
                     running.push(false);
                     wanted.push(switch.unwrap_or_else(|| watch::channel(true).0));
+                    verdicts.push(FirstVerdict::Pending);
+                    early_failures.push(0);
                     tunnels.push(fresh);
                 }
             }
@@ -676,6 +695,8 @@ impl Election {
         self.dampening = dampening;
         self.running = running;
         self.wanted = wanted;
+        self.verdicts = verdicts;
+        self.early_failures = early_failures;
         self.slots = ids;
         self.spec = spec;
     }
@@ -691,6 +712,18 @@ impl Election {
             return;
         };
         let dampening = &mut self.dampening[index];
+        let fall = self
+            .spec
+            .tunnels
+            .get(index)
+            .map_or(1, |t| t.probe.fall.max(1));
+        if let (Some(verdict), Some(failures)) = (
+            self.verdicts.get_mut(index),
+            self.early_failures.get_mut(index),
+        ) {
+            *verdict = first_verdict(*verdict, failures, &report, fall);
+        }
+        let was_up = contender.up;
         let mut board = self.status.write().unwrap_or_else(|p| p.into_inner());
         let Some(t) = board.tunnels.get_mut(index) else {
             return;
@@ -774,6 +807,10 @@ impl Election {
                 set_state(t, TunnelState::Stopped);
             }
         }
+        if was_up && !contender.up {
+            // Whatever comes next is a return, not a first up.
+            contender.first_up = false;
+        }
         contender.hold = dampening.hold(base_hold, now);
         t.hold_ms = t_hold_ms(contender.hold);
     }
@@ -786,17 +823,13 @@ impl Election {
         for (c, d) in self.contenders.iter_mut().zip(&self.dampening) {
             c.hold = d.hold(self.spec.policy.failback_hold, now);
         }
-        let decision: Decision = election::elect(&Input {
-            contenders: &self.contenders,
-            policy: &self.spec.policy,
-            current: self.current.as_deref(),
-            pin: self.pin.as_deref(),
-            now,
-        });
-        // A dampened hold also shrinks when old failures leave the window, and a cold tunnel's
-        // fate can change when a hold or its start-up grace runs out: wake for those too.
-        let mut wakes: Vec<Instant> = decision.recheck_at.into_iter().collect();
-        wakes.extend(self.dampening.iter().filter_map(|d| d.next_expiry(now)));
+        // A cold tunnel's fate can change when a hold or its start-up grace runs out, and a
+        // dampened hold shrinks when old failures leave the window: wake for those too.
+        let mut wakes: Vec<Instant> = self
+            .dampening
+            .iter()
+            .filter_map(|d| d.next_expiry(now))
+            .collect();
         for (i, spec) in self.spec.tunnels.iter().enumerate() {
             if spec.standby != Standby::Cold {
                 continue;
@@ -806,6 +839,32 @@ impl Election {
             wakes.extend(recheck);
             self.wanted[i].send_if_modified(|w| std::mem::replace(w, want) != want);
         }
+        if let Some(deadline) = self.settling {
+            let pin = self.pin.as_deref();
+            match election::settle(&self.contenders, &self.verdicts, pin, deadline, now) {
+                Settle::Until(at) => {
+                    let mut board = self.status.write().unwrap_or_else(|p| p.into_inner());
+                    board.pin = self.pin.clone();
+                    drop(board);
+                    wakes.push(at);
+                    self.recheck_at = wakes.into_iter().min();
+                    return;
+                }
+                Settle::Done => {
+                    self.settling = None;
+                    let mut board = self.status.write().unwrap_or_else(|p| p.into_inner());
+                    board.starting = false;
+                }
+            }
+        }
+        let decision: Decision = election::elect(&Input {
+            contenders: &self.contenders,
+            policy: &self.spec.policy,
+            current: self.current.as_deref(),
+            pin: self.pin.as_deref(),
+            now,
+        });
+        wakes.extend(decision.recheck_at);
         self.recheck_at = wakes.into_iter().min();
         let previous = self.current.clone();
         let was_degraded = self.degraded;
@@ -861,6 +920,45 @@ impl Election {
     }
 }
 
+/// Folds one report into a tunnel's first verdict (see [`election::settle`]). `failures`
+/// counts failed probes in a row before the first verdict; `fall` of them say "not up".
+fn first_verdict(
+    verdict: FirstVerdict,
+    failures: &mut u32,
+    report: &Report,
+    fall: u32,
+) -> FirstVerdict {
+    if verdict != FirstVerdict::Pending {
+        return verdict;
+    }
+    match report {
+        Report::Probe {
+            transition: Some(Transition::Up),
+            ..
+        } => FirstVerdict::Up,
+        Report::Probe {
+            transition: Some(Transition::Down),
+            ..
+        } => FirstVerdict::NotUp,
+        Report::Probe { error: Some(_), .. } => {
+            *failures = failures.saturating_add(1);
+            if *failures >= fall {
+                FirstVerdict::NotUp
+            } else {
+                FirstVerdict::Pending
+            }
+        }
+        Report::Probe { error: None, .. } => {
+            *failures = 0;
+            FirstVerdict::Pending
+        }
+        Report::Died { .. } | Report::Standby | Report::Stopped => FirstVerdict::NotUp,
+        Report::Starting | Report::Started { .. } | Report::Restarting { .. } => {
+            FirstVerdict::Pending
+        }
+    }
+}
+
 fn mark_down(
     contender: &mut Contender,
     dampening: &mut Dampening,
@@ -899,6 +997,7 @@ mod tests {
             max: Duration::from_secs(60),
             multiplier: 2.0,
             jitter: 0.0,
+            when_down: Duration::ZERO,
         };
         TunnelSpec::for_test(name, priority, restart)
     }
@@ -908,7 +1007,11 @@ mod tests {
         commands: mpsc::UnboundedSender<Command>,
         primary: watch::Receiver<Primary>,
         events: crate::bus::Subscription,
+        status: SharedStatus,
     }
+
+    /// How long the harness's first election waits for first verdicts.
+    const SETTLE: Duration = Duration::from_secs(4);
 
     /// Service `svc` in priority mode with a failback `hold`.
     fn service(hold: Duration, tunnels: Vec<TunnelSpec>) -> ServiceSpec {
@@ -921,6 +1024,7 @@ mod tests {
                 failback: Failback::Auto,
                 failback_hold: hold,
             },
+            settle: SETTLE,
             connect_timeout: Duration::from_secs(1),
             on_failover: OnFailover::Keep,
             listen: None,
@@ -934,6 +1038,7 @@ mod tests {
         let bus = Bus::new(64);
         let events = bus.subscribe();
         let status = Arc::new(RwLock::new(initial_status(&spec)));
+        let board = status.clone();
         let (primary_tx, primary) = watch::channel(Primary::default());
         let (reports, rx) = mpsc::unbounded_channel();
         let wanted = spec
@@ -958,6 +1063,7 @@ mod tests {
             commands,
             primary,
             events,
+            status: board,
         }
     }
 
@@ -969,6 +1075,15 @@ mod tests {
                 transition: Some(Transition::Up),
             };
             self.reports.send((index as SlotId, probe)).unwrap();
+        }
+
+        fn fail(&self, index: usize) {
+            let failed = Report::Probe {
+                latency: None,
+                error: Some("connection refused".into()),
+                transition: None,
+            };
+            self.reports.send((index as SlotId, failed)).unwrap();
         }
 
         fn die(&self, index: usize) {
@@ -1014,10 +1129,14 @@ mod tests {
     async fn failback_happens_exactly_when_the_hold_expires() {
         let hold = Duration::from_secs(30);
         let mut h = start(hold);
+        h.up(0);
         h.up(1);
         h.settle().await;
+        assert_eq!(h.primary().as_deref(), Some("a"));
+        h.die(0);
+        h.settle().await;
         assert_eq!(h.primary().as_deref(), Some("b"));
-        // a comes up later: b is healthy, so a must wait out the hold.
+        // a comes back: b is healthy, so a returning tunnel must wait out the hold.
         h.up(0);
         h.settle().await;
         assert_eq!(h.primary().as_deref(), Some("b"));
@@ -1031,7 +1150,92 @@ mod tests {
         tokio::time::advance(Duration::from_millis(2)).await;
         h.settle().await;
         assert_eq!(h.primary().as_deref(), Some("a"), "no failback at the hold");
-        assert_eq!(h.reasons(), ["initial", "failback"]);
+        let reasons = h.reasons();
+        assert_eq!(reasons.len(), 3, "{reasons:?}");
+        assert_eq!(reasons[0], "initial");
+        assert_eq!(reasons[2], "failback");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_election_waits_for_every_first_verdict_and_elects_the_best_once() {
+        let mut h = start(Duration::from_secs(30));
+        // b passes its probes first: no election while a has said nothing.
+        h.up(1);
+        h.settle().await;
+        assert_eq!(h.primary(), None, "elected before every tunnel spoke");
+        {
+            let status = status::read(&h.status);
+            assert!(status.starting && !status.degraded, "{status:?}");
+            assert_eq!(status.reason, "starting");
+            assert_eq!(status.summary(), "svc: starting, 1/2 up");
+        }
+        tokio::time::advance(Duration::from_millis(300)).await;
+        h.up(0);
+        h.settle().await;
+        assert_eq!(h.primary().as_deref(), Some("a"));
+        assert_eq!(h.reasons(), ["initial"], "exactly one primary_changed");
+        let status = status::read(&h.status);
+        assert!(!status.starting && !status.degraded, "{status:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_election_runs_at_the_settle_deadline_and_a_late_first_up_wins_at_once() {
+        let mut h = start(Duration::from_secs(30));
+        h.up(1);
+        h.settle().await;
+        tokio::time::advance(SETTLE - Duration::from_millis(1)).await;
+        h.settle().await;
+        assert_eq!(h.primary(), None, "elected before the settle time");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        h.settle().await;
+        assert_eq!(
+            h.primary().as_deref(),
+            Some("b"),
+            "no election at the deadline"
+        );
+        // a's first up is not a failback: no hold.
+        h.up(0);
+        h.settle().await;
+        assert_eq!(h.primary().as_deref(), Some("a"));
+        assert_eq!(h.reasons(), ["initial", "better"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fall_failures_or_a_death_are_a_first_verdict() {
+        let mut h = start(Duration::from_secs(30));
+        h.up(1);
+        // a fails its first probe (fall: 1 in this harness): its verdict is in.
+        h.fail(0);
+        h.settle().await;
+        assert_eq!(h.primary().as_deref(), Some("b"));
+        assert_eq!(h.reasons(), ["initial"]);
+
+        let mut h = start(Duration::from_secs(30));
+        h.die(0);
+        h.up(1);
+        h.settle().await;
+        assert_eq!(h.primary().as_deref(), Some("b"));
+        assert_eq!(h.reasons(), ["initial"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_up_pinned_tunnel_ends_the_wait() {
+        let mut h = start(Duration::from_secs(30));
+        h.pin(Some("b")).await;
+        assert_eq!(h.primary(), None, "the pinned tunnel is not up yet");
+        assert_eq!(status::read(&h.status).pin.as_deref(), Some("b"));
+        h.up(1);
+        h.settle().await;
+        assert_eq!(
+            h.primary().as_deref(),
+            Some("b"),
+            "a pinned tunnel that is up"
+        );
+        h.up(0);
+        h.settle().await;
+        assert_eq!(h.primary().as_deref(), Some("b"), "the pin holds");
+        let reasons = h.reasons();
+        assert_eq!(reasons.len(), 1, "{reasons:?}");
     }
 
     #[tokio::test(start_paused = true)]
@@ -1082,6 +1286,7 @@ mod tests {
     async fn losing_every_tunnel_reports_no_healthy_tunnel_once_and_keeps_the_fallback() {
         let mut h = start(Duration::from_secs(1));
         h.up(0);
+        h.up(1);
         h.settle().await;
         h.die(0);
         h.die(1);
@@ -1175,10 +1380,11 @@ mod tests {
             ))
             .unwrap();
         h.settle().await;
-        assert_eq!(h.primary().as_deref(), Some("a"), "c waits out the hold");
-        tokio::time::advance(Duration::from_secs(31)).await;
-        h.settle().await;
-        assert_eq!(h.primary().as_deref(), Some("c"));
+        assert_eq!(
+            h.primary().as_deref(),
+            Some("c"),
+            "a better tunnel's first up takes over at once"
+        );
         spec.tunnels.truncate(1);
         h.commands
             .send(Command::Reconfigure {

@@ -75,6 +75,7 @@ mod tests {
             hold: Duration::from_secs(30),
             last_down: failed.then(|| "down".to_string()),
             last_down_hard: failed,
+            first_up: false,
         }
     }
 

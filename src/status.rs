@@ -67,6 +67,10 @@ pub struct ServiceStatus {
     pub primary: Option<String>,
     /// True when no tunnel qualifies and the primary is a fallback.
     pub degraded: bool,
+    /// True until the first election: the tunnels are still giving their first verdicts
+    /// (`failover.settle`). Not degraded: that is how every start looks.
+    #[serde(default)]
+    pub starting: bool,
     /// Why the primary is what it is.
     pub reason: String,
     /// Manual pin, if any.
@@ -101,6 +105,9 @@ impl ServiceStatus {
             }
             None => "no primary".into(),
         };
+        if self.starting {
+            return format!("{}: starting, {up}/{} up", self.name, self.tunnels.len());
+        }
         let degraded = if self.degraded { " (degraded)" } else { "" };
         format!(
             "{}: {primary}{degraded}, {up}/{} up",

@@ -6,6 +6,13 @@
 //! or a failed start — is reported at once, even in the middle of a probe. Restarts back off
 //! exponentially with jitter, never below `restart.initial × (1 − jitter)`, so a crash loop
 //! cannot spin the CPU; the backoff resets once a tunnel has stayed alive for `restart.max`.
+//!
+//! A tunnel with a process that probes hold down for `restart.when_down` is wedged as far as we
+//! can tell (a frozen or hung agent stays alive, so `closed()` never fires): it is stopped and
+//! restarted like a dead one. From outside, a hung agent cannot be told from one waiting for a
+//! network that is out, so these restarts are rationed rather than guessed at: each one in a
+//! row without the tunnel coming up in between doubles the wait ([`wedge_wait`]), so an outage
+//! costs a handful of restarts an hour, and the first up resets it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -124,9 +131,29 @@ pub type LiveTunnel = Arc<std::sync::RwLock<Option<Arc<dyn Tunnel>>>>;
 /// Failures seen by real traffic (a listener's failed dial), fed to the tunnel's probe counter.
 pub type PassiveFailures = mpsc::UnboundedReceiver<String>;
 
+/// The longest a tunnel waits between restarts for being held down by probes (unless
+/// `restart.when_down` itself is longer).
+pub const WEDGE_MAX_WAIT: Duration = Duration::from_secs(600);
+
+/// How long probes must hold a tunnel with a process down before it is restarted, given how
+/// many such restarts came in a row without it coming up since: `when_down × 2^in_a_row`,
+/// capped at [`WEDGE_MAX_WAIT`] (or `when_down`, if longer). `None` when `when_down` is zero
+/// (never restart for being down).
+pub fn wedge_wait(when_down: Duration, in_a_row: u32) -> Option<Duration> {
+    if when_down.is_zero() {
+        return None;
+    }
+    let grown = when_down
+        .checked_mul(1u32 << in_a_row.min(16))
+        .unwrap_or(Duration::MAX);
+    Some(grown.min(WEDGE_MAX_WAIT.max(when_down)))
+}
+
 /// How one started tunnel ended.
 enum Ending {
     Died(String),
+    /// Held down by probes for its `restart.when_down` (see [`wedge_wait`]).
+    Wedged(String),
     Cancelled,
     /// Cold standby: a better tunnel has held its place; stop without a restart.
     Parked,
@@ -139,6 +166,8 @@ impl TunnelTask {
     /// real traffic met on this tunnel: they count like failed probes.
     pub async fn run(self, mut passive: PassiveFailures) {
         let mut attempt: u32 = 0;
+        // Restarts for being held down, in a row without an up in between (see `wedge_wait`).
+        let mut wedged: u32 = 0;
         loop {
             if !*self.wanted.borrow() {
                 self.report(Report::Standby);
@@ -164,7 +193,7 @@ impl TunnelTask {
             match started {
                 Ok(tunnel) => {
                     self.set_live(Some(tunnel.clone()));
-                    let ending = self.watch(tunnel.as_ref(), &mut passive).await;
+                    let ending = self.watch(tunnel.as_ref(), &mut passive, &mut wedged).await;
                     self.set_live(None);
                     tunnel.stop().await;
                     match ending {
@@ -183,6 +212,10 @@ impl TunnelTask {
                             continue;
                         }
                         Ending::Died(reason) => self.died(reason),
+                        Ending::Wedged(reason) => {
+                            wedged = wedged.saturating_add(1);
+                            self.died(reason);
+                        }
                         Ending::Parked => {
                             self.publish(EventKind::TunnelDown {
                                 service: self.service.clone(),
@@ -220,7 +253,12 @@ impl TunnelTask {
     }
 
     /// Probes a started tunnel until it dies or the task is cancelled.
-    async fn watch(&self, tunnel: &dyn Tunnel, passive: &mut PassiveFailures) -> Ending {
+    async fn watch(
+        &self,
+        tunnel: &dyn Tunnel,
+        passive: &mut PassiveFailures,
+        wedged: &mut u32,
+    ) -> Ending {
         let endpoint = tunnel.endpoint().to_string();
         self.report(Report::Started {
             endpoint: endpoint.clone(),
@@ -239,18 +277,26 @@ impl TunnelTask {
             reason = tunnel.closed() => Ending::Died(reason),
             _ = parked => Ending::Parked,
             _ = self.kick.notified() => Ending::Kicked,
-            never = self.probe_loop(tunnel, &endpoint, passive) => match never {},
+            reason = self.probe_loop(tunnel, &endpoint, passive, wedged) => Ending::Wedged(reason),
         }
     }
 
-    /// Probes every `interval` forever; the caller's `select!` ends it.
+    /// Probes every `interval` until the caller's `select!` ends it, or — for a tunnel with a
+    /// process — until probes have held it down for its [`wedge_wait`]: then returns why.
+    /// `wedged` counts such restarts in a row; the tunnel coming up resets it.
     async fn probe_loop(
         &self,
         tunnel: &dyn Tunnel,
         endpoint: &str,
         passive: &mut PassiveFailures,
-    ) -> std::convert::Infallible {
+        wedged: &mut u32,
+    ) -> String {
         let spec = &self.spec.probe;
+        // Only a process can be restarted back to life; other tunnels have their own liveness
+        // signal (an SSH session's keep-alive) and nothing to restart.
+        let has_process = tunnel.pid().is_some();
+        // Down since it started (it has not come up yet), or since its last down.
+        let mut down_since = Some(Instant::now());
         let mut counter = Counter::new(spec.rise, spec.fall);
         let mut latency = Ewma::default();
         let mut ticks = tokio::time::interval(spec.interval);
@@ -267,7 +313,19 @@ impl TunnelTask {
         // Failures real traffic met before this start belong to the previous incarnation.
         while passive.try_recv().is_ok() {}
         loop {
+            let wedge_after =
+                wedge_wait(self.spec.restart.when_down, *wedged).filter(|_| has_process);
+            let wedge_at = down_since
+                .zip(wedge_after)
+                .and_then(|(since, after)| since.checked_add(after));
             let result = tokio::select! {
+                _ = sleep_until_opt(wedge_at) => {
+                    let after = wedge_after.unwrap_or_default();
+                    return format!(
+                        "not up for {} (restart.when_down): restarting its process",
+                        probe::fmt_ms(after)
+                    );
+                }
                 _ = ticks.tick() => {
                     let result = probe::probe(tunnel, spec, &self.ctx.resolver, &tag).await;
                     // While the provider itself reports trouble, a passing end-to-end probe does
@@ -319,6 +377,14 @@ impl TunnelTask {
                 }
             };
             match transition {
+                Some(Transition::Up) => {
+                    down_since = None;
+                    *wedged = 0;
+                }
+                Some(Transition::Down) => down_since = Some(Instant::now()),
+                None => {}
+            }
+            match transition {
                 Some(Transition::Up) => self.publish(EventKind::TunnelUp {
                     service: self.service.clone(),
                     tunnel: self.spec.name.clone(),
@@ -368,6 +434,14 @@ impl TunnelTask {
     }
 }
 
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The wait before restart `attempt` (1-based): `initial × multiplier^(attempt−1)`, capped at
 /// `max`, then shortened by up to `jitter` of itself (`unit_random` in `[0, 1)`) so that many
 /// tunnels failing together do not restart in lockstep. Never above `max`, never below
@@ -391,6 +465,7 @@ mod tests {
             max: Duration::from_secs(60),
             multiplier: 2.0,
             jitter: 0.2,
+            when_down: Duration::ZERO,
         }
     }
 
@@ -514,6 +589,7 @@ mod paused_tests {
             max: Duration::from_secs(8),
             multiplier: 2.0,
             jitter: 0.0,
+            when_down: Duration::ZERO,
         };
         let (starts, delays) = observe(None, restart, Duration::from_secs(60)).await;
         // 0.5+1+2+4+8 = 15.5 s, then every 8 s: 1 + 5 + 5 (at 23.5 … 55.5) starts in 60 s.
@@ -537,6 +613,7 @@ mod paused_tests {
             max: Duration::from_secs(4),
             multiplier: 2.0,
             jitter: 0.0,
+            when_down: Duration::ZERO,
         };
         // Lives 5 s each time (> max): every restart is a first attempt again.
         let (_, delays) = observe(
@@ -555,6 +632,136 @@ mod paused_tests {
         )
         .await;
         assert_eq!(delays[..4], [500, 1000, 2000, 4000], "{delays:?}");
+    }
+}
+
+#[cfg(test)]
+mod wedge_tests {
+    //! The `restart.when_down` rule on a paused clock: a tunnel with a process that never
+    //! passes a probe (a frozen agent) is restarted after `when_down`, then after twice that,
+    //! and so on; without a process, or with `when_down: 0`, it is left alone.
+    use super::*;
+    use crate::bus::Delivery;
+    use async_trait::async_trait;
+    use tunnelkeeper_providers::{Dial, Endpoint, ProviderError};
+
+    /// Starts tunnels that stay alive and never answer a probe; `pid` says whether they have a
+    /// process.
+    #[derive(Debug)]
+    struct Frozen {
+        pid: Option<u32>,
+    }
+
+    struct FrozenTunnel(Option<u32>);
+
+    #[async_trait]
+    impl Provider for Frozen {
+        async fn start(&self, _: &StartContext) -> tunnelkeeper_providers::Result<Arc<dyn Tunnel>> {
+            Ok(Arc::new(FrozenTunnel(self.pid)))
+        }
+    }
+
+    #[async_trait]
+    impl Tunnel for FrozenTunnel {
+        fn endpoint(&self) -> Endpoint {
+            Endpoint {
+                display: "test".into(),
+            }
+        }
+        fn pid(&self) -> Option<u32> {
+            self.0
+        }
+        async fn dial(&self, _: Duration) -> tunnelkeeper_providers::Result<Dial> {
+            Err(ProviderError::Closed("no answer".into()))
+        }
+        async fn closed(&self) -> String {
+            std::future::pending().await
+        }
+        async fn stop(&self) {}
+    }
+
+    /// Runs a frozen tunnel for `window`; returns when each wedge restart was announced.
+    async fn wedge_restarts(
+        pid: Option<u32>,
+        when_down: Duration,
+        window: Duration,
+    ) -> Vec<Duration> {
+        let bus = Bus::new(4096);
+        let mut events = bus.subscribe();
+        let cancel = CancellationToken::new();
+        let restart = RestartSpec {
+            initial: Duration::from_millis(500),
+            max: Duration::from_secs(60),
+            multiplier: 2.0,
+            jitter: 0.0,
+            when_down,
+        };
+        let task = TunnelTask::for_test(
+            Arc::new(Frozen { pid }),
+            restart,
+            bus.clone(),
+            cancel.clone(),
+        );
+        let t0 = Instant::now();
+        let (_passive_tx, passive) = mpsc::unbounded_channel();
+        let handle = tokio::spawn(task.run(passive));
+        let mut at = vec![];
+        let deadline = t0 + window;
+        loop {
+            let next = tokio::time::timeout_at(deadline, events.next()).await;
+            let Ok(Some(Delivery::Event(e))) = next else {
+                break;
+            };
+            if let EventKind::TunnelDown { reason, hard, .. } = &e.kind {
+                assert!(reason.contains("restart.when_down"), "{reason}");
+                assert!(hard, "a wedge restart is a hard down");
+                at.push(Instant::now() - t0);
+            }
+        }
+        cancel.cancel();
+        handle.await.unwrap();
+        at
+    }
+
+    #[test]
+    fn the_wait_doubles_per_restart_in_a_row_up_to_the_cap() {
+        let s = Duration::from_secs;
+        let waits: Vec<_> = (0..8).map(|n| wedge_wait(s(30), n).unwrap()).collect();
+        assert_eq!(
+            waits,
+            [s(30), s(60), s(120), s(240), s(480), s(600), s(600), s(600)]
+        );
+        assert_eq!(wedge_wait(Duration::ZERO, 0), None, "0 = never");
+        assert_eq!(
+            wedge_wait(s(900), 3),
+            Some(s(900)),
+            "a long when_down is its own cap"
+        );
+        assert_eq!(wedge_wait(s(30), u32::MAX), Some(WEDGE_MAX_WAIT));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_frozen_process_is_restarted_ever_more_rarely() {
+        let at = wedge_restarts(
+            Some(4242),
+            Duration::from_secs(30),
+            Duration::from_secs(400),
+        )
+        .await;
+        // 30 s after the start; restarted 0.5 s later (the usual backoff), wedged again 60 s
+        // after that; it lived 60 s = restart.max, so the backoff is back to 0.5 s; then 120 s.
+        let secs: Vec<f64> = at.iter().map(Duration::as_secs_f64).collect();
+        assert_eq!(secs, [30.0, 90.5, 211.0], "{secs:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_process_or_with_when_down_0_a_down_tunnel_keeps_running() {
+        let hour = Duration::from_secs(3600);
+        assert_eq!(
+            wedge_restarts(None, Duration::from_secs(30), hour).await,
+            []
+        );
+        assert_eq!(wedge_restarts(Some(4242), Duration::ZERO, hour).await, []);
     }
 }
 
@@ -631,6 +838,7 @@ mod native_check_tests {
             max: Duration::from_secs(8),
             multiplier: 2.0,
             jitter: 0.0,
+            when_down: Duration::ZERO,
         };
         let task = TunnelTask::for_test(
             Arc::new(Flag(healthy.clone())),

@@ -48,6 +48,7 @@ fn up(name: &str, priority: i64, since: Instant) -> Contender {
         hold: HOLD,
         last_down: None,
         last_down_hard: false,
+        first_up: false,
     }
 }
 
@@ -62,6 +63,7 @@ fn down(name: &str, priority: i64, why: &str, hard: bool) -> Contender {
         hold: HOLD,
         last_down: Some(why.to_owned()),
         last_down_hard: hard,
+        first_up: false,
     }
 }
 
@@ -674,6 +676,7 @@ fn scenario_strategy() -> impl Strategy<Value = Scenario> {
                             hold: secs(hold),
                             last_down: (!up).then(|| "probe: 3 consecutive failures".to_owned()),
                             last_down_hard: hard,
+                            first_up: false,
                         },
                     )
                     .collect();

@@ -125,6 +125,9 @@ pub struct FailoverSection {
     /// How long a better tunnel must stay up before it takes over.
     #[serde(default, with = "humantime_serde")]
     pub failback_hold: Option<Duration>,
+    /// How long the first election of a service waits for every tunnel's first verdict.
+    #[serde(default, with = "humantime_serde")]
+    pub settle: Option<Duration>,
 }
 
 /// `restart:` in `defaults`, a service or a tunnel.
@@ -141,6 +144,9 @@ pub struct RestartSection {
     pub multiplier: Option<f64>,
     /// Random spread, as a fraction of the delay (0..1).
     pub jitter: Option<f64>,
+    /// A tunnel with a process that probes have held down this long is restarted (0 = never).
+    #[serde(default, with = "humantime_serde")]
+    pub when_down: Option<Duration>,
 }
 
 /// One entry of `routers:`.

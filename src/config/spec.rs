@@ -58,6 +58,8 @@ pub mod default {
     pub const RESTART_MULTIPLIER: f64 = 2.0;
     /// `restart.jitter`
     pub const RESTART_JITTER: f64 = 0.2;
+    /// `restart.when_down`
+    pub const RESTART_WHEN_DOWN: Duration = Duration::from_secs(30);
     /// service `connect_timeout`
     pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
     /// service `max_connections`
@@ -148,6 +150,9 @@ pub struct ServiceSpec {
     pub name: String,
     /// Election rules.
     pub policy: Policy,
+    /// The longest the first election waits for every tunnel's first verdict
+    /// (`failover.settle`; by default the slowest tunnel's `rise × interval + timeout`).
+    pub settle: Duration,
     /// Per-dial limit for the listener.
     pub connect_timeout: Duration,
     /// What happens to open connections on failover.
@@ -351,6 +356,9 @@ pub struct RestartSpec {
     pub multiplier: f64,
     /// Spread as a fraction of the delay (0..=1).
     pub jitter: f64,
+    /// Restart a tunnel with a process once probes have held it down this long
+    /// (`Duration::ZERO` = never).
+    pub when_down: Duration,
 }
 
 impl From<&HookCommand> for Vec<String> {

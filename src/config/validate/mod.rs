@@ -592,9 +592,27 @@ impl Validator {
             }
         }
 
+        // By default the first election waits as long as the slowest tunnel needs to prove
+        // itself: `rise` probes one `interval` apart, the last one taking up to `timeout`, with
+        // one interval to spare for starting its process.
+        let settle = layer_opt(&failover_levels, "settle", |f| f.settle)
+            .map(|(value, _)| value)
+            .unwrap_or_else(|| {
+                tunnels
+                    .iter()
+                    .map(|t| {
+                        t.probe
+                            .interval
+                            .saturating_mul(t.probe.rise)
+                            .saturating_add(t.probe.timeout)
+                    })
+                    .max()
+                    .unwrap_or_default()
+            });
         ServiceSpec {
             name: service.name.clone(),
             policy,
+            settle,
             connect_timeout: service.connect_timeout.unwrap_or(default::CONNECT_TIMEOUT),
             on_failover: service.on_failover.unwrap_or(OnFailover::Keep),
             listen,
@@ -851,6 +869,10 @@ impl Validator {
             })
             .value,
             jitter: layer(levels, "jitter", default::RESTART_JITTER, |r| r.jitter).value,
+            when_down: layer(levels, "when_down", default::RESTART_WHEN_DOWN, |r| {
+                r.when_down
+            })
+            .value,
         }
     }
 
