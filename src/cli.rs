@@ -19,7 +19,8 @@ pub const EXIT_CONFIG: u8 = 2;
 
 /// How the CLI finds the control socket: `--socket`, `$TUNNELKEEPER_SOCKET`, the
 /// `daemon.control_socket` of `--config` (or of the default config if it exists), or the
-/// built-in default.
+/// built-in default. Only that key is read, so a file with errors elsewhere (the very file a
+/// `reload` is about to be refused for) still leads to the daemon.
 #[derive(clap::Args, Debug, Clone)]
 pub struct SocketArgs {
     /// Control socket path.
@@ -40,8 +41,8 @@ impl SocketArgs {
             None => Some(PathBuf::from(DEFAULT_CONFIG)).filter(|p| p.exists()),
         };
         match config {
-            Some(path) => match crate::config::load(&path) {
-                Ok(c) => Ok(Client::new(c.daemon.control_socket)),
+            Some(path) => match crate::config::control_socket(&path) {
+                Ok(socket) => Ok(Client::new(socket)),
                 Err(e) => {
                     eprintln!("{e}");
                     Err(EXIT_CONFIG)

@@ -38,6 +38,9 @@ use crate::systemd;
 /// A running daemon.
 pub struct Daemon {
     config: Config,
+    /// The configuration the daemon started with: settings a reload cannot apply still run
+    /// as they were then, so `restart_required` compares the file against this.
+    booted: Config,
     bus: Arc<Bus>,
     metrics: Arc<Metrics>,
     ssh: SshPool,
@@ -156,6 +159,7 @@ impl Daemon {
             tracing::warn!("starting without pins: {e:#}");
         }
         let mut daemon = Daemon {
+            booted: config.clone(),
             config,
             bus,
             metrics,
@@ -359,7 +363,9 @@ impl Daemon {
             }
         }
 
-        done.restart_required = restart_required(&self.config, &next);
+        // Against what runs, not the previous file: a setting changed and then reverted before
+        // a restart needs no restart.
+        done.restart_required = restart_required(&self.booted, &next);
         *self
             .control_state
             .readers
@@ -538,7 +544,8 @@ fn start_service(
     )
 }
 
-/// Daemon settings a reload cannot apply in place; they take effect at the next start.
+/// Daemon settings a reload cannot apply in place, where the file (`new`) differs from what
+/// runs (`old`, the configuration the daemon started with); they take effect at the next start.
 fn restart_required(old: &Config, new: &Config) -> Vec<String> {
     let mut keys = Vec::new();
     if old.daemon.control_socket != new.daemon.control_socket {

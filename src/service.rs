@@ -414,15 +414,30 @@ impl ServiceHandle {
                 self.tasks.cancel.child_token(),
             );
         }
-        let listener_changed = spec.listen != self.spec.listen
-            || spec.connect_timeout != self.spec.connect_timeout
-            || spec.on_failover != self.spec.on_failover;
+        // A listener is only rebound when its address moves, and even then the connections it
+        // holds go on; any other setting applies to new connections. Tunnels come and go
+        // without touching it (the default `retries` follows them at dial time).
         let old_spec = std::mem::replace(&mut self.spec, spec);
-        if listener_changed {
-            if let Some(listener) = self.listener.take() {
-                listener.retire(grace).await;
+        let old_address = old_spec.listen.as_ref().map(|l| &l.address);
+        match (self.listener.as_mut(), &self.spec.listen) {
+            (Some(listener), Some(listen)) => {
+                if old_address != Some(&listen.address) {
+                    let acceptor = match acceptor {
+                        Some(a) => a,
+                        None => Acceptor::bind(&listen.address)
+                            .await
+                            .map_err(|e| anyhow::anyhow!("service `{}`: {e:#}", self.spec.name))?,
+                    };
+                    listener.rebind(acceptor).await;
+                }
+                listener.update(&self.spec, listen);
             }
-            if let Some(listen) = &self.spec.listen {
+            (Some(_), None) => {
+                if let Some(listener) = self.listener.take() {
+                    listener.retire(grace).await;
+                }
+            }
+            (None, Some(listen)) => {
                 let acceptor = match acceptor {
                     Some(a) => a,
                     None => Acceptor::bind(&listen.address)
@@ -436,6 +451,7 @@ impl ServiceHandle {
                     self.routes.clone(),
                 ));
             }
+            (None, None) => {}
         }
         drop(old_spec);
         Ok(changes)

@@ -31,6 +31,42 @@ pub fn load(path: &Path) -> Result<spec::Config, ConfigError> {
     parse(&text, path)
 }
 
+/// Reads only `daemon.control_socket` from a config file (the built-in default when it is not
+/// set), tolerating errors anywhere else in the file: the CLI needs the daemon's socket
+/// exactly when the file is broken. Fails only when the file cannot be read.
+pub fn control_socket(path: &Path) -> Result<std::path::PathBuf, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    let socket = match serde_yaml::from_str::<serde_yaml::Value>(text) {
+        Ok(value) => value
+            .get("daemon")
+            .and_then(|d| d.get("control_socket"))
+            .and_then(serde_yaml::Value::as_str)
+            .map(str::to_owned),
+        // Not even YAML: look for the key by its text.
+        Err(_) => scan_control_socket(text),
+    };
+    Ok(socket
+        .unwrap_or_else(|| spec::default::CONTROL_SOCKET.to_owned())
+        .into())
+}
+
+/// The value of a `control_socket:` key found by its text, block or flow style, for a file
+/// that does not parse as YAML at all.
+fn scan_control_socket(text: &str) -> Option<String> {
+    text.lines()
+        .filter(|line| !line.trim_start().starts_with('#'))
+        .find_map(|line| {
+            let (_, rest) = line.split_once("control_socket:")?;
+            let value = rest.split([',', '}', '#']).next()?.trim();
+            let value = value.trim_matches(|c| c == '"' || c == '\'');
+            (!value.is_empty()).then(|| value.to_owned())
+        })
+}
+
 /// Same from a string (path used for messages only) — used by tests, `check`, the demo and the
 /// reload path.
 pub fn parse(text: &str, path: &Path) -> Result<spec::Config, ConfigError> {
@@ -181,6 +217,42 @@ fn is_empty_document(text: &str) -> bool {
         serde_yaml::from_str::<serde_yaml::Value>(text),
         Ok(serde_yaml::Value::Null)
     )
+}
+
+#[cfg(test)]
+mod control_socket_tests {
+    use super::*;
+
+    fn socket_of(text: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("tk-socket-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join(format!(
+            "{:x}.yaml",
+            text.len() * 31 + text.bytes().map(usize::from).sum::<usize>()
+        ));
+        std::fs::write(&file, text).unwrap();
+        let socket = control_socket(&file).unwrap();
+        let _ = std::fs::remove_file(&file);
+        socket
+    }
+
+    #[test]
+    fn the_socket_is_read_from_a_file_that_does_not_validate_or_parse() {
+        // An unknown key (a typo) elsewhere: valid YAML, invalid config.
+        let typo = "version: 1\ndaemon:\n  control_socket: /tmp/a.sock\nservices:\n  - nmae: x\n";
+        assert!(parse(typo, Path::new("typo.yaml")).is_err());
+        assert_eq!(socket_of(typo), Path::new("/tmp/a.sock"));
+        // Not YAML at all (a tab and an unclosed bracket), flow style.
+        let broken =
+            "daemon: { control_socket: \"/tmp/b.sock\", state_dir: /x }\nservices: [\n\t- x";
+        assert!(serde_yaml::from_str::<serde_yaml::Value>(broken).is_err());
+        assert_eq!(socket_of(broken), Path::new("/tmp/b.sock"));
+        // Not set: the built-in default.
+        assert_eq!(
+            socket_of("services: []\n"),
+            Path::new(spec::default::CONTROL_SOCKET)
+        );
+    }
 }
 
 #[cfg(test)]

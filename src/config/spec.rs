@@ -170,8 +170,10 @@ pub struct ServiceSpec {
 pub struct ListenSpec {
     /// Where it accepts.
     pub address: ListenAddress,
-    /// Further tunnels one connection may try after its first dial fails.
-    pub retries: u32,
+    /// Further tunnels one connection may try after its first dial fails. `None` (the default)
+    /// means every other tunnel the service has at the time of the connection; kept unresolved
+    /// so that adding or removing a tunnel is not a change of the listener.
+    pub retries: Option<u32>,
     /// Connections served at once.
     pub max_connections: u32,
     /// Idle connections are closed after this long.

@@ -14,6 +14,12 @@
 //! `EMFILE`/`ENFILE` make the accept loop back off instead of spinning. `on_failover: close`
 //! closes connections left on a tunnel that is no longer primary. On shutdown the listener
 //! stops accepting and drains open connections for up to the shutdown grace.
+//!
+//! A reload never cuts a connection: [`Listener::update`] applies new settings to the
+//! connections accepted from then on, and [`Listener::rebind`] (only when the address moved)
+//! starts accepting on the new socket before it closes the old one, while the connections
+//! already accepted go on untouched. The counters belong to the listener, not to its socket, so
+//! they survive both.
 
 mod splice;
 
@@ -169,19 +175,44 @@ pub struct Listener {
     accepting: CancellationToken,
     connections: CancellationToken,
     tracker: TaskTracker,
+    /// The settings new connections get; replaced by [`Listener::update`].
+    current: Current,
+    /// `max_connections` permits, shared by the accept loops of successive sockets.
+    slots: Arc<Semaphore>,
 }
+
+/// What each new connection is served with: the listener's settings of the moment.
+type Current = Arc<std::sync::RwLock<Arc<Shared>>>;
 
 /// Everything a connection needs, shared by all of them.
 struct Shared {
     service: String,
     spec: ListenSpec,
     connect_timeout: Duration,
+    on_failover: OnFailover,
     routes: Routes,
     counters: Arc<Counters>,
     /// Open connections: id → (tunnel name, its cancel token), for `on_failover: close`.
-    open: Mutex<HashMap<u64, (String, CancellationToken)>>,
-    next_id: AtomicU64,
+    open: Arc<Mutex<HashMap<u64, (String, CancellationToken)>>>,
+    next_id: Arc<AtomicU64>,
     epoch: Instant,
+}
+
+impl Shared {
+    /// The same listener (counters, open connections) with a reloaded service's settings.
+    fn with_settings(&self, service: &ServiceSpec, listen: &ListenSpec) -> Shared {
+        Shared {
+            service: service.name.clone(),
+            spec: listen.clone(),
+            connect_timeout: service.connect_timeout,
+            on_failover: service.on_failover,
+            routes: self.routes.clone(),
+            counters: self.counters.clone(),
+            open: self.open.clone(),
+            next_id: self.next_id.clone(),
+            epoch: self.epoch,
+        }
+    }
 }
 
 impl Listener {
@@ -199,25 +230,27 @@ impl Listener {
             service: service.name.clone(),
             spec: listen.clone(),
             connect_timeout: service.connect_timeout,
+            on_failover: service.on_failover,
             routes,
             counters: counters.clone(),
-            open: Mutex::new(HashMap::new()),
-            next_id: AtomicU64::new(0),
+            open: Arc::default(),
+            next_id: Arc::default(),
             epoch: Instant::now(),
         });
+        let current: Current = Arc::new(std::sync::RwLock::new(shared));
+        let slots = Arc::new(Semaphore::new(listen.max_connections as usize));
         let accepting = CancellationToken::new();
         let connections = CancellationToken::new();
         let tracker = TaskTracker::new();
         let accept = tracker.spawn(accept_loop(
             acceptor,
-            shared.clone(),
+            current.clone(),
+            slots.clone(),
             accepting.clone(),
             connections.clone(),
             tracker.clone(),
         ));
-        if service.on_failover == OnFailover::Close {
-            tracker.spawn(close_on_failover(shared, connections.clone()));
-        }
+        tracker.spawn(close_on_failover(current.clone(), connections.clone()));
         tracing::info!(service = %service.name, %address, "failover listener ready");
         Listener {
             stats: ListenerStats {
@@ -229,7 +262,55 @@ impl Listener {
             accepting,
             connections,
             tracker,
+            current,
+            slots,
         }
+    }
+
+    /// Applies a reloaded service's settings to the connections accepted from now on; open
+    /// connections keep theirs. The socket and the counters stay.
+    pub fn update(&self, service: &ServiceSpec, listen: &ListenSpec) {
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        let before = current.spec.max_connections as usize;
+        let after = listen.max_connections as usize;
+        if after > before {
+            self.slots.add_permits(after - before);
+        } else if after < before {
+            // Permits in use come back as their connections end; take the surplus then.
+            let slots = self.slots.clone();
+            let surplus = u32::try_from(before - after).unwrap_or(u32::MAX);
+            let stop = self.connections.clone();
+            self.tracker.spawn(async move {
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    permits = slots.acquire_many_owned(surplus) => {
+                        if let Ok(permits) = permits {
+                            permits.forget();
+                        }
+                    }
+                }
+            });
+        }
+        *current = Arc::new(current.with_settings(service, listen));
+    }
+
+    /// Moves the listener to a new, already bound socket: the new one accepts before the old
+    /// one closes, and connections accepted on the old one go on untouched.
+    pub async fn rebind(&mut self, acceptor: Acceptor) {
+        let address = acceptor.local_address();
+        let accepting = CancellationToken::new();
+        let accept = self.tracker.spawn(accept_loop(
+            acceptor,
+            self.current.clone(),
+            self.slots.clone(),
+            accepting.clone(),
+            self.connections.clone(),
+            self.tracker.clone(),
+        ));
+        std::mem::replace(&mut self.accepting, accepting).cancel();
+        let _ = std::mem::replace(&mut self.accept, accept).await;
+        tracing::info!(from = %self.stats.address, to = %address, "failover listener moved");
+        self.stats.address = address;
     }
 
     /// A handle on the listener's figures.
@@ -294,12 +375,12 @@ impl ListenerStats {
 
 async fn accept_loop(
     acceptor: Acceptor,
-    shared: Arc<Shared>,
+    current: Current,
+    slots: Arc<Semaphore>,
     accepting: CancellationToken,
     connections: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let slots = Arc::new(Semaphore::new(shared.spec.max_connections as usize));
     let mut backoff = Duration::from_millis(10);
     loop {
         // Backpressure: at max_connections, stop accepting; the kernel backlog holds the rest.
@@ -314,7 +395,7 @@ async fn accept_loop(
         match accepted {
             Ok(client) => {
                 backoff = Duration::from_millis(10);
-                let shared = shared.clone();
+                let shared = current.read().unwrap_or_else(|p| p.into_inner()).clone();
                 let token = connections.child_token();
                 tracker.spawn(async move {
                     serve(client, &shared, token).await;
@@ -324,7 +405,12 @@ async fn accept_loop(
             Err(e) => {
                 // Out of descriptors or memory: wait for connections to close rather than
                 // spinning on an accept that keeps failing.
-                tracing::warn!(service = %shared.service, "accept: {e}; retrying in {backoff:?}");
+                let service = current
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .service
+                    .clone();
+                tracing::warn!(%service, "accept: {e}; retrying in {backoff:?}");
                 tokio::select! {
                     _ = accepting.cancelled() => break,
                     _ = tokio::time::sleep(backoff) => {}
@@ -340,20 +426,26 @@ async fn accept_loop(
 
 /// `on_failover: close`: when the primary changes, connections on other tunnels are closed so
 /// their clients reconnect through the new primary.
-async fn close_on_failover(shared: Arc<Shared>, stop: CancellationToken) {
+async fn close_on_failover(current: Current, stop: CancellationToken) {
+    let shared = current.read().unwrap_or_else(|p| p.into_inner()).clone();
     let mut primary = shared.routes.primary.clone();
-    let mut current = primary.borrow().tunnel.clone();
+    let mut current_primary = primary.borrow().tunnel.clone();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             changed = primary.changed() => if changed.is_err() { return },
         }
         let now = primary.borrow_and_update().tunnel.clone();
-        if now == current {
+        if now == current_primary {
             continue;
         }
-        current = now;
-        let Some(keep) = current.as_deref() else {
+        current_primary = now;
+        // The setting of the moment: a reload may switch it either way.
+        let shared = current.read().unwrap_or_else(|p| p.into_inner()).clone();
+        if shared.on_failover != OnFailover::Close {
+            continue;
+        }
+        let Some(keep) = current_primary.as_deref() else {
             continue;
         };
         let open = shared.open.lock().unwrap_or_else(|p| p.into_inner());
@@ -402,7 +494,9 @@ async fn serve(mut client: Dial, shared: &Shared, token: CancellationToken) {
     let _guard = Guard { shared, id };
 
     let order = dial_order_when_ready(shared).await;
-    let attempts = order.iter().take(shared.spec.retries as usize + 1);
+    // Without `retries`, every tunnel in the dial order may be tried.
+    let tries = shared.spec.retries.map_or(usize::MAX, |r| r as usize + 1);
+    let attempts = order.iter().take(tries);
     let mut sent: Vec<u8> = Vec::new();
     let mut replayable = shared.spec.replay_unanswered;
     let mut client_done = false;

@@ -652,10 +652,9 @@ impl Validator {
                 return None;
             }
         };
-        let tunnels = u32::try_from(service.tunnels.len()).unwrap_or(u32::MAX);
         Some(ListenSpec {
             address,
-            retries: service.retries.unwrap_or_else(|| tunnels.saturating_sub(1)),
+            retries: service.retries,
             max_connections: service.max_connections.unwrap_or(default::MAX_CONNECTIONS),
             idle_timeout: service.idle_timeout,
             replay_unanswered: service.replay_unanswered.unwrap_or(true),
