@@ -397,3 +397,50 @@ services:
     assert!(elected["timestamp"].is_string(), "{elected}");
     assert!(lines.iter().any(|v| v["event"] == "daemon_stopping"));
 }
+
+/// Runs the CLI with `-c FILE` only: it must find the daemon through the file.
+fn cli_with_config(args: &[&str], config: &std::path::Path) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .arg("-c")
+        .arg(config)
+        .env_remove("TUNNELKEEPER_SOCKET")
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_reload_reach_the_daemon_through_a_broken_file() {
+    let (daemon, mut events) = daemon_with_one_direct_tunnel("[]").await;
+    let file = daemon.dir.path().join("config.yaml");
+    let good = std::fs::read_to_string(&file).unwrap();
+    // A typo in a key far from `daemon:`: the file no longer validates.
+    std::fs::write(&file, good.replace("name: lan", "nmae: lan")).unwrap();
+
+    let out = cli_with_config(&["status"], &file);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("service web  primary: lan"), "{text}");
+
+    // `reload` asks the daemon, which refuses the file with its errors (exit 2) and keeps
+    // running the previous configuration; the refusal is an event and `last_reload`.
+    let out = cli_with_config(&["reload"], &file);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("nmae"), "the daemon's answer names the key: {stderr}");
+    let (_, failed) = events
+        .wait(Duration::from_secs(10), "config_reload_failed", |e| {
+            e["type"] == "config_reload_failed"
+        })
+        .await;
+    assert!(failed["error"].as_str().unwrap().contains("nmae"), "{failed}");
+    let status = daemon.status().await;
+    let last = status.daemon.last_reload.expect("last_reload set");
+    assert!(!last.ok, "{last:?}");
+    assert_eq!(status.services[0].primary.as_deref(), Some("lan"));
+
+    // Not even YAML any more: still the socket from the `daemon:` line.
+    std::fs::write(&file, format!("{good}\n  - [\t")).unwrap();
+    let out = cli_with_config(&["status", "--json"], &file);
+    assert!(out.status.success(), "{out:?}");
+}
