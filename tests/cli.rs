@@ -427,13 +427,19 @@ async fn status_and_reload_reach_the_daemon_through_a_broken_file() {
     let out = cli_with_config(&["reload"], &file);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("nmae"), "the daemon's answer names the key: {stderr}");
+    assert!(
+        stderr.contains("nmae"),
+        "the daemon's answer names the key: {stderr}"
+    );
     let (_, failed) = events
         .wait(Duration::from_secs(10), "config_reload_failed", |e| {
             e["type"] == "config_reload_failed"
         })
         .await;
-    assert!(failed["error"].as_str().unwrap().contains("nmae"), "{failed}");
+    assert!(
+        failed["error"].as_str().unwrap().contains("nmae"),
+        "{failed}"
+    );
     let status = daemon.status().await;
     let last = status.daemon.last_reload.expect("last_reload set");
     assert!(!last.ok, "{last:?}");

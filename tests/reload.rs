@@ -318,3 +318,176 @@ async fn a_pin_moves_the_primary_and_survives_a_restart() {
     );
     assert!(daemon.terminate().success());
 }
+
+/// A service with a failover listener on `listen`, a short drain grace, and `tunnels`.
+fn listener_config(listen: &str, connect_timeout: &str, tunnels: &str) -> String {
+    format!(
+        r#"version: 1
+daemon: {{ control_socket: "@DIR@/control.sock", state_dir: "@DIR@/state", shutdown_grace: 300ms }}
+defaults:
+  probe: {{ interval: 200ms, timeout: 200ms, rise: 1, fall: 2, send: "ping\n", expect: "ping" }}
+  failover: {{ failback_hold: 500ms }}
+  restart: {{ initial: 100ms, max: 1s }}
+services:
+  - name: echo
+    listen: "{listen}"
+    connect_timeout: {connect_timeout}
+    tunnels:{tunnels}
+"#
+    )
+}
+
+fn direct_tunnel(name: &str, priority: u32, to: std::net::SocketAddr) -> String {
+    format!(
+        "\n      - {{ name: {name}, provider: direct, priority: {priority}, address: \"{to}\" }}"
+    )
+}
+
+/// Writes `config` as the daemon's file and reloads it through the CLI; returns the answer.
+fn reload_with(daemon: &Daemon, config: &str) -> String {
+    let path = daemon.dir.path().join("config.yaml");
+    let text = config.replace("@DIR@", &daemon.dir.path().display().to_string());
+    std::fs::write(&path, text).unwrap();
+    let out = cli(&["reload"], &daemon.socket);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// One round trip on an open connection through the listener (the echo server answers).
+async fn round_trip(stream: &mut tokio::net::TcpStream, line: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(line.as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("write {line:?}: {e}"));
+    let mut got = vec![0u8; line.len()];
+    tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut got))
+        .await
+        .unwrap_or_else(|_| panic!("no echo of {line:?}"))
+        .unwrap_or_else(|e| panic!("reading the echo of {line:?}: {e}"));
+    assert_eq!(got, line.as_bytes());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_and_counters_survive_reloads_that_add_remove_and_change_tunnels() {
+    assert_socat();
+    let echo = echo_server().await;
+    let listen = format!("127.0.0.1:{}", free_port());
+    let keep = socat_tunnel("keep", 10, free_port(), echo);
+    let first = format!("{keep}{}", direct_tunnel("drop", 30, echo));
+    let mut daemon = Daemon::start(&listener_config(&listen, "1s", &first)).await;
+    let mut events = daemon.follow();
+    events
+        .wait(
+            Duration::from_secs(20),
+            "keep elected",
+            primary_changed(Some("keep"), None),
+        )
+        .await;
+
+    // A busy connection and an idle keep-alive one, both through `keep`.
+    let mut busy = tokio::net::TcpStream::connect(&listen).await.unwrap();
+    round_trip(&mut busy, "first\n").await;
+    let mut idle = tokio::net::TcpStream::connect(&listen).await.unwrap();
+    round_trip(&mut idle, "hello\n").await;
+    let before = daemon.status().await.services[0].listener.clone().unwrap();
+    assert_eq!((before.total, before.active), (2, 2), "{before:?}");
+
+    // Add a tunnel (the tunnel count, and with it the default `retries`, changes).
+    let added = format!("{first}{}", direct_tunnel("add", 40, echo));
+    let out = reload_with(&daemon, &listener_config(&listen, "1s", &added));
+    assert!(out.contains("added echo/add"), "{out}");
+    round_trip(&mut busy, "after add\n").await;
+    // Remove one.
+    let removed = format!("{keep}{}", direct_tunnel("add", 40, echo));
+    let out = reload_with(&daemon, &listener_config(&listen, "1s", &removed));
+    assert!(out.contains("removed echo/drop"), "{out}");
+    round_trip(&mut busy, "after remove\n").await;
+    // Change one, and a listener setting that is not its address.
+    let changed = format!("{keep}{}", direct_tunnel("add", 45, echo));
+    let out = reload_with(&daemon, &listener_config(&listen, "2s", &changed));
+    assert!(out.contains("changed echo, echo/add"), "{out}");
+    round_trip(&mut busy, "after change\n").await;
+
+    // Well past the drain grace (300 ms) the old code closed what it had retired: both
+    // connections must still work, the idle one without a reset.
+    let quiet_until = tokio::time::Instant::now() + Duration::from_millis(1500);
+    while tokio::time::Instant::now() < quiet_until {
+        round_trip(&mut busy, "tick\n").await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    round_trip(&mut idle, "still here\n").await;
+    assert!(
+        !daemon.log().contains("drain grace over"),
+        "a reload drained the listener:\n{}",
+        daemon.log()
+    );
+    // The same listener, still counting: nothing reset, both connections open.
+    let after = daemon.status().await.services[0].listener.clone().unwrap();
+    assert_eq!((after.total, after.active), (2, 2), "{after:?}");
+    assert_eq!(after.address, before.address);
+    assert!(
+        after.bytes_to_service > before.bytes_to_service,
+        "{after:?}"
+    );
+    // New connections are served too.
+    let mut fresh = tokio::net::TcpStream::connect(&listen).await.unwrap();
+    round_trip(&mut fresh, "new\n").await;
+    daemon.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_listener_accepts_on_the_new_address_while_old_connections_go_on() {
+    let echo = echo_server().await;
+    let old = format!("127.0.0.1:{}", free_port());
+    let new = format!("127.0.0.1:{}", free_port());
+    let tunnels = direct_tunnel("lan", 10, echo);
+    let mut daemon = Daemon::start(&listener_config(&old, "1s", &tunnels)).await;
+    let mut events = daemon.follow();
+    events.wait_elected(&["echo"]).await;
+    let mut held = tokio::net::TcpStream::connect(&old).await.unwrap();
+    round_trip(&mut held, "before\n").await;
+
+    let out = reload_with(&daemon, &listener_config(&new, "1s", &tunnels));
+    assert!(out.contains("changed echo"), "{out}");
+    let mut moved = tokio::net::TcpStream::connect(&new).await.unwrap();
+    round_trip(&mut moved, "new address\n").await;
+    assert!(
+        tokio::net::TcpStream::connect(&old).await.is_err(),
+        "the old address still accepts"
+    );
+    // Past the drain grace, the connection accepted on the old socket still works.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    round_trip(&mut held, "after\n").await;
+    let listener = daemon.status().await.services[0].listener.clone().unwrap();
+    assert_eq!(listener.address, new);
+    assert_eq!((listener.total, listener.active), (2, 2), "{listener:?}");
+    daemon.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_required_compares_the_file_with_what_runs() {
+    let echo = echo_server().await;
+    let config = format!(
+        "{}\n      - {{ name: lan, provider: direct, address: \"{echo}\" }}\n",
+        header("@DIR@/state")
+    );
+    let mut daemon = Daemon::start(&config).await;
+    let moved = config.replace("@DIR@/control.sock", "@DIR@/other.sock");
+    let out = reload_with(&daemon, &moved);
+    assert!(
+        out.contains("takes effect at the next restart: daemon.control_socket"),
+        "{out}"
+    );
+    // Reverted before any restart: nothing is pending any more.
+    let out = reload_with(&daemon, &config);
+    assert!(!out.contains("next restart"), "{out}");
+    let last = daemon.status().await.daemon.last_reload.unwrap();
+    assert!(last.ok && last.restart_required.is_empty(), "{last:?}");
+    daemon.terminate();
+}
