@@ -12,8 +12,8 @@ use std::time::Duration;
 use proptest::prelude::*;
 use tokio::time::Instant;
 use tunnelkeeper::election::{
-    elect, Contender, Dampening, Decision, Failback, Input, Mode, Policy, Reason,
-    DAMPENING_MAX_HOLD, DAMPENING_WINDOW,
+    elect, settle, Contender, Dampening, Decision, Failback, FirstVerdict, Input, Mode, Policy,
+    Reason, Settle, DAMPENING_MAX_HOLD, DAMPENING_WINDOW,
 };
 
 const HOLD: Duration = Duration::from_secs(30);
@@ -115,6 +115,79 @@ impl Clock {
         self.advance(ago);
         (start, self.now)
     }
+}
+
+fn first(mut c: Contender) -> Contender {
+    c.first_up = true;
+    c
+}
+
+#[test]
+fn a_first_up_takes_over_at_once_as_better_and_a_return_waits_for_its_hold() {
+    let mut clock = Clock::new();
+    let (t0, now) = clock.later(secs(60));
+    for mode in [Mode::Priority, Mode::Latency] {
+        let p = policy(mode);
+        // `lan` just came up for the first time; `vps` has been primary for a minute.
+        let tunnels = [
+            with_latency(first(up("lan", 10, now)), ms(5)),
+            with_latency(up("vps", 20, t0), ms(80)),
+        ];
+        let d = run(&tunnels, &p, Some("vps"), None, now);
+        assert_eq!(d.primary.as_deref(), Some("lan"), "{mode:?}");
+        assert_eq!(d.reason, Reason::Better, "{mode:?}");
+        assert_eq!(d.reason.to_string(), "better");
+        // The same tunnel coming back after a down serves its hold.
+        let tunnels = [
+            with_latency(up("lan", 10, now), ms(5)),
+            with_latency(up("vps", 20, t0), ms(80)),
+        ];
+        let d = run(&tunnels, &p, Some("vps"), None, now);
+        assert_eq!(d.primary.as_deref(), Some("vps"), "{mode:?}");
+        assert_eq!(d.recheck_at, Some(now + HOLD), "{mode:?}");
+    }
+}
+
+#[test]
+fn the_first_election_waits_for_every_first_verdict_a_pin_or_the_deadline() {
+    let mut clock = Clock::new();
+    let start = clock.now();
+    let deadline = start + secs(4);
+    let tunnels = [
+        first(up("vps", 20, start)),
+        down("lan", 10, "starting", false),
+    ];
+    let pending = [FirstVerdict::Up, FirstVerdict::Pending];
+    clock.advance(secs(1));
+    assert_eq!(
+        settle(&tunnels, &pending, None, deadline, clock.now()),
+        Settle::Until(deadline),
+        "lan has said nothing yet"
+    );
+    let spoke = [FirstVerdict::Up, FirstVerdict::NotUp];
+    assert_eq!(
+        settle(&tunnels, &spoke, None, deadline, clock.now()),
+        Settle::Done
+    );
+    // An up pinned tunnel ends the wait; a down one does not.
+    assert_eq!(
+        settle(&tunnels, &pending, Some("vps"), deadline, clock.now()),
+        Settle::Done
+    );
+    assert_eq!(
+        settle(&tunnels, &pending, Some("lan"), deadline, clock.now()),
+        Settle::Until(deadline)
+    );
+    clock.advance(secs(3) - ms(1));
+    assert_eq!(
+        settle(&tunnels, &pending, None, deadline, clock.now()),
+        Settle::Until(deadline)
+    );
+    clock.advance(ms(1));
+    assert_eq!(
+        settle(&tunnels, &pending, None, deadline, clock.now()),
+        Settle::Done
+    );
 }
 
 #[test]
