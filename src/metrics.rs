@@ -749,6 +749,31 @@ mod tests {
     }
 
     #[test]
+    fn the_service_state_says_starting_ok_or_degraded() {
+        let mut status = two_services();
+        let mut starting = service("new", None, vec![tunnel("z", TunnelState::Probing)]);
+        starting.starting = true;
+        status.services.push(starting);
+        let text = Metrics::new().render(&status, &Bus::new(4));
+        let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
+        let state = |service: &str| -> Vec<String> {
+            scrape
+                .samples
+                .iter()
+                .filter(|s| {
+                    s.metric == "tunnelkeeper_service_state"
+                        && s.labels.get("service") == Some(service)
+                        && matches!(s.value, Value::Gauge(v) if v == 1.0)
+                })
+                .filter_map(|s| s.labels.get("state").map(str::to_owned))
+                .collect()
+        };
+        assert_eq!(state("web"), ["ok"]);
+        assert_eq!(state("db"), ["degraded"]);
+        assert_eq!(state("new"), ["starting"]);
+    }
+
+    #[test]
     fn latency_buckets_span_a_tenth_of_a_millisecond_to_two_seconds() {
         assert!(LATENCY_BUCKETS.windows(2).all(|w| w[0] < w[1]));
         assert_eq!(LATENCY_BUCKETS[0], 0.0001);

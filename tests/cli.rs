@@ -309,6 +309,13 @@ services:
     }
     let status = got.iter().rev().find(|m| m.starts_with("STATUS=")).unwrap();
     assert!(status.contains("1/1 up"), "{status}");
+    // Before the first election a normal start reads as starting, not as an outage.
+    assert!(
+        got.iter()
+            .filter(|m| m.starts_with("STATUS="))
+            .all(|m| !m.contains("degraded") && !m.contains("no primary")),
+        "{got:?}"
+    );
     while !got.iter().any(|m| m.trim() == "WATCHDOG=1") {
         got.push(recv(&notify, &mut buf).await);
     }
