@@ -547,6 +547,30 @@ mod paused_tests {
         async fn stop(&self) {}
     }
 
+    /// Spawns a hot tunnel task for `provider`: returns its events, its cancel switch, the task
+    /// and when it started.
+    pub(super) fn spawn_task(
+        provider: Arc<dyn Provider>,
+        restart: RestartSpec,
+    ) -> (
+        crate::bus::Subscription,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+        Instant,
+    ) {
+        let bus = Bus::new(4096);
+        let events = bus.subscribe();
+        let cancel = CancellationToken::new();
+        let task = TunnelTask::for_test(provider, restart, bus, cancel.clone());
+        // Nobody reports real traffic here; the task just needs the channel open.
+        let (passive_tx, passive) = mpsc::unbounded_channel();
+        let handle = tokio::spawn(async move {
+            let _keep = passive_tx;
+            task.run(passive).await;
+        });
+        (events, cancel, handle, Instant::now())
+    }
+
     /// Runs a tunnel task for `window` of paused time; returns (offset of each start, delay of
     /// each restart).
     async fn observe(
@@ -554,18 +578,7 @@ mod paused_tests {
         restart: RestartSpec,
         window: Duration,
     ) -> (Vec<Duration>, Vec<u64>) {
-        let bus = Bus::new(4096);
-        let mut events = bus.subscribe();
-        let cancel = CancellationToken::new();
-        let task = TunnelTask::for_test(
-            Arc::new(Flaky { life }),
-            restart,
-            bus.clone(),
-            cancel.clone(),
-        );
-        let t0 = Instant::now();
-        let (_passive_tx, passive) = mpsc::unbounded_channel();
-        let handle = tokio::spawn(task.run(passive));
+        let (mut events, cancel, handle, t0) = spawn_task(Arc::new(Flaky { life }), restart);
         tokio::time::sleep(window).await;
         cancel.cancel();
         handle.await.unwrap();
@@ -686,9 +699,6 @@ mod wedge_tests {
         when_down: Duration,
         window: Duration,
     ) -> Vec<Duration> {
-        let bus = Bus::new(4096);
-        let mut events = bus.subscribe();
-        let cancel = CancellationToken::new();
         let restart = RestartSpec {
             initial: Duration::from_millis(500),
             max: Duration::from_secs(60),
@@ -696,15 +706,8 @@ mod wedge_tests {
             jitter: 0.0,
             when_down,
         };
-        let task = TunnelTask::for_test(
-            Arc::new(Frozen { pid }),
-            restart,
-            bus.clone(),
-            cancel.clone(),
-        );
-        let t0 = Instant::now();
-        let (_passive_tx, passive) = mpsc::unbounded_channel();
-        let handle = tokio::spawn(task.run(passive));
+        let (mut events, cancel, handle, t0) =
+            super::paused_tests::spawn_task(Arc::new(Frozen { pid }), restart);
         let mut at = vec![];
         let deadline = t0 + window;
         loop {

@@ -321,20 +321,12 @@ async fn a_pin_moves_the_primary_and_survives_a_restart() {
 
 /// A service with a failover listener on `listen`, a short drain grace, and `tunnels`.
 fn listener_config(listen: &str, connect_timeout: &str, tunnels: &str) -> String {
-    format!(
-        r#"version: 1
-daemon: {{ control_socket: "@DIR@/control.sock", state_dir: "@DIR@/state", shutdown_grace: 300ms }}
-defaults:
-  probe: {{ interval: 200ms, timeout: 200ms, rise: 1, fall: 2, send: "ping\n", expect: "ping" }}
-  failover: {{ failback_hold: 500ms }}
-  restart: {{ initial: 100ms, max: 1s }}
-services:
-  - name: echo
-    listen: "{listen}"
-    connect_timeout: {connect_timeout}
-    tunnels:{tunnels}
-"#
-    )
+    let service = format!(
+        "    listen: \"{listen}\"\n    connect_timeout: {connect_timeout}\n    tunnels:{tunnels}\n"
+    );
+    header("@DIR@/state")
+        .replace("shutdown_grace: 5s", "shutdown_grace: 300ms")
+        .replace("    tunnels:", &service)
 }
 
 fn direct_tunnel(name: &str, priority: u32, to: std::net::SocketAddr) -> String {
