@@ -656,21 +656,23 @@ mod wedge_tests {
     use super::*;
     use crate::bus::Delivery;
     use async_trait::async_trait;
+    use std::sync::atomic::{AtomicBool, Ordering};
     use tunnelkeeper_providers::{Dial, Endpoint, ProviderError};
 
-    /// Starts tunnels that stay alive and never answer a probe; `pid` says whether they have a
-    /// process.
+    /// Starts tunnels that stay alive and answer probes only while `answers` is set; `pid`
+    /// says whether they have a process.
     #[derive(Debug)]
     struct Frozen {
         pid: Option<u32>,
+        answers: Arc<AtomicBool>,
     }
 
-    struct FrozenTunnel(Option<u32>);
+    struct FrozenTunnel(Option<u32>, Arc<AtomicBool>);
 
     #[async_trait]
     impl Provider for Frozen {
         async fn start(&self, _: &StartContext) -> tunnelkeeper_providers::Result<Arc<dyn Tunnel>> {
-            Ok(Arc::new(FrozenTunnel(self.pid)))
+            Ok(Arc::new(FrozenTunnel(self.pid, self.answers.clone())))
         }
     }
 
@@ -685,6 +687,10 @@ mod wedge_tests {
             self.0
         }
         async fn dial(&self, _: Duration) -> tunnelkeeper_providers::Result<Dial> {
+            if self.1.load(Ordering::Relaxed) {
+                // The probe of `for_test` only connects: an in-memory stream passes it.
+                return Ok(Dial::Stream(Box::new(tokio::io::duplex(64).0)));
+            }
             Err(ProviderError::Closed("no answer".into()))
         }
         async fn closed(&self) -> String {
@@ -699,6 +705,17 @@ mod wedge_tests {
         when_down: Duration,
         window: Duration,
     ) -> Vec<Duration> {
+        let answers = Arc::new(AtomicBool::new(false));
+        wedge_restarts_of(Frozen { pid, answers }, when_down, window, |_| {}).await
+    }
+
+    /// Like [`wedge_restarts`], calling `at_second(n)` at each second of paused time.
+    async fn wedge_restarts_of(
+        provider: Frozen,
+        when_down: Duration,
+        window: Duration,
+        at_second: impl Fn(u64),
+    ) -> Vec<Duration> {
         let restart = RestartSpec {
             initial: Duration::from_millis(500),
             max: Duration::from_secs(60),
@@ -707,18 +724,32 @@ mod wedge_tests {
             when_down,
         };
         let (mut events, cancel, handle, t0) =
-            super::paused_tests::spawn_task(Arc::new(Frozen { pid }), restart);
+            super::paused_tests::spawn_task(Arc::new(provider), restart);
         let mut at = vec![];
         let deadline = t0 + window;
+        let mut second = 0;
+        at_second(0);
         loop {
-            let next = tokio::time::timeout_at(deadline, events.next()).await;
-            let Ok(Some(Delivery::Event(e))) = next else {
+            let tick = (t0 + Duration::from_secs(second + 1)).min(deadline);
+            let next = tokio::time::timeout_at(tick, events.next()).await;
+            let next = match next {
+                Err(_) if tick < deadline => {
+                    second += 1;
+                    at_second(second);
+                    continue;
+                }
+                Err(_) => break,
+                Ok(next) => next,
+            };
+            let Some(Delivery::Event(e)) = next else {
                 break;
             };
+            // (A tunnel that was up also has a `tunnel_down` from its probes.)
             if let EventKind::TunnelDown { reason, hard, .. } = &e.kind {
-                assert!(reason.contains("restart.when_down"), "{reason}");
-                assert!(hard, "a wedge restart is a hard down");
-                at.push(Instant::now() - t0);
+                if reason.contains("restart.when_down") {
+                    assert!(hard, "a wedge restart is a hard down");
+                    at.push(Instant::now() - t0);
+                }
             }
         }
         cancel.cancel();
@@ -755,6 +786,27 @@ mod wedge_tests {
         // after that; it lived 60 s = restart.max, so the backoff is back to 0.5 s; then 120 s.
         let secs: Vec<f64> = at.iter().map(Duration::as_secs_f64).collect();
         assert_eq!(secs, [30.0, 90.5, 211.0], "{secs:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn coming_up_resets_the_wait() {
+        let answers = Arc::new(AtomicBool::new(false));
+        let provider = Frozen {
+            pid: Some(4242),
+            answers: answers.clone(),
+        };
+        // Frozen until 40 s (restarted at 30 s), answering from 40 s to 100 s, frozen again.
+        let at = wedge_restarts_of(
+            provider,
+            Duration::from_secs(30),
+            Duration::from_secs(200),
+            |s| answers.store((40..100).contains(&s), Ordering::Relaxed),
+        )
+        .await;
+        let secs: Vec<u64> = at.iter().map(Duration::as_secs).collect();
+        // Down again at 100 s (fall 1): the next restart waits 30 s again, not 60 s; the one
+        // after it (no up in between, restarted at 131 s) waits 60 s.
+        assert_eq!(secs, [30, 130, 191], "{secs:?}");
     }
 
     #[tokio::test(start_paused = true)]
