@@ -403,7 +403,7 @@ impl Daemon {
                             done.changed.push(spec.name.clone());
                         }
                         let changes = service
-                            .reconfigure(spec.clone(), acceptor, &provider, grace)
+                            .reconfigure(spec.clone(), acceptor, &provider)
                             .await
                             .map_err(|e| format!("{e:#}"));
                         match changes {

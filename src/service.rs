@@ -211,6 +211,8 @@ pub struct ServiceHandle {
     election: JoinHandle<()>,
     hooks: JoinSet<()>,
     listener: Option<Listener>,
+    /// Listeners a reload removed, still carrying the connections they had accepted.
+    retired: Vec<Listener>,
 }
 
 impl ServiceHandle {
@@ -276,6 +278,7 @@ impl ServiceHandle {
             election,
             hooks,
             listener,
+            retired: Vec::new(),
         }
     }
 
@@ -331,15 +334,15 @@ impl ServiceHandle {
 
     /// Applies a reloaded spec of the same service: tunnels whose settings are equal keep
     /// running untouched (same task, same process, same status `since`); changed ones are
-    /// restarted, removed ones stopped, added ones started. The listener is replaced only when
-    /// its own settings changed (`acceptor`: an already bound new address, if it moved);
-    /// hooks are restarted only when they changed. `provider_for` builds new tunnels' providers.
+    /// restarted, removed ones stopped, added ones started. The listener keeps its open
+    /// connections and counters: new settings apply to new connections, and it is rebound only
+    /// when its address moved (`acceptor`: the already bound new address); hooks are restarted
+    /// only when they changed. `provider_for` builds new tunnels' providers.
     pub async fn reconfigure(
         &mut self,
         spec: ServiceSpec,
         acceptor: Option<Acceptor>,
         provider_for: &dyn Fn(&TunnelSpec) -> Arc<dyn Provider>,
-        grace: Duration,
     ) -> anyhow::Result<TunnelChanges> {
         let mut changes = TunnelChanges::default();
         let qualified = |name: &str| format!("{}/{name}", spec.name);
@@ -433,8 +436,10 @@ impl ServiceHandle {
                 listener.update(&self.spec, listen);
             }
             (Some(_), None) => {
-                if let Some(listener) = self.listener.take() {
-                    listener.retire(grace).await;
+                // No new connections; the open ones go on until they end or the service stops.
+                if let Some(mut listener) = self.listener.take() {
+                    listener.retire().await;
+                    self.retired.push(listener);
                 }
             }
             (None, Some(listen)) => {
@@ -457,11 +462,15 @@ impl ServiceHandle {
         Ok(changes)
     }
 
-    /// Stops the listener: no new connections; open ones may finish for up to `grace`.
+    /// Stops the listener (and any a reload removed): no new connections; open ones may
+    /// finish for up to `grace`.
     pub async fn drain(&mut self, grace: Duration) {
-        if let Some(listener) = self.listener.take() {
-            listener.stop(grace).await;
-        }
+        let listeners = self
+            .listener
+            .take()
+            .into_iter()
+            .chain(self.retired.drain(..));
+        futures_util::future::join_all(listeners.map(|l| l.stop(grace))).await;
     }
 
     /// Stops every tunnel (each bounded by its provider's grace) and the election loop.

@@ -459,6 +459,17 @@ async fn a_moved_listener_accepts_on_the_new_address_while_old_connections_go_on
     let listener = daemon.status().await.services[0].listener.clone().unwrap();
     assert_eq!(listener.address, new);
     assert_eq!((listener.total, listener.active), (2, 2), "{listener:?}");
+
+    // The listener removed altogether: nothing accepts, but what it carried goes on.
+    let without = format!(
+        "{}{tunnels}\n",
+        header("@DIR@/state").replace("shutdown_grace: 5s", "shutdown_grace: 300ms")
+    );
+    reload_with(&daemon, &without);
+    assert!(tokio::net::TcpStream::connect(&new).await.is_err());
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    round_trip(&mut held, "still\n").await;
+    round_trip(&mut moved, "still\n").await;
     daemon.terminate();
 }
 

@@ -319,11 +319,10 @@ impl Listener {
     }
 
     /// Stops accepting and returns once the address is free (a reload may bind it again);
-    /// open connections go on in the background for up to `grace`, then are closed.
-    pub async fn retire(mut self, grace: Duration) {
+    /// open connections go on untouched until they end or [`Listener::stop`].
+    pub async fn retire(&mut self) {
         self.accepting.cancel();
         let _ = (&mut self.accept).await;
-        tokio::spawn(self.stop(grace));
     }
 
     /// Stops accepting, lets open connections finish for up to `grace`, then closes the rest.
