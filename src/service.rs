@@ -425,12 +425,7 @@ impl ServiceHandle {
         match (self.listener.as_mut(), &self.spec.listen) {
             (Some(listener), Some(listen)) => {
                 if old_address != Some(&listen.address) {
-                    let acceptor = match acceptor {
-                        Some(a) => a,
-                        None => Acceptor::bind(&listen.address)
-                            .await
-                            .map_err(|e| anyhow::anyhow!("service `{}`: {e:#}", self.spec.name))?,
-                    };
+                    let acceptor = bound(acceptor, listen, &self.spec.name).await?;
                     listener.rebind(acceptor).await;
                 }
                 listener.update(&self.spec, listen);
@@ -443,12 +438,7 @@ impl ServiceHandle {
                 }
             }
             (None, Some(listen)) => {
-                let acceptor = match acceptor {
-                    Some(a) => a,
-                    None => Acceptor::bind(&listen.address)
-                        .await
-                        .map_err(|e| anyhow::anyhow!("service `{}`: {e:#}", self.spec.name))?,
-                };
+                let acceptor = bound(acceptor, listen, &self.spec.name).await?;
                 self.listener = Some(Listener::start(
                     acceptor,
                     &self.spec,
@@ -483,6 +473,21 @@ impl ServiceHandle {
         // A hook still running is killed (its process group) as its task is dropped.
         let mut hooks = self.hooks;
         hooks.shutdown().await;
+    }
+}
+
+/// The acceptor the daemon bound for a listener's new address, or one bound here (an address
+/// another listener of this daemon held until now).
+async fn bound(
+    acceptor: Option<Acceptor>,
+    listen: &crate::config::spec::ListenSpec,
+    service: &str,
+) -> anyhow::Result<Acceptor> {
+    match acceptor {
+        Some(a) => Ok(a),
+        None => Acceptor::bind(&listen.address)
+            .await
+            .map_err(|e| anyhow::anyhow!("service `{service}`: {e:#}")),
     }
 }
 
@@ -1000,7 +1005,8 @@ fn mark_down(
     contender.last_down_hard = hard;
 }
 
-async fn sleep_until(at: Option<Instant>) {
+/// Sleeps until `at`, or forever without one (a `select!` branch that may have no deadline).
+pub(crate) async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,

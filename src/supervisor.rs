@@ -319,7 +319,7 @@ impl TunnelTask {
                 .zip(wedge_after)
                 .and_then(|(since, after)| since.checked_add(after));
             let result = tokio::select! {
-                _ = sleep_until_opt(wedge_at) => {
+                _ = crate::service::sleep_until(wedge_at) => {
                     let after = wedge_after.unwrap_or_default();
                     return format!(
                         "not up for {} (restart.when_down): restarting its process",
@@ -431,14 +431,6 @@ impl TunnelTask {
     fn report(&self, report: Report) {
         // The service outlives its tunnels; a closed channel only happens during teardown.
         let _ = self.reports.send((self.slot, report));
-    }
-}
-
-/// Sleeps until `at`, or forever without one.
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 
