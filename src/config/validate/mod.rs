@@ -35,7 +35,7 @@ use crate::config::spec::{
 };
 use crate::config::values::{
     check_host_port, check_hostname, check_http_url, check_name, compile_endpoint_regex,
-    parse_listen, parse_reader,
+    parse_env_file, parse_listen, parse_reader,
 };
 use crate::election::{Failback, Mode, Policy};
 
@@ -185,7 +185,7 @@ fn human(duration: Duration) -> String {
 }
 
 /// Every provider-specific key of a tunnel: whether it is set, and the providers it belongs to.
-fn provider_keys(t: &TunnelSection) -> [(&'static str, bool, &'static [ProviderKind]); 25] {
+fn provider_keys(t: &TunnelSection) -> [(&'static str, bool, &'static [ProviderKind]); 26] {
     use ProviderKind::{Cloudflare as Cf, Command, Direct, Ngrok, Ssh, Tailscale as Ts};
     [
         ("address", t.address.is_some(), &[Direct]),
@@ -199,6 +199,7 @@ fn provider_keys(t: &TunnelSection) -> [(&'static str, bool, &'static [ProviderK
         ),
         ("stop_grace", t.stop_grace.is_some(), &[Command, Cf, Ngrok]),
         ("env", !t.env.is_empty(), &[Command]),
+        ("env_file", t.env_file.is_some(), &[Command]),
         ("ssh", t.ssh.is_some(), &[Ssh]),
         ("remote_forward", t.remote_forward.is_some(), &[Ssh]),
         ("local_forward", t.local_forward.is_some(), &[Ssh]),
@@ -639,7 +640,7 @@ impl Validator {
             address,
             retries: service.retries.unwrap_or_else(|| tunnels.saturating_sub(1)),
             max_connections: service.max_connections.unwrap_or(default::MAX_CONNECTIONS),
-            idle_timeout: service.idle_timeout,
+            idle_timeout: Some(service.idle_timeout.unwrap_or(default::IDLE_TIMEOUT)),
             replay_unanswered: service.replay_unanswered.unwrap_or(true),
         })
     }
@@ -957,6 +958,32 @@ impl Validator {
             }
         }
 
+        // `env_file` comes after inline `env` and wins on a clash, as EnvironmentFile= does
+        // over Environment= in systemd.
+        let mut env: Vec<(String, String)> = tunnel
+            .env
+            .iter()
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect();
+        let file = self.secret_file(tunnel.env_file.as_ref(), &path.key("env_file"));
+        if let Some(file) = file {
+            match std::fs::read_to_string(&file)
+                .map_err(|e| e.to_string())
+                .and_then(|text| parse_env_file(&text))
+            {
+                Ok(pairs) => {
+                    for (name, value) in pairs {
+                        env.retain(|(n, _)| *n != name);
+                        env.push((name, value));
+                    }
+                }
+                Err(message) => self.error(
+                    path.key("env_file"),
+                    format!("{}: {message}", file.display()),
+                ),
+            }
+        }
+
         let endpoint = endpoint?;
         if self.issues.len() != before {
             return None;
@@ -964,11 +991,7 @@ impl Validator {
         Some(CommandSpec {
             run,
             endpoint,
-            env: tunnel
-                .env
-                .iter()
-                .map(|(name, value)| (name.clone(), value.clone()))
-                .collect(),
+            env,
             start_timeout: tunnel.start_timeout.unwrap_or(default::START_TIMEOUT),
             stop_grace: tunnel.stop_grace.unwrap_or(default::STOP_GRACE),
         })
