@@ -259,6 +259,7 @@ impl PartialEq for ProviderSpec {
                     run,
                     endpoint,
                     env,
+                    env_file,
                     start_timeout,
                     stop_grace,
                 } = a;
@@ -272,6 +273,7 @@ impl PartialEq for ProviderSpec {
                 same_endpoint
                     && *run == b.run
                     && *env == b.env
+                    && *env_file == b.env_file
                     && *start_timeout == b.start_timeout
                     && *stop_grace == b.stop_grace
             }

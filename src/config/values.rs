@@ -164,52 +164,6 @@ pub(super) fn check_bind_address(text: &str) -> Result<(), String> {
     }
 }
 
-/// Parses an environment file the way systemd's `EnvironmentFile=` does for the common cases:
-/// one `KEY=value` per line, blank lines and lines starting with `#` or `;` ignored, whitespace
-/// around key and value trimmed, one pair of enclosing `"` or `'` quotes removed. Errors give
-/// the 1-based line and never quote a value (values are secrets).
-pub(super) fn parse_env_file(text: &str) -> Result<Vec<(String, String)>, String> {
-    let mut env = Vec::new();
-    for (index, raw) in text.lines().enumerate() {
-        let line = raw.trim();
-        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
-            continue;
-        }
-        let at = index + 1;
-        let Some((key, value)) = line.split_once('=') else {
-            return Err(format!("line {at}: expected KEY=value"));
-        };
-        let key = key.trim();
-        let valid = key
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-            && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-        if !valid {
-            return Err(format!(
-                "line {at}: `{key}` is not a valid variable name (letters, digits and `_`, not \
-                 starting with a digit)"
-            ));
-        }
-        let value = value.trim();
-        let value = [b'"', b'\'']
-            .iter()
-            .find_map(|&q| {
-                let q = q as char;
-                (value.len() >= 2 && value.starts_with(q) && value.ends_with(q))
-                    .then(|| &value[1..value.len() - 1])
-            })
-            .unwrap_or(value);
-        if value.contains('\0') {
-            return Err(format!(
-                "line {at}: the value of `{key}` contains a NUL byte"
-            ));
-        }
-        env.push((key.to_owned(), value.to_owned()));
-    }
-    Ok(env)
-}
-
 /// A secret file path: `$CREDENTIALS_DIRECTORY/NAME` (or `${CREDENTIALS_DIRECTORY}/NAME`) is
 /// expanded from the environment systemd sets for `LoadCredential=`, so tokens and keys need
 /// not be readable by anyone but the service.
@@ -399,27 +353,6 @@ mod tests {
         assert!(compile_endpoint_regex(r"(\S*)")
             .unwrap_err()
             .contains("empty line"));
-    }
-
-    #[test]
-    fn env_files_read_like_systemd() {
-        let text =
-            "# comment\n; also\n\nTOKEN=abc=def\n  NAME = 'quoted value' \nB=\"x\"\nEMPTY=\n";
-        assert_eq!(
-            parse_env_file(text).unwrap(),
-            [
-                ("TOKEN".to_owned(), "abc=def".to_owned()),
-                ("NAME".to_owned(), "quoted value".to_owned()),
-                ("B".to_owned(), "x".to_owned()),
-                ("EMPTY".to_owned(), String::new()),
-            ]
-        );
-        let err = parse_env_file("A=1\nsecret-without-key\n").unwrap_err();
-        assert_eq!(err, "line 2: expected KEY=value");
-        assert!(!err.contains("secret"));
-        assert!(parse_env_file("1A=x\n")
-            .unwrap_err()
-            .starts_with("line 1: `1A`"));
     }
 
     #[test]

@@ -35,7 +35,7 @@ use crate::config::spec::{
 };
 use crate::config::values::{
     check_host_port, check_hostname, check_http_url, check_name, compile_endpoint_regex,
-    parse_env_file, parse_listen, parse_reader,
+    parse_listen, parse_reader,
 };
 use crate::election::{Failback, Mode, Policy};
 
@@ -958,31 +958,7 @@ impl Validator {
             }
         }
 
-        // `env_file` comes after inline `env` and wins on a clash, as EnvironmentFile= does
-        // over Environment= in systemd.
-        let mut env: Vec<(String, String)> = tunnel
-            .env
-            .iter()
-            .map(|(name, value)| (name.clone(), value.clone()))
-            .collect();
-        let file = self.secret_file(tunnel.env_file.as_ref(), &path.key("env_file"));
-        if let Some(file) = file {
-            match std::fs::read_to_string(&file)
-                .map_err(|e| e.to_string())
-                .and_then(|text| parse_env_file(&text))
-            {
-                Ok(pairs) => {
-                    for (name, value) in pairs {
-                        env.retain(|(n, _)| *n != name);
-                        env.push((name, value));
-                    }
-                }
-                Err(message) => self.error(
-                    path.key("env_file"),
-                    format!("{}: {message}", file.display()),
-                ),
-            }
-        }
+        let env_file = self.secret_file(tunnel.env_file.as_ref(), &path.key("env_file"));
 
         let endpoint = endpoint?;
         if self.issues.len() != before {
@@ -991,7 +967,12 @@ impl Validator {
         Some(CommandSpec {
             run,
             endpoint,
-            env,
+            env: tunnel
+                .env
+                .iter()
+                .map(|(name, value)| (name.clone(), value.clone()))
+                .collect(),
+            env_file,
             start_timeout: tunnel.start_timeout.unwrap_or(default::START_TIMEOUT),
             stop_grace: tunnel.stop_grace.unwrap_or(default::STOP_GRACE),
         })
