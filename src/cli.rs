@@ -180,10 +180,8 @@ pub fn escape_controls(text: &str) -> String {
 /// A copy of `value` with every string escaped by [`escape_controls`].
 fn escape_json(value: &mut serde_json::Value) {
     match value {
-        serde_json::Value::String(s) => {
-            if s.chars().any(char::is_control) {
-                *s = escape_controls(s);
-            }
+        serde_json::Value::String(s) if s.chars().any(char::is_control) => {
+            *s = escape_controls(s);
         }
         serde_json::Value::Array(items) => items.iter_mut().for_each(escape_json),
         serde_json::Value::Object(map) => map.values_mut().for_each(escape_json),

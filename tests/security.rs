@@ -335,7 +335,7 @@ async fn start_up_never_deletes_what_is_not_a_stale_socket() {
             .spawn()
             .unwrap()
     };
-    let client = tunnelkeeper::control::client::Client::new(&dir.path().join("control.sock"));
+    let client = tunnelkeeper::control::client::Client::new(dir.path().join("control.sock"));
     let deadline = Instant::now() + Duration::from_secs(20);
     while client.status_json().await.is_err() {
         assert!(
@@ -498,14 +498,7 @@ async fn silent_clients_cannot_hold_listener_slots() {
         &format!("    listen: 127.0.0.1:{port}\n    max_connections: 2\n    idle_timeout: 1s"),
     );
     let daemon = Daemon::start(&config).await;
-    let mut events = daemon.follow();
-    events
-        .wait(
-            Duration::from_secs(20),
-            "lan elected",
-            primary_changed(Some("lan"), None),
-        )
-        .await;
+    daemon.follow().wait_elected(&["web"]).await;
     let addr = format!("127.0.0.1:{port}");
     // Two clients take both slots and say nothing: each is closed after the idle timeout.
     let mut silent = Vec::new();
@@ -552,21 +545,20 @@ async fn router_output_cannot_drive_the_operators_terminal() {
     .unwrap();
     std::fs::write(dir.path().join("verify"), "x\x1b[31mred\n").unwrap();
     let d = dir.path().display();
-    let router = format!(
-        r#"routers:
-  - name: rtr
-    ssh: {{ host: 127.0.0.1, port: {port}, user: {user}, identity_file: "{key}", known_hosts: "{known}",
-           connect_timeout: 5s, auth_timeout: 5s }}
-    boot_id_command: "cat {d}/boot_id"
+    let router = router_yaml(
+        sshd.port,
+        &sshd::current_user(),
+        &sshd.client_key,
+        &sshd.known_hosts,
+        "connect_timeout: 5s, auth_timeout: 5s",
+        &format!(
+            r#"    boot_id_command: "cat {d}/boot_id"
     check_interval: 1s
     verify: [{{ name: drift, command: "cat {d}/verify", expect: "ok" }}]
     verify_interval: 1s
     command_timeout: 5s
-"#,
-        port = sshd.port,
-        user = sshd::current_user(),
-        key = sshd.client_key.display(),
-        known = sshd.known_hosts.display(),
+"#
+        ),
     );
     let config =
         direct_config(echo, "", "").replacen("services:", &format!("{router}services:"), 1);
