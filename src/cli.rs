@@ -66,6 +66,29 @@ fn runtime() -> Result<tokio::runtime::Runtime, u8> {
 pub fn check(path: &Path) -> u8 {
     match crate::config::load(path) {
         Ok(config) => {
+            // `run` refuses a socket path that holds anything but a socket: so does `check`.
+            let sockets = std::iter::once((
+                "daemon.control_socket".to_string(),
+                config.daemon.control_socket.clone(),
+            ))
+            .chain(config.services.iter().filter_map(|s| {
+                match s.listen.as_ref().map(|l| &l.address) {
+                    Some(crate::config::spec::ListenAddress::Unix(p)) => {
+                        Some((format!("service `{}` listen", s.name), p.clone()))
+                    }
+                    _ => None,
+                }
+            }));
+            let mut refused = false;
+            for (key, socket) in sockets {
+                if let Some(why) = crate::socket_file::not_a_socket(&socket) {
+                    eprintln!("{}: {key}: {why}", path.display());
+                    refused = true;
+                }
+            }
+            if refused {
+                return EXIT_CONFIG;
+            }
             let tunnels: usize = config.services.iter().map(|s| s.tunnels.len()).sum();
             println!(
                 "{}: ok ({} services, {} tunnels, {} routers)",

@@ -13,19 +13,29 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 
+/// Why `path` can never be ours to bind, without touching it: something that is not a socket
+/// is there. `None` when nothing is there or it is a socket (live or stale, `clear_stale` tells).
+/// Also used by `check`, so a config that `run` would refuse does not pass.
+pub fn not_a_socket(path: &Path) -> Option<String> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => Some(format!(
+            "{} exists and is not a socket; refusing to replace it (choose another path)",
+            path.display()
+        )),
+        _ => None,
+    }
+}
+
 /// Makes `path` free for `bind(2)`: nothing there, or a stale socket that is then removed.
 /// Errors name the path and say why it was left alone.
 pub async fn clear_stale(path: &Path) -> anyhow::Result<()> {
-    let meta = match std::fs::symlink_metadata(path) {
-        Ok(meta) => meta,
+    match std::fs::symlink_metadata(path) {
+        Ok(_) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e).with_context(|| format!("inspecting {}", path.display())),
-    };
-    if !meta.file_type().is_socket() {
-        bail!(
-            "{} exists and is not a socket; refusing to replace it (choose another path)",
-            path.display()
-        );
+    }
+    if let Some(why) = not_a_socket(path) {
+        bail!(why);
     }
     match tokio::net::UnixStream::connect(path).await {
         Ok(_) => bail!("{} is in use by another process", path.display()),

@@ -293,6 +293,18 @@ async fn start_up_never_deletes_what_is_not_a_stale_socket() {
     let stderr = run_expecting_failure(dir.path(), &config);
     assert!(stderr.contains("not a socket"), "{stderr}");
     assert_eq!(std::fs::read_to_string(&important).unwrap(), "keep me");
+    // `check` says so too, instead of "ok".
+    let out = Command::new(BIN)
+        .args(["check", "-c"])
+        .arg(dir.path().join("config.yaml"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("daemon.control_socket") && stderr.contains("not a socket"),
+        "{stderr}"
+    );
 
     // The same for a Unix failover listener.
     let config = direct_config(echo, "", "    listen: \"@DIR@/important.txt\"");
