@@ -10,6 +10,8 @@
 //! After that, bytes flow with `splice(2)` when both sides are TCP sockets and with a plain
 //! buffered copy otherwise (SSH channels), half-closes passed through in each direction.
 //!
+//! `idle_timeout` runs from accept to close, so a client that connects and never speaks (or a
+//! tunnel that never answers) gives its slot back too.
 //! `max_connections` is enforced by not accepting (the kernel backlog holds the rest);
 //! `EMFILE`/`ENFILE` make the accept loop back off instead of spinning. `on_failover: close`
 //! closes connections left on a tunnel that is no longer primary. On shutdown the listener
