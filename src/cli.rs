@@ -67,6 +67,29 @@ fn runtime() -> Result<tokio::runtime::Runtime, u8> {
 pub fn check(path: &Path) -> u8 {
     match crate::config::load(path) {
         Ok(config) => {
+            // `run` refuses a socket path that holds anything but a socket: so does `check`.
+            let sockets = std::iter::once((
+                "daemon.control_socket".to_string(),
+                config.daemon.control_socket.clone(),
+            ))
+            .chain(config.services.iter().filter_map(|s| {
+                match s.listen.as_ref().map(|l| &l.address) {
+                    Some(crate::config::spec::ListenAddress::Unix(p)) => {
+                        Some((format!("service `{}` listen", s.name), p.clone()))
+                    }
+                    _ => None,
+                }
+            }));
+            let mut refused = false;
+            for (key, socket) in sockets {
+                if let Some(why) = crate::socket_file::not_a_socket(&socket) {
+                    eprintln!("{}: {key}: {why}", path.display());
+                    refused = true;
+                }
+            }
+            if refused {
+                return EXIT_CONFIG;
+            }
             let tunnels: usize = config.services.iter().map(|s| s.tunnels.len()).sum();
             println!(
                 "{}: ok ({} services, {} tunnels, {} routers)",
@@ -157,8 +180,50 @@ where
     }
 }
 
-/// The readable status table of `tunnelkeeper status`.
+/// Makes text from outside safe for a terminal: every control character (C0, DEL, C1 — escape
+/// sequences, carriage returns, newlines that would fake a line) is shown as `\xNN`/`\u{NNNN}`
+/// instead of being sent to the operator's terminal. Verify output, boot ids, endpoints and
+/// reasons come from routers, agents and children, which may be compromised.
+pub fn escape_controls(text: &str) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            c if c.is_control() && (c as u32) < 0x80 => {
+                let _ = write!(out, "\\x{:02x}", c as u32);
+            }
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{{{:04x}}}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A copy of `value` with every string escaped by [`escape_controls`].
+fn escape_json(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::String(s) if s.chars().any(char::is_control) => {
+            *s = escape_controls(s);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(escape_json),
+        serde_json::Value::Object(map) => map.values_mut().for_each(escape_json),
+        _ => {}
+    }
+}
+
+/// The readable status table of `tunnelkeeper status`. Every string in it is escaped first
+/// ([`escape_controls`]), so nothing a router or child reported can drive the terminal.
 pub fn render_status(status: &DaemonStatus) -> String {
+    let escaped = serde_json::to_value(status).ok().and_then(|mut v| {
+        escape_json(&mut v);
+        serde_json::from_value::<DaemonStatus>(v).ok()
+    });
+    render_escaped(escaped.as_ref().unwrap_or(status))
+}
+
+fn render_escaped(status: &DaemonStatus) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     let d = &status.daemon;
@@ -306,9 +371,11 @@ pub fn events(socket: &SocketArgs, follow: bool, since: u64, json: bool) -> u8 {
 
 /// One readable line for an NDJSON event: `#seq time type key=value ...`.
 pub fn render_event_line(line: &str) -> String {
-    let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(line) else {
-        return line.to_string();
+    let Ok(serde_json::Value::Object(mut map)) = serde_json::from_str::<serde_json::Value>(line)
+    else {
+        return escape_controls(line);
     };
+    map.values_mut().for_each(escape_json);
     let get = |k: &str| map.get(k).map(plain).unwrap_or_default();
     let mut text = format!("#{} {} {}", get("seq"), get("time"), get("type"));
     for (k, v) in &map {

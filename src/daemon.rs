@@ -18,6 +18,7 @@ use tunnelkeeper_providers::cloudflare::CloudflareProvider;
 use tunnelkeeper_providers::command::CommandProvider;
 use tunnelkeeper_providers::direct::DirectProvider;
 use tunnelkeeper_providers::ngrok::NgrokProvider;
+use tunnelkeeper_providers::process;
 use tunnelkeeper_providers::ssh::{SshPool, SshProvider};
 use tunnelkeeper_providers::tailscale::TailscaleProvider;
 use tunnelkeeper_providers::{Provider, Resolver};
@@ -87,6 +88,8 @@ impl Daemon {
         let cancel = CancellationToken::new();
         let socket = config.daemon.control_socket.clone();
         let listener = control::server::bind(&socket).await?;
+        // Until the start succeeds, a failure removes the socket we just bound.
+        let socket_file = crate::socket_file::SocketFile::new(socket.clone());
         let metrics_listener = match config.daemon.metrics_listen {
             Some(addr) => Some(
                 tokio::net::TcpListener::bind(addr)
@@ -101,7 +104,18 @@ impl Daemon {
         // cleanly, with nothing to tear down.
         let mut acceptors = Vec::new();
         for spec in &config.services {
-            acceptors.push(bind_listener(spec).await?);
+            match bind_listener(spec).await {
+                Ok(acceptor) => acceptors.push(acceptor),
+                Err(e) => {
+                    // Unix listeners bound so far are ours: leave no socket file behind.
+                    for acceptor in acceptors.iter().flatten() {
+                        if let Acceptor::Unix(_, path) = acceptor {
+                            crate::socket_file::remove(path);
+                        }
+                    }
+                    return Err(e);
+                }
+            }
         }
         let services: Vec<ServiceHandle> = config
             .services
@@ -137,7 +151,7 @@ impl Daemon {
                 let render = render_metrics.clone();
                 Box::new(move || render())
             },
-            readers: RwLock::new(config.daemon.readers.clone()),
+            readers: control::server::Readers::new(config.daemon.readers.clone()),
             ops: ops_tx,
         });
         let control = tokio::spawn(control::serve(
@@ -179,6 +193,7 @@ impl Daemon {
         };
         daemon.refresh_board();
         daemon.apply_pins().await;
+        socket_file.keep();
         Ok(daemon)
     }
 
@@ -366,11 +381,7 @@ impl Daemon {
         // Against what runs, not the previous file: a setting changed and then reverted before
         // a restart needs no restart.
         done.restart_required = restart_required(&self.booted, &next);
-        *self
-            .control_state
-            .readers
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = next.daemon.readers.clone();
+        self.control_state.readers.set(next.daemon.readers.clone());
         let grace = next.daemon.shutdown_grace;
 
         // Removed services first: they may free addresses and ports the others need.
@@ -499,11 +510,7 @@ impl Daemon {
         self.routers.stop().await;
         self.cancel.cancel();
         let _ = self.control.await;
-        if let Err(e) = std::fs::remove_file(&self.socket) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!("removing {}: {e}", self.socket.display());
-            }
-        }
+        crate::socket_file::remove(&self.socket);
     }
 }
 
@@ -640,6 +647,12 @@ fn blame_unreachable_routers(services: &mut [ServiceStatus], routers: &[RouterSt
 /// MONOTONIC_USEC) then READY=1 around every reload, STOPPING=1 on the way out. Writes from the
 /// control socket (pin, reload) are applied here, one at a time.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    // Whatever a hook or agent leaves behind with `setsid` is re-parented to us, not to init:
+    // reaped while we run and ended when we stop.
+    if let Err(e) = process::become_subreaper() {
+        tracing::warn!("cannot become a child subreaper ({e}); processes that leave their group may outlive the daemon");
+    }
+    let reaper = tokio::spawn(reap_orphans_forever());
     let mut daemon = Daemon::start(config).await?;
     systemd::ready();
     tracing::info!(
@@ -699,5 +712,32 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     systemd::stopping();
     tracing::info!("shutting down");
     daemon.shutdown().await;
+    reaper.abort();
+    let ended = process::kill_orphans(ORPHAN_GRACE).await;
+    if ended > 0 {
+        tracing::info!(ended, "ended processes that children had left behind");
+    }
     Ok(())
+}
+
+/// How long orphans left by children get between SIGTERM and SIGKILL when the daemon stops.
+const ORPHAN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Collects exited orphans on every SIGCHLD (and every few seconds, as signals coalesce).
+async fn reap_orphans_forever() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut chld = signal(SignalKind::child()).ok();
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    loop {
+        match chld.as_mut() {
+            Some(chld) => tokio::select! {
+                _ = chld.recv() => {}
+                _ = tick.tick() => {}
+            },
+            None => {
+                tick.tick().await;
+            }
+        }
+        process::reap_orphans();
+    }
 }

@@ -9,7 +9,7 @@
 //! events live, the status table between phases, and a summary; it ends within a minute and
 //! leaves no process behind.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -437,14 +437,56 @@ impl TempDir {
             .map(PathBuf::from)
             .filter(|p| p.is_dir())
             .unwrap_or_else(std::env::temp_dir);
-        let dir = base.join(format!("tunnelkeeper-demo-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(TempDir(dir))
+        TempDir::create(&base.join(format!("tunnelkeeper-demo-{}", std::process::id())))
+    }
+
+    /// Creates `dir` itself, mode 0700. In a shared `/tmp` the name is guessable, so a
+    /// directory (or symlink) someone made there first is an error, never adopted: the demo's
+    /// socket and config must not live where another user can reach them.
+    fn create(dir: &Path) -> anyhow::Result<TempDir> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {} (remove it if a demo crashed)", dir.display()))?;
+        Ok(TempDir(dir.to_path_buf()))
     }
 }
 
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_demo_directory_is_private_and_never_a_pre_made_one() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("tunnelkeeper-demo-1");
+        let made = TempDir::create(&dir).unwrap();
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "mode {mode:o}");
+        drop(made);
+        assert!(!dir.exists());
+
+        // Someone else got there first (a directory, or a symlink to theirs): refused.
+        let planted = base.path().join("tunnelkeeper-demo-2");
+        std::fs::create_dir(&planted).unwrap();
+        let err = TempDir::create(&planted)
+            .err()
+            .expect("a pre-made directory was adopted");
+        assert!(
+            format!("{err:#}").contains("tunnelkeeper-demo-2"),
+            "{err:#}"
+        );
+        assert!(planted.exists(), "the planted directory must be left alone");
+        let link = base.path().join("tunnelkeeper-demo-3");
+        std::os::unix::fs::symlink(&planted, &link).unwrap();
+        assert!(TempDir::create(&link).is_err());
     }
 }

@@ -3,8 +3,10 @@
 //! Each hook of a service gets its own task and a small queue, so runs of one hook are
 //! serialized (a DNS updater never races itself) while different hooks and the daemon proceed
 //! independently. The event is written as JSON on the hook's stdin and summarized in `TK_EVENT`,
-//! `TK_SERVICE`, `TK_TUNNEL`, `TK_FROM`, `TK_TO`, `TK_SEQ`. A run is killed (its whole process
-//! group) at its timeout; a failing, slow or flooded hook is logged and never stalls anything.
+//! `TK_SERVICE`, `TK_TUNNEL`, `TK_FROM`, `TK_TO`, `TK_SEQ`, on top of the allowlisted part of the
+//! daemon's environment (`process::child_env`: nothing else of the daemon's reaches a hook). A
+//! run is killed (its whole process group) at its timeout; a failing, slow or flooded hook is
+//! logged and never stalls anything.
 
 use std::sync::Arc;
 

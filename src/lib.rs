@@ -25,6 +25,7 @@ pub mod probe;
 pub mod relay;
 pub mod router;
 pub mod service;
+pub mod socket_file;
 pub mod standby;
 pub mod state;
 pub mod status;

@@ -340,8 +340,11 @@ impl Metrics {
 /// Bounds of the metrics HTTP server.
 #[derive(Debug, Clone, Copy)]
 struct Limits {
-    /// Connections served at once; more wait in the kernel backlog.
+    /// Connections served at once; more are closed on accept.
     max_connections: usize,
+    /// Connections one source address may hold at once (a scraper needs one): no single host
+    /// can take every slot.
+    per_ip: usize,
     /// A client must send its request headers within this time (also bounds idle keep-alive).
     header_timeout: Duration,
     /// Request heads larger than this are refused.
@@ -353,22 +356,62 @@ struct Limits {
 
 const LIMITS: Limits = Limits {
     max_connections: 64,
+    per_ip: 4,
     header_timeout: Duration::from_secs(5),
     max_head: 16 * 1024,
-    lifetime: Duration::from_secs(60),
+    lifetime: Duration::from_secs(10),
 };
 
 /// Serves `GET /metrics` (200, OpenMetrics text from `render`) and a JSON `{"error": ..}`
 /// otherwise, on `listener` until `cancel`. Each connection has its own task and one of 64
-/// slots; a client that sends nothing or half a request head is dropped after the 5 s header
-/// timeout, one that never reads its answer after the 60 s connection lifetime (+5 s), and
-/// neither blocks other scrapes. Open connections are dropped when `cancel` fires.
+/// slots, at most 4 per source address (more are closed on accept); a client that sends nothing
+/// or half a request head is dropped after the 5 s header timeout, one that never reads its
+/// answer after the 10 s connection lifetime (+5 s), and neither blocks other scrapes. Open
+/// connections are dropped when `cancel` fires. The endpoint has no authentication: binding
+/// anything but loopback is logged as a warning.
 pub async fn serve_tcp(
     listener: TcpListener,
     render: Arc<dyn Fn() -> String + Send + Sync>,
     cancel: CancellationToken,
 ) {
+    if let Ok(addr) = listener.local_addr() {
+        if !addr.ip().is_loopback() {
+            tracing::warn!(
+                %addr,
+                "daemon.metrics_listen is not a loopback address: anyone who can reach it reads \
+                 the metrics (tunnel names, endpoints' health); firewall it or bind 127.0.0.1"
+            );
+        }
+    }
     serve_with(listener, render, cancel, LIMITS).await
+}
+
+/// Per-source connection counts; a [`SourceSlot`] gives its count back when dropped.
+type Sources = Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>;
+
+struct SourceSlot(Sources, std::net::IpAddr);
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = counts.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.1);
+            }
+        }
+    }
+}
+
+/// Takes one of `ip`'s `per_ip` connections, if it has one left.
+fn take_source(sources: &Sources, ip: std::net::IpAddr, per_ip: usize) -> Option<SourceSlot> {
+    let mut counts = sources.lock().unwrap_or_else(|p| p.into_inner());
+    let n = counts.entry(ip).or_default();
+    if *n >= per_ip {
+        return None;
+    }
+    *n += 1;
+    Some(SourceSlot(sources.clone(), ip))
 }
 
 async fn serve_with(
@@ -378,15 +421,12 @@ async fn serve_with(
     limits: Limits,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let sources = Sources::default();
     loop {
-        let permit = tokio::select! {
-            _ = cancel.cancelled() => return,
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-        };
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = cancel.cancelled() => return,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning on accept.
                     tracing::warn!("metrics accept: {e}");
@@ -394,6 +434,15 @@ async fn serve_with(
                     continue;
                 }
             },
+        };
+        // Over its source's share, or no slot left: closed at once, never queued.
+        let Some(source) = take_source(&sources, peer.ip(), limits.per_ip) else {
+            tracing::debug!(%peer, "metrics: too many connections from this address; closed");
+            continue;
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "metrics: no free slot; closed");
+            continue;
         };
         let render = render.clone();
         let cancel = cancel.clone();
@@ -419,6 +468,7 @@ async fn serve_with(
                 }
             }
             drop(permit);
+            drop(source);
         });
     }
 }
@@ -836,6 +886,51 @@ mod tests {
             .await
             .expect("the idle connection was not closed")
             .ok();
+        cancel.cancel();
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn one_address_cannot_take_every_slot() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cancel = CancellationToken::new();
+        let limits = Limits {
+            header_timeout: Duration::from_secs(120),
+            lifetime: Duration::from_secs(120),
+            ..LIMITS
+        };
+        let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(|| "# EOF\n".to_string());
+        let server = tokio::spawn(serve_with(listener, render, cancel.clone(), limits));
+        let from = |ip: &str| {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+            socket.connect(addr)
+        };
+        // Silent connections from 127.0.0.1 up to its share, each one accepted and held.
+        let mut held = Vec::new();
+        for _ in 0..LIMITS.per_ip {
+            held.push(from("127.0.0.1").await.unwrap());
+        }
+        let scrape = |mut c: tokio::net::TcpStream| async move {
+            c.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                .await
+                .ok();
+            let mut answer = Vec::new();
+            tokio::time::timeout(Duration::from_secs(30), c.read_to_end(&mut answer))
+                .await
+                .expect("no answer and no close")
+                .ok();
+            String::from_utf8_lossy(&answer).into_owned()
+        };
+        // One more from the same address is closed without an answer …
+        let over = scrape(from("127.0.0.1").await.unwrap()).await;
+        assert_eq!(over, "", "a connection over the per-address cap was served");
+        // … while another address is still served.
+        let other = scrape(from("127.0.0.2").await.unwrap()).await;
+        assert!(other.starts_with("HTTP/1.1 200"), "{other}");
+        drop(held);
         cancel.cancel();
         server.await.unwrap();
     }

@@ -2,7 +2,8 @@
 //!
 //! Every write is atomic and durable: a temporary file in the same directory is written and
 //! fsynced, renamed over the target, and the directory is fsynced, so a crash or power loss
-//! leaves either the old content or the new one, never a torn file.
+//! leaves either the old content or the new one, never a torn file. The temporary file is
+//! created with `O_EXCL|O_NOFOLLOW`, so nothing planted at its name is ever written through.
 
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -29,13 +30,25 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
         name.to_string_lossy(),
         std::process::id()
     ));
-    let written = (|| -> std::io::Result<()> {
-        let mut file = std::fs::OpenOptions::new()
+    // O_EXCL|O_NOFOLLOW: the temporary name is predictable, so whatever already sits there — a
+    // symlink planted by someone who can write the directory, or a crashed run's leftover — is
+    // never opened; it is unlinked (the link itself, never its target) and the create retried.
+    let create = || {
+        std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
             .mode(0o640)
-            .open(&temp)?;
+            .open(&temp)
+    };
+    let written = (|| -> std::io::Result<()> {
+        let mut file = match create() {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                std::fs::remove_file(&temp)?;
+                create()?
+            }
+            other => other?,
+        };
         file.write_all(contents)?;
         file.sync_all()?;
         std::fs::rename(&temp, path)?;
@@ -73,6 +86,29 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, ["pins.json"]);
+    }
+
+    #[test]
+    fn a_symlink_at_the_temporary_name_is_never_written_through() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        let path = dir.path().join("pins.json");
+        let temp = dir
+            .path()
+            .join(format!(".pins.json.{}.tmp", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &temp).unwrap();
+        write_atomic(&path, b"new").unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "new");
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert!(meta.file_type().is_file());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o640);
+        assert!(
+            std::fs::symlink_metadata(&temp).is_err(),
+            "temporary left behind"
+        );
     }
 
     #[test]

@@ -19,6 +19,22 @@ fn emulator(name: &str) -> String {
     path.display().to_string()
 }
 
+/// The emulator behind a wrapper script in `dir` that exports its `EMU_*` controls: the daemon
+/// starts children with a cleared environment, so the controls cannot come from its own.
+fn emulator_with(dir: &std::path::Path, name: &str, env: &[(&str, String)]) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let mut script = String::from("#!/bin/sh\n");
+    for (key, value) in env {
+        assert!(!value.contains('\''), "no quotes in test values: {value}");
+        script.push_str(&format!("export {key}='{value}'\n"));
+    }
+    script.push_str(&format!("exec '{}' \"$@\"\n", emulator(name)));
+    let wrapper = dir.join(name);
+    std::fs::write(&wrapper, script).unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    wrapper.display().to_string()
+}
+
 fn config(tunnel: &str, echo: std::net::SocketAddr) -> String {
     with_direct_backup("svc", tunnel, echo)
 }
@@ -51,6 +67,7 @@ async fn ngrok_tunnel_up_then_its_death_fails_over() {
     std::fs::write(&token_file, &token).unwrap();
     let control = dir.path().join("control");
     write(&control, "ok");
+    let public = free_port().to_string();
     let tunnel = format!(
         r#"      - name: ng
         provider: ngrok
@@ -59,18 +76,17 @@ async fn ngrok_tunnel_up_then_its_death_fails_over() {
         proto: tcp
         to: "{echo}"
         authtoken_file: "{}""#,
-        emulator("ngrok"),
+        emulator_with(
+            dir.path(),
+            "ngrok",
+            &[
+                ("EMU_CONTROL", control.display().to_string()),
+                ("EMU_PUBLIC_PORT", public.clone()),
+            ]
+        ),
         token_file.display()
     );
-    let public = free_port().to_string();
-    let daemon = Daemon::start_with_env(
-        &config(&tunnel, echo),
-        &[
-            ("EMU_CONTROL", control.as_os_str()),
-            ("EMU_PUBLIC_PORT", public.as_ref()),
-        ],
-    )
-    .await;
+    let daemon = Daemon::start(&config(&tunnel, echo)).await;
     let mut events = daemon.follow();
     let (_, up) = events
         .wait(
@@ -115,17 +131,17 @@ async fn tailscale_peer_up_then_offline_fails_over() {
         mode: peer
         peer: homebox
         port: {}"#,
-        emulator("tailscale"),
+        emulator_with(
+            dir.path(),
+            "tailscale",
+            &[
+                ("EMU_STATE", state.display().to_string()),
+                ("EMU_PEER_IP", "127.0.0.1".to_string()),
+            ]
+        ),
         echo.port()
     );
-    let daemon = Daemon::start_with_env(
-        &config(&tunnel, echo),
-        &[
-            ("EMU_STATE", state.as_os_str()),
-            ("EMU_PEER_IP", "127.0.0.1".as_ref()),
-        ],
-    )
-    .await;
+    let daemon = Daemon::start(&config(&tunnel, echo)).await;
     let mut events = daemon.follow();
     let (_, up) = events
         .wait(
@@ -180,20 +196,18 @@ async fn cloudflare_tunnel_up_then_not_ready_and_death_fail_over() {
         token_file: "{}"
         hostname: 127.0.0.1
         port: {public}"#,
-        emulator("cloudflared"),
+        emulator_with(
+            dir.path(),
+            "cloudflared",
+            &[
+                ("EMU_CONTROL", control.display().to_string()),
+                ("EMU_PUBLIC_PORT", public.to_string()),
+                ("EMU_ORIGIN", echo.to_string()),
+            ]
+        ),
         token_file.display()
     );
-    let origin = echo.to_string();
-    let public_text = public.to_string();
-    let daemon = Daemon::start_with_env(
-        &config(&tunnel, echo),
-        &[
-            ("EMU_CONTROL", control.as_os_str()),
-            ("EMU_PUBLIC_PORT", public_text.as_ref()),
-            ("EMU_ORIGIN", origin.as_ref()),
-        ],
-    )
-    .await;
+    let daemon = Daemon::start(&config(&tunnel, echo)).await;
     let mut events = daemon.follow();
     let (_, up) = events
         .wait(

@@ -15,22 +15,21 @@ use support::*;
 /// marker (and logs each run), verify checks the marker.
 fn router(sshd: &sshd::Sshd, dir: &Path, check_interval: &str) -> String {
     let d = dir.display();
-    format!(
-        r#"routers:
-  - name: rtr
-    ssh: {{ host: 127.0.0.1, port: {port}, user: {user}, identity_file: "{key}", known_hosts: "{known}",
-           keepalive_interval: 1s, keepalive_max: 2, connect_timeout: 5s, auth_timeout: 5s }}
-    boot_id_command: "cat {d}/boot_id"
+    router_yaml(
+        sshd.port,
+        &sshd::current_user(),
+        &sshd.client_key,
+        &sshd.known_hosts,
+        "keepalive_interval: 1s, keepalive_max: 2, connect_timeout: 5s, auth_timeout: 5s",
+        &format!(
+            r#"    boot_id_command: "cat {d}/boot_id"
     check_interval: {check_interval}
     provision: ["touch {d}/marker && echo run >> {d}/provision.log"]
     verify: [{{ name: marker, command: "test -f {d}/marker && echo yes", expect: "yes" }}]
     verify_interval: 1s
     command_timeout: 5s
-"#,
-        port = sshd.port,
-        user = sshd::current_user(),
-        key = sshd.client_key.display(),
-        known = sshd.known_hosts.display(),
+"#
+        ),
     )
 }
 

@@ -24,7 +24,7 @@
 #![no_main]
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
@@ -76,7 +76,7 @@ fn harness() -> &'static Harness {
             bus,
             status: Box::new(status),
             metrics: Box::new(|| "# TYPE tk_up gauge\ntk_up 1\n# EOF\n".to_owned()),
-            readers: RwLock::new(vec![Reader::Uid(1000), Reader::Gid(4)]),
+            readers: tunnelkeeper::control::server::Readers::new(vec![Reader::Uid(1000), Reader::Gid(4)]),
             ops,
         });
         Harness {

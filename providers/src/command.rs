@@ -7,6 +7,7 @@
 //! exit is the hard signal that resolves [`Tunnel::closed`].
 
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,8 +47,11 @@ pub struct CommandSpec {
     pub run: Vec<String>,
     /// Where the endpoint comes from.
     pub endpoint: EndpointSource,
-    /// Extra environment variables (the place for secrets, never argv).
+    /// Extra environment variables (never argv; not secret: they come from the config file).
     pub env: Vec<(String, String)>,
+    /// A file of `KEY=value` lines ([`parse_env_file`]) read at every start and added to the
+    /// environment, winning over `env`: the place for the program's secrets.
+    pub env_file: Option<PathBuf>,
     /// How long start waits for the endpoint ([`DEFAULT_START_TIMEOUT`] by default).
     pub start_timeout: Duration,
     /// How long stop waits after `SIGTERM` before `SIGKILL` ([`DEFAULT_STOP_GRACE`] by default).
@@ -61,6 +65,7 @@ impl CommandSpec {
             run,
             endpoint,
             env: Vec::new(),
+            env_file: None,
             start_timeout: DEFAULT_START_TIMEOUT,
             stop_grace: DEFAULT_STOP_GRACE,
         }
@@ -78,6 +83,7 @@ impl fmt::Debug for CommandSpec {
             .field("run", &self.run)
             .field("endpoint", &self.endpoint)
             .field("env", &env)
+            .field("env_file", &self.env_file)
             .field("start_timeout", &self.start_timeout)
             .field("stop_grace", &self.stop_grace)
             .finish()
@@ -95,6 +101,70 @@ impl CommandProvider {
     pub fn new(spec: CommandSpec) -> Self {
         CommandProvider { spec }
     }
+
+    /// `env`, then what `env_file` holds now (a file entry replaces an `env` one, as systemd's
+    /// `EnvironmentFile=` wins over `Environment=`). Errors name the file and line, never a value.
+    fn environment(&self) -> crate::Result<Vec<(String, String)>> {
+        let mut env = self.spec.env.clone();
+        let Some(file) = &self.spec.env_file else {
+            return Ok(env);
+        };
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| ProviderError::Config(format!("env_file {}: {e}", file.display())))?;
+        let pairs = parse_env_file(&text)
+            .map_err(|e| ProviderError::Config(format!("env_file {}: {e}", file.display())))?;
+        for (name, value) in pairs {
+            env.retain(|(n, _)| *n != name);
+            env.push((name, value));
+        }
+        Ok(env)
+    }
+}
+
+/// Parses an environment file the way systemd's `EnvironmentFile=` does for the common cases:
+/// one `KEY=value` per line, blank lines and lines starting with `#` or `;` ignored, whitespace
+/// around key and value trimmed, one pair of enclosing `"` or `'` quotes removed. Errors give
+/// the 1-based line and never quote a value (values are secrets).
+pub fn parse_env_file(text: &str) -> Result<Vec<(String, String)>, String> {
+    let mut env = Vec::new();
+    for (index, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        let at = index + 1;
+        let Some((key, value)) = line.split_once('=') else {
+            return Err(format!("line {at}: expected KEY=value"));
+        };
+        let key = key.trim();
+        let valid = key
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            return Err(format!(
+                "line {at}: `{key}` is not a valid variable name (letters, digits and `_`, not \
+                 starting with a digit)"
+            ));
+        }
+        let value = value.trim();
+        let value = [b'"', b'\'']
+            .iter()
+            .find_map(|&q| {
+                let q = q as char;
+                (value.len() >= 2 && value.starts_with(q) && value.ends_with(q))
+                    .then(|| &value[1..value.len() - 1])
+            })
+            .unwrap_or(value);
+        if value.contains('\0') {
+            return Err(format!(
+                "line {at}: the value of `{key}` contains a NUL byte"
+            ));
+        }
+        env.push((key.to_owned(), value.to_owned()));
+    }
+    Ok(env)
 }
 
 /// Environment values long enough to be secrets (`env` is where a command's tokens go): masked
@@ -111,12 +181,13 @@ impl Provider for CommandProvider {
     /// Runs the program and waits (at most `start_timeout`) for its endpoint: the regex to
     /// match, or the fixed endpoint to accept a connection. Fails if the program exits first.
     async fn start(&self, ctx: &StartContext) -> crate::Result<Arc<dyn Tunnel>> {
+        let env = self.environment()?;
         let child = process::spawn(SpawnSpec {
             argv: self.spec.run.clone(),
-            env: self.spec.env.clone(),
+            redact: secret_values(&env),
+            env,
             cwd: None,
             tag: format!("{}/{}", ctx.service, ctx.tunnel),
-            redact: secret_values(&self.spec.env),
         })
         .await?;
         let deadline = Instant::now() + self.spec.start_timeout;
@@ -311,5 +382,31 @@ impl Tunnel for CommandTunnel {
 
     async fn stop(&self) {
         self.child.terminate(self.stop_grace).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_files_read_like_systemd() {
+        let text =
+            "# comment\n; also\n\nTOKEN=abc=def\n  NAME = 'quoted value' \nB=\"x\"\nEMPTY=\n";
+        assert_eq!(
+            parse_env_file(text).unwrap(),
+            [
+                ("TOKEN".to_owned(), "abc=def".to_owned()),
+                ("NAME".to_owned(), "quoted value".to_owned()),
+                ("B".to_owned(), "x".to_owned()),
+                ("EMPTY".to_owned(), String::new()),
+            ]
+        );
+        let err = parse_env_file("A=1\nsecret-without-key\n").unwrap_err();
+        assert_eq!(err, "line 2: expected KEY=value");
+        assert!(!err.contains("secret"));
+        assert!(parse_env_file("1A=x\n")
+            .unwrap_err()
+            .starts_with("line 1: `1A`"));
     }
 }

@@ -20,7 +20,7 @@ pub mod http;
 pub mod process;
 pub mod resolve;
 pub mod ssh;
-mod sys;
+pub mod sys;
 
 use std::fmt;
 use std::io;

@@ -14,6 +14,10 @@
 //! (`SIGTERM`, then `SIGKILL` after a grace period). [`run`] runs a command to completion with a
 //! timeout and captured, capped output. Either way no process outlives its handle: when the
 //! group leader exits, or the handle is dropped, the rest of the group is killed.
+//!
+//! Every child starts from a cleared environment plus an allowlist ([`child_env`]), and the
+//! daemon becomes a child subreaper ([`become_subreaper`]) so that what escapes a process group
+//! with `setsid` is still ours to reap and to kill on the way out ([`kill_orphans`]).
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -55,7 +59,8 @@ const MISSING_HINT: &str = "install it or set `binary:` to its full path";
 pub struct SpawnSpec {
     /// The program and its arguments, run directly (no shell).
     pub argv: Vec<String>,
-    /// Extra environment variables on top of the daemon's (the place for secrets).
+    /// The child's own environment variables (the place for secrets), on top of the
+    /// allowlisted part of the daemon's ([`child_env`]).
     pub env: Vec<(String, String)>,
     /// The working directory, if not the daemon's.
     pub cwd: Option<PathBuf>,
@@ -82,7 +87,8 @@ impl fmt::Debug for SpawnSpec {
 pub struct RunSpec {
     /// The program and its arguments, run directly (no shell).
     pub argv: Vec<String>,
-    /// Extra environment variables on top of the daemon's.
+    /// The command's own environment variables, on top of the allowlisted part of the
+    /// daemon's ([`child_env`]).
     pub env: Vec<(String, String)>,
     /// Bytes fed to the command's stdin (then closed); `None` gives it `/dev/null`.
     pub stdin: Option<Vec<u8>>,
@@ -641,7 +647,29 @@ async fn collect(reader: tokio::task::JoinHandle<Vec<u8>>) -> Vec<u8> {
     }
 }
 
-/// Builds the command: argv without a shell, extra env, own process group, death signal,
+/// Variables of the daemon's own environment that every child inherits. Everything else —
+/// `SSH_AUTH_SOCK`, `CREDENTIALS_DIRECTORY`, `NOTIFY_SOCKET`, a token someone exported for the
+/// daemon — stays with the daemon: children are third-party binaries and operator scripts.
+pub const INHERITED_ENV: &[&str] = &["PATH", "HOME", "LANG", "TZ"];
+/// Daemon variables with this prefix are inherited too (the operator's own settings for hooks).
+pub const INHERITED_ENV_PREFIX: &str = "TK_";
+
+/// The whole environment of a child: the allowlisted part of the daemon's environment
+/// ([`INHERITED_ENV`], `TK_*`), then the child's `own` variables, which win on a clash. The one
+/// place that decides what a child sees; every spawn goes through it.
+pub fn child_env(own: &[(String, String)]) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
+    let mut env: Vec<(std::ffi::OsString, std::ffi::OsString)> = std::env::vars_os()
+        .filter(|(name, _)| {
+            let name = name.to_string_lossy();
+            INHERITED_ENV.contains(&name.as_ref()) || name.starts_with(INHERITED_ENV_PREFIX)
+        })
+        .collect();
+    env.extend(own.iter().map(|(k, v)| (k.into(), v.into())));
+    env
+}
+
+/// Builds the command: argv without a shell, a cleared environment plus [`child_env`], own
+/// process group, death signal,
 /// piped output, and kill-on-drop as a last resort if the reaping runtime goes away.
 fn command(
     argv: &[String],
@@ -660,7 +688,8 @@ fn command(
     }
     let mut cmd = Command::new(program);
     cmd.args(args)
-        .envs(env.iter().map(|(k, v)| (k, v)))
+        .env_clear()
+        .envs(child_env(env))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
@@ -778,6 +807,78 @@ fn spawn_error(err: io::Error, argv: &[String], cwd: Option<&PathBuf>) -> Provid
             ProviderError::Spawn(format!("cannot start `{program}`: not executable ({err})"))
         }
         _ => ProviderError::Spawn(format!("cannot start `{program}`: {err}")),
+    }
+}
+
+/// Makes this process the reaper of whatever its children leave behind
+/// (`PR_SET_CHILD_SUBREAPER`): a hook that runs `setsid sleep 77 &` escapes the process-group
+/// kill, but its orphan is re-parented to us instead of to init, so [`reap_orphans`] can collect
+/// it and [`kill_orphans`] can end it with the daemon. Call once, early, from the daemon.
+pub fn become_subreaper() -> io::Result<()> {
+    nix::sys::prctl::set_child_subreaper(true).map_err(io::Error::from)
+}
+
+/// The orphans adopted so far. Our own children are forked by the spawner thread and listed
+/// under it; the kernel hands orphans to the first live thread of the reaper — the main thread,
+/// which never forks — so its `children` list is exactly the adopted ones.
+fn adopted() -> Vec<i32> {
+    let me = std::process::id();
+    std::fs::read_to_string(format!("/proc/{me}/task/{me}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|pid| pid.parse().ok())
+        .collect()
+}
+
+/// Collects adopted orphans that have exited, so they do not linger as zombies. Never touches
+/// the daemon's own children (their runtime reaps them).
+pub fn reap_orphans() {
+    use nix::sys::wait::{waitpid, WaitPidFlag};
+    for pid in adopted() {
+        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|stat| {
+                stat.rsplit(')')
+                    .next()
+                    .is_some_and(|r| r.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(false);
+        if zombie {
+            let _ = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
+        }
+    }
+}
+
+/// Ends every adopted orphan (and its process group, if it leads one): `SIGTERM`, then
+/// `SIGKILL` for whatever is still there after `grace`; orphans of orphans are adopted in turn
+/// and get the same. Returns how many were signalled. For the daemon's way out.
+pub async fn kill_orphans(grace: Duration) -> usize {
+    let deadline = tokio::time::Instant::now() + grace;
+    let mut signalled = std::collections::BTreeSet::new();
+    loop {
+        reap_orphans();
+        let live = adopted();
+        if live.is_empty() {
+            return signalled.len();
+        }
+        let signal = if tokio::time::Instant::now() < deadline {
+            Signal::SIGTERM
+        } else {
+            Signal::SIGKILL
+        };
+        for pid in live {
+            if signal == Signal::SIGKILL || signalled.insert(pid) {
+                tracing::info!(target: LOG_TARGET, pid, "ending a process a child left behind");
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), signal);
+                if nix::unistd::getpgid(Some(Pid::from_raw(pid))) == Ok(Pid::from_raw(pid)) {
+                    let _ = killpg(Pid::from_raw(pid), signal);
+                }
+            }
+        }
+        if tokio::time::Instant::now() > deadline + KILL_WAIT {
+            tracing::warn!(target: LOG_TARGET, "processes left behind by children survive SIGKILL");
+            return signalled.len();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -408,6 +408,10 @@ pub struct TunnelSection {
     /// `command`: extra environment for the program.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// `command`: a file of `KEY=value` lines (systemd `EnvironmentFile=` style) read at every
+    /// start and added to the program's environment: the place for its secrets, since
+    /// config.yaml holds none.
+    pub env_file: Option<PathBuf>,
 
     // --- cloudflare, tailscale, ngrok ---
     /// The provider's CLI (default: `cloudflared` / `tailscale` / `ngrok` from PATH).

@@ -64,6 +64,8 @@ pub mod default {
     pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
     /// service `max_connections`
     pub const MAX_CONNECTIONS: u32 = 1024;
+    /// service `idle_timeout`: finite, so a silent client cannot hold a listener slot forever
+    pub const IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
     /// hook `timeout`
     pub const HOOK_TIMEOUT: Duration = Duration::from_secs(10);
     /// command `start_timeout`
@@ -176,7 +178,8 @@ pub struct ListenSpec {
     pub retries: Option<u32>,
     /// Connections served at once.
     pub max_connections: u32,
-    /// Idle connections are closed after this long.
+    /// Connections without a byte either way for this long are closed, counted from accept
+    /// (always set by the config; `None` only where a listener is built by hand).
     pub idle_timeout: Option<Duration>,
     /// Re-dial and replay when a tunnel fails before its first reply byte.
     pub replay_unanswered: bool,
@@ -263,6 +266,7 @@ impl PartialEq for ProviderSpec {
                     run,
                     endpoint,
                     env,
+                    env_file,
                     start_timeout,
                     stop_grace,
                 } = a;
@@ -276,6 +280,7 @@ impl PartialEq for ProviderSpec {
                 same_endpoint
                     && *run == b.run
                     && *env == b.env
+                    && *env_file == b.env_file
                     && *start_timeout == b.start_timeout
                     && *stop_grace == b.stop_grace
             }

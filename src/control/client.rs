@@ -69,7 +69,16 @@ impl Client {
             .header(hyper::header::HOST, "localhost")
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .body(Full::new(body))?;
-        let response = http_client::send(stream, request).await?;
+        // The daemon closes a peer it does not serve (not root, not its own uid, not a reader;
+        // or no free slot) without a word of HTTP: say so rather than "connection closed".
+        let response = http_client::send(stream, request).await.with_context(|| {
+            format!(
+                "the daemon closed the connection on {} without answering: permission denied \
+                 (only root, the daemon's user and `daemon.readers` may connect) or all \
+                 connection slots are taken",
+                self.socket.display()
+            )
+        })?;
         if !response.status().is_success() {
             let status = response.status();
             let body = http_client::read_body(response, 64 * 1024).await?;

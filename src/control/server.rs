@@ -12,7 +12,7 @@ use hyper::body::{Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::UnixListener;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
@@ -20,8 +20,13 @@ use crate::bus::{Bus, Delivery};
 use crate::config::spec::Reader;
 use crate::status::DaemonStatus;
 
-/// Connections served at once; more wait in the kernel backlog.
-const MAX_CONNECTIONS: usize = 64;
+/// Connections served at once; more are closed at once (after the credential check).
+pub const MAX_CONNECTIONS: usize = 64;
+/// Of [`MAX_CONNECTIONS`], how many only root and the daemon's own uid may take: readers can
+/// never crowd out `pin`, `reload` or root's `status`.
+pub const WRITER_RESERVE: usize = 8;
+/// Connections one reader uid may hold at once.
+pub const PER_UID: usize = 8;
 /// A client must send its request headers within this time.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Request heads larger than this are refused.
@@ -45,15 +50,16 @@ pub enum Access {
     Denied,
 }
 
-/// Decides access from a peer's uid/gid: root and the daemon's own uid get everything,
-/// `readers` may read.
-pub fn access_for(uid: u32, gid: u32, own_uid: u32, readers: &[Reader]) -> Access {
+/// Decides access from a peer's credentials: root and the daemon's own uid get everything,
+/// `readers` may read. A `gid:`/`group:` reader matches the peer's primary group or any of its
+/// supplementary `groups`.
+pub fn access_for(uid: u32, gid: u32, groups: &[u32], own_uid: u32, readers: &[Reader]) -> Access {
     if uid == 0 || uid == own_uid {
         return Access::Full;
     }
     let listed = readers.iter().any(|r| match r {
         Reader::Uid(u) => *u == uid,
-        Reader::Gid(g) => *g == gid,
+        Reader::Gid(g) => *g == gid || groups.contains(g),
     });
     if listed {
         Access::Read
@@ -64,6 +70,136 @@ pub fn access_for(uid: u32, gid: u32, own_uid: u32, readers: &[Reader]) -> Acces
 
 type Body = BoxBody<Bytes, Infallible>;
 
+/// The configured readers, replaced by a reload; open connections re-check their access on
+/// every request and whenever the list changes (an `events -f` of a removed reader ends).
+pub struct Readers {
+    list: std::sync::RwLock<Vec<Reader>>,
+    changed: tokio::sync::watch::Sender<u64>,
+}
+
+impl Readers {
+    /// Starts with `list`.
+    pub fn new(list: Vec<Reader>) -> Readers {
+        Readers {
+            list: std::sync::RwLock::new(list),
+            changed: tokio::sync::watch::Sender::new(0),
+        }
+    }
+
+    /// The current list.
+    pub fn get(&self) -> Vec<Reader> {
+        self.list.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the list and wakes every open connection to re-check.
+    pub fn set(&self, list: Vec<Reader>) {
+        *self.list.write().unwrap_or_else(|p| p.into_inner()) = list;
+        self.changed.send_modify(|n| *n += 1);
+    }
+}
+
+/// The credentials the kernel recorded for a connection's peer at `connect(2)`.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// Effective uid.
+    pub uid: u32,
+    /// Effective (primary) gid.
+    pub gid: u32,
+    /// Supplementary groups (`SO_PEERGROUPS`).
+    pub groups: Vec<u32>,
+}
+
+/// How a connection's access is decided: from its peer against the current readers, or fixed
+/// (fuzzing and tests drive [`serve_connection`] without a socket).
+#[derive(Clone)]
+enum Who {
+    Fixed(Access),
+    Peer(Arc<Peer>, u32),
+}
+
+impl Who {
+    fn access(&self, state: &ControlState) -> Access {
+        match self {
+            Who::Fixed(access) => *access,
+            Who::Peer(p, own_uid) => {
+                access_for(p.uid, p.gid, &p.groups, *own_uid, &state.readers.get())
+            }
+        }
+    }
+}
+
+/// The kernel's record of who connected: uid and gid (`SO_PEERCRED`) and supplementary groups
+/// (`SO_PEERGROUPS`, taken at connect time, so neither a pid race nor a group database lookup
+/// is involved). Without the groups, group readers match the primary gid only.
+fn peer_of(stream: &tokio::net::UnixStream) -> Option<Peer> {
+    use std::os::fd::AsFd;
+    let cred = stream.peer_cred().ok()?;
+    let groups = match tunnelkeeper_providers::sys::peer_groups(stream.as_fd()) {
+        Ok(groups) => groups,
+        Err(e) => {
+            tracing::debug!("SO_PEERGROUPS: {e}; matching the primary group only");
+            Vec::new()
+        }
+    };
+    Some(Peer {
+        uid: cred.uid(),
+        gid: cred.gid(),
+        groups,
+    })
+}
+
+/// Connection slots: [`MAX_CONNECTIONS`] in all, the last [`WRITER_RESERVE`] for writers only,
+/// and at most [`PER_UID`] per reader uid. Taken only after the credential check, and never
+/// waited for: a peer that finds no slot is closed at once instead of queueing.
+#[derive(Default)]
+struct Slots(std::sync::Mutex<SlotCounts>);
+
+#[derive(Default)]
+struct SlotCounts {
+    total: usize,
+    per_uid: std::collections::HashMap<u32, usize>,
+}
+
+/// A taken slot, given back when the connection ends.
+struct Slot {
+    slots: Arc<Slots>,
+    uid: u32,
+}
+
+impl Slots {
+    fn take(self: &Arc<Self>, uid: u32, access: Access) -> Option<Slot> {
+        let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let (limit, per_uid) = match access {
+            Access::Full => (MAX_CONNECTIONS, MAX_CONNECTIONS),
+            Access::Read => (MAX_CONNECTIONS - WRITER_RESERVE, PER_UID),
+            Access::Denied => return None,
+        };
+        let mine = counts.per_uid.get(&uid).copied().unwrap_or(0);
+        if counts.total >= limit || mine >= per_uid {
+            return None;
+        }
+        counts.total += 1;
+        *counts.per_uid.entry(uid).or_default() += 1;
+        Some(Slot {
+            slots: self.clone(),
+            uid,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut counts = self.slots.0.lock().unwrap_or_else(|p| p.into_inner());
+        counts.total = counts.total.saturating_sub(1);
+        if let Some(n) = counts.per_uid.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                counts.per_uid.remove(&self.uid);
+            }
+        }
+    }
+}
+
 /// What the server needs from the daemon.
 pub struct ControlState {
     /// The event bus (for `/v1/events`).
@@ -73,7 +209,7 @@ pub struct ControlState {
     /// Produces the Prometheus text exposition for `GET /metrics`.
     pub metrics: Box<dyn Fn() -> String + Send + Sync>,
     /// Read-only principals (replaced by a reload).
-    pub readers: std::sync::RwLock<Vec<Reader>>,
+    pub readers: Readers,
     /// Where writes go: the daemon's main loop applies them one at a time.
     pub ops: mpsc::Sender<Op>,
 }
@@ -132,8 +268,9 @@ impl OpError {
     }
 }
 
-/// Binds the control socket at `path` (mode 0660), replacing a stale socket file left by a
-/// crashed daemon but refusing to steal one that a live daemon still answers on.
+/// Binds the control socket at `path` (mode 0660), replacing a stale socket left by a crashed
+/// daemon but refusing to steal a live one or to touch anything that is not a socket
+/// ([`crate::socket_file::clear_stale`]).
 pub async fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     use anyhow::Context;
     use std::os::unix::fs::PermissionsExt;
@@ -141,16 +278,9 @@ pub async fn bind(path: &Path) -> anyhow::Result<UnixListener> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating socket directory {}", dir.display()))?;
     }
-    if path.exists() {
-        if tokio::net::UnixStream::connect(path).await.is_ok() {
-            anyhow::bail!(
-                "another daemon is already listening on {} (stop it or set daemon.control_socket)",
-                path.display()
-            );
-        }
-        std::fs::remove_file(path)
-            .with_context(|| format!("removing stale socket {}", path.display()))?;
-    }
+    crate::socket_file::clear_stale(path)
+        .await
+        .context("daemon.control_socket (stop the other daemon or set another path)")?;
     let listener =
         UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
@@ -158,15 +288,13 @@ pub async fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Serves connections until `cancel` fires.
+/// Serves connections until `cancel` fires. Each peer's credentials are checked right after
+/// `accept`, before it takes a slot: a denied peer is closed without a word of HTTP, and one
+/// that finds no free slot (see [`Slots`]) is closed too, so no local user can fill the socket.
 pub async fn serve(listener: UnixListener, state: Arc<ControlState>, cancel: CancellationToken) {
     let own_uid = nix::unistd::geteuid().as_raw();
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let slots = Arc::new(Slots::default());
     loop {
-        let permit = tokio::select! {
-            _ = cancel.cancelled() => return,
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-        };
         let stream = tokio::select! {
             _ = cancel.cancelled() => return,
             accepted = listener.accept() => match accepted {
@@ -179,18 +307,25 @@ pub async fn serve(listener: UnixListener, state: Arc<ControlState>, cancel: Can
                 }
             },
         };
-        let access = match stream.peer_cred() {
-            Ok(cred) => {
-                let readers = state.readers.read().unwrap_or_else(|p| p.into_inner());
-                access_for(cred.uid(), cred.gid(), own_uid, &readers)
-            }
-            Err(_) => Access::Denied,
+        let Some(peer) = peer_of(&stream) else {
+            continue;
+        };
+        let uid = peer.uid;
+        let who = Who::Peer(Arc::new(peer), own_uid);
+        let access = who.access(&state);
+        if access == Access::Denied {
+            tracing::debug!(uid, "control socket: peer is not a reader; closed");
+            continue;
+        }
+        let Some(slot) = slots.take(uid, access) else {
+            tracing::debug!(uid, "control socket: no free slot for this peer; closed");
+            continue;
         };
         let state = state.clone();
         let cancel = cancel.clone();
         tokio::spawn(async move {
-            serve_connection(stream, access, state, cancel).await;
-            drop(permit);
+            serve_as(stream, who, state, cancel).await;
+            drop(slot);
         });
     }
 }
@@ -206,10 +341,20 @@ pub async fn serve_connection<IO>(
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    serve_as(io, Who::Fixed(access), state, cancel).await
+}
+
+/// Serves one connection; its access is re-decided for every request, so a reload that removes
+/// a reader takes effect on its open connections too.
+async fn serve_as<IO>(io: IO, who: Who, state: Arc<ControlState>, cancel: CancellationToken)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let service = hyper::service::service_fn(move |req| {
         let state = state.clone();
         let cancel = cancel.clone();
-        async move { Ok::<_, Infallible>(route(req, access, &state, cancel).await) }
+        let who = who.clone();
+        async move { Ok::<_, Infallible>(route(req, who, &state, cancel).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -224,10 +369,11 @@ pub async fn serve_connection<IO>(
 
 async fn route(
     req: Request<Incoming>,
-    access: Access,
-    state: &ControlState,
+    who: Who,
+    state: &Arc<ControlState>,
     cancel: CancellationToken,
 ) -> Response<Body> {
+    let access = who.access(state);
     if access == Access::Denied {
         return error(StatusCode::FORBIDDEN, "permission denied");
     }
@@ -245,7 +391,7 @@ async fn route(
     match (req.method().clone(), segments.as_slice()) {
         (Method::GET, ["v1", "status"]) => json(StatusCode::OK, &(state.status)()),
         (Method::GET, ["v1", "events"]) => match EventsQuery::parse(&query) {
-            Ok(q) => events(state, q, cancel),
+            Ok(q) => events(state, q, who, cancel),
             Err(e) => error(StatusCode::BAD_REQUEST, &e),
         },
         (Method::GET, ["metrics"]) => Response::builder()
@@ -384,8 +530,15 @@ impl EventsQuery {
     }
 }
 
-fn events(state: &ControlState, q: EventsQuery, cancel: CancellationToken) -> Response<Body> {
+fn events(
+    state: &Arc<ControlState>,
+    q: EventsQuery,
+    who: Who,
+    cancel: CancellationToken,
+) -> Response<Body> {
     let replay = state.bus.replay(q.since);
+    let mut readers_changed = state.readers.changed.subscribe();
+    let state = state.clone();
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     let mut subscription = replay.subscription;
     let backlog = replay.events;
@@ -406,6 +559,14 @@ fn events(state: &ControlState, q: EventsQuery, cancel: CancellationToken) -> Re
             let line = tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tx.closed() => return,
+                // A reload may have removed this reader: a follower that lost access stops.
+                _ = readers_changed.changed() => {
+                    if who.access(&state) == Access::Denied {
+                        tracing::info!("events: the follower is no longer a reader; stream closed");
+                        return;
+                    }
+                    continue;
+                }
                 d = subscription.next() => match d {
                     Some(Delivery::Event(e)) => ndjson(&*e),
                     Some(Delivery::Lagged(n)) => lagged_line(n),
@@ -460,11 +621,43 @@ mod tests {
     #[test]
     fn access_rules() {
         let readers = [Reader::Uid(1000), Reader::Gid(4)];
-        assert_eq!(access_for(0, 0, 500, &readers), Access::Full);
-        assert_eq!(access_for(500, 500, 500, &readers), Access::Full);
-        assert_eq!(access_for(1000, 1000, 500, &readers), Access::Read);
-        assert_eq!(access_for(1001, 4, 500, &readers), Access::Read);
-        assert_eq!(access_for(1001, 1001, 500, &readers), Access::Denied);
+        assert_eq!(access_for(0, 0, &[], 500, &readers), Access::Full);
+        assert_eq!(access_for(500, 500, &[], 500, &readers), Access::Full);
+        assert_eq!(access_for(1000, 1000, &[], 500, &readers), Access::Read);
+        assert_eq!(access_for(1001, 4, &[], 500, &readers), Access::Read);
+        assert_eq!(access_for(1001, 1001, &[], 500, &readers), Access::Denied);
+        // A supplementary group counts like the primary one.
+        assert_eq!(
+            access_for(1001, 1001, &[27, 4], 500, &readers),
+            Access::Read
+        );
+        assert_eq!(access_for(1001, 1001, &[27], 500, &readers), Access::Denied);
+    }
+
+    #[test]
+    fn slots_reserve_room_for_writers_and_cap_each_reader() {
+        let slots = Arc::new(Slots::default());
+        let mut held = Vec::new();
+        // One reader uid stops at its own cap.
+        while let Some(slot) = slots.take(1000, Access::Read) {
+            held.push(slot);
+        }
+        assert_eq!(held.len(), PER_UID);
+        // Many reader uids together stop short of the writers' reserve.
+        for uid in 2000.. {
+            match slots.take(uid, Access::Read) {
+                Some(slot) => held.push(slot),
+                None => break,
+            }
+        }
+        assert_eq!(held.len(), MAX_CONNECTIONS - WRITER_RESERVE);
+        for _ in 0..WRITER_RESERVE {
+            held.push(slots.take(0, Access::Full).expect("writer slot"));
+        }
+        assert!(slots.take(0, Access::Full).is_none());
+        assert!(slots.take(1, Access::Denied).is_none());
+        held.clear();
+        assert!(slots.take(1000, Access::Read).is_some());
     }
 
     #[test]

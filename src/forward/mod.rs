@@ -10,6 +10,8 @@
 //! After that, bytes flow with `splice(2)` when both sides are TCP sockets and with a plain
 //! buffered copy otherwise (SSH channels), half-closes passed through in each direction.
 //!
+//! `idle_timeout` runs from accept to close, so a client that connects and never speaks (or a
+//! tunnel that never answers) gives its slot back too.
 //! `max_connections` is enforced by not accepting (the kernel backlog holds the rest);
 //! `EMFILE`/`ENFILE` make the accept loop back off instead of spinning. `on_failover: close`
 //! closes connections left on a tunnel that is no longer primary. On shutdown the listener
@@ -58,7 +60,8 @@ pub enum Acceptor {
 }
 
 impl Acceptor {
-    /// Binds `address`. A stale Unix socket file is replaced; a live one is an error.
+    /// Binds `address`. A stale Unix socket is replaced; a live one, or a path that is not a
+    /// socket, is an error ([`crate::socket_file::clear_stale`]).
     pub async fn bind(address: &ListenAddress) -> anyhow::Result<Acceptor> {
         match address {
             ListenAddress::Tcp(addr) => {
@@ -67,13 +70,7 @@ impl Acceptor {
                 })?))
             }
             ListenAddress::Unix(path) => {
-                if path.exists() {
-                    if tokio::net::UnixStream::connect(path).await.is_ok() {
-                        anyhow::bail!("{} is in use by another process", path.display());
-                    }
-                    std::fs::remove_file(path)
-                        .with_context(|| format!("removing stale socket {}", path.display()))?;
-                }
+                crate::socket_file::clear_stale(path).await?;
                 let listener = UnixListener::bind(path).with_context(|| {
                     format!("binding the failover listener on {}", path.display())
                 })?;
@@ -419,7 +416,7 @@ async fn accept_loop(
         }
     }
     if let Acceptor::Unix(_, path) = &acceptor {
-        let _ = std::fs::remove_file(path);
+        crate::socket_file::remove(path);
     }
 }
 
@@ -485,12 +482,65 @@ enum FirstReply {
     Done,
 }
 
-async fn serve(mut client: Dial, shared: &Shared, token: CancellationToken) {
+/// When a connection last moved a byte either way, in ms since [`Shared::epoch`]: the idle
+/// clock that runs from accept to close.
+struct Activity<'a> {
+    shared: &'a Shared,
+    last: AtomicU64,
+}
+
+impl Activity<'_> {
+    fn touch(&self) {
+        let ms = self.shared.epoch.elapsed().as_millis() as u64;
+        self.last.store(ms, Ordering::Relaxed);
+    }
+
+    /// Resolves once nothing has moved for `idle_timeout` (never without one).
+    async fn idle(&self) {
+        let Some(limit) = self.shared.spec.idle_timeout else {
+            return std::future::pending::<()>().await;
+        };
+        loop {
+            let now = self.shared.epoch.elapsed().as_millis() as u64;
+            let since =
+                Duration::from_millis(now.saturating_sub(self.last.load(Ordering::Relaxed)));
+            if since >= limit {
+                return;
+            }
+            tokio::time::sleep(limit - since).await;
+        }
+    }
+}
+
+/// Serves one accepted connection. `idle_timeout` applies from accept on: a client that
+/// connects and says nothing (or a tunnel that never answers) cannot hold a slot for longer.
+async fn serve(client: Dial, shared: &Shared, token: CancellationToken) {
     let counters = &shared.counters;
     counters.active.fetch_add(1, Ordering::Relaxed);
     counters.total.fetch_add(1, Ordering::Relaxed);
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let _guard = Guard { shared, id };
+    let activity = Activity {
+        shared,
+        last: AtomicU64::new(0),
+    };
+    activity.touch();
+    tokio::select! {
+        _ = relay_connection(client, shared, id, &token, &activity) => {}
+        _ = activity.idle() => tracing::debug!(service = %shared.service, "closing an idle connection"),
+    }
+}
+
+/// Dials through the tunnels in order (replaying what the client sent when one fails before
+/// answering), then streams both ways.
+async fn relay_connection(
+    mut client: Dial,
+    shared: &Shared,
+    id: u64,
+    token: &CancellationToken,
+    activity: &Activity<'_>,
+) {
+    let counters = &shared.counters;
 
     let order = dial_order_when_ready(shared).await;
     // Without `retries`, every tunnel in the dial order may be tried.
@@ -526,7 +576,7 @@ async fn serve(mut client: Dial, shared: &Shared, token: CancellationToken) {
         }
         let first = tokio::select! {
             _ = token.cancelled() => return,
-            r = first_reply(&mut client, &mut upstream, &mut sent, &mut replayable, &mut client_done, counters) => r,
+            r = first_reply(&mut client, &mut upstream, &mut sent, &mut replayable, &mut client_done, counters, activity) => r,
             // A blackholed tunnel accepts and then says nothing; once the service declares it
             // down, a connection still waiting for its first reply moves on (the request is
             // replayed), instead of hanging until the client gives up.
@@ -536,7 +586,7 @@ async fn serve(mut client: Dial, shared: &Shared, token: CancellationToken) {
         };
         match first {
             FirstReply::Answered | FirstReply::Unbuffered => {
-                stream(client, upstream, client_done, shared, &token).await;
+                stream(client, upstream, client_done, shared, token, activity).await;
                 return;
             }
             FirstReply::Done => return,
@@ -626,6 +676,7 @@ async fn first_reply(
     replayable: &mut bool,
     client_done: &mut bool,
     counters: &Counters,
+    activity: &Activity<'_>,
 ) -> FirstReply {
     let mut from_client = vec![0u8; 16 * 1024];
     let mut from_upstream = vec![0u8; 16 * 1024];
@@ -642,6 +693,7 @@ async fn first_reply(
                     }
                 }
                 Ok(n) => {
+                    activity.touch();
                     if sent.len() + n > REPLAY_LIMIT {
                         *replayable = false;
                         sent.clear();
@@ -663,6 +715,7 @@ async fn first_reply(
                 }
                 Ok(0) => return FirstReply::Failed("closed before replying".into()),
                 Ok(n) => {
+                    activity.touch();
                     if client.write_all(&from_upstream[..n]).await.is_err() {
                         return FirstReply::Done;
                     }
@@ -675,21 +728,18 @@ async fn first_reply(
     }
 }
 
-/// Streams both ways until both directions are done, the connection is cancelled
-/// (`on_failover: close`, shutdown), or it stays idle for `idle_timeout`.
+/// Streams both ways until both directions are done or the connection is cancelled
+/// (`on_failover: close`, shutdown); every byte resets the idle clock [`serve`] watches.
 async fn stream(
     client: Dial,
     upstream: Dial,
     client_done: bool,
     shared: &Shared,
     token: &CancellationToken,
+    activity: &Activity<'_>,
 ) {
     let counters = &shared.counters;
-    let last = AtomicU64::new(0);
-    let touch = || {
-        let ms = shared.epoch.elapsed().as_millis() as u64;
-        last.store(ms, Ordering::Relaxed);
-    };
+    let touch = || activity.touch();
     touch();
     let copy = async {
         match (client, upstream) {
@@ -717,23 +767,9 @@ async fn stream(
             }
         }
     };
-    let idle = async {
-        let Some(limit) = shared.spec.idle_timeout else {
-            return std::future::pending::<()>().await;
-        };
-        loop {
-            let since = shared.epoch.elapsed().as_millis() as u64 - last.load(Ordering::Relaxed);
-            let since = Duration::from_millis(since);
-            if since >= limit {
-                return;
-            }
-            tokio::time::sleep(limit - since).await;
-        }
-    };
     tokio::select! {
         _ = copy => {}
         _ = token.cancelled() => {}
-        _ = idle => tracing::debug!(service = %shared.service, "closing an idle connection"),
     }
 }
 

@@ -293,6 +293,27 @@ services:
     )
 }
 
+/// A `routers:` section with one router `rtr` reached over SSH at 127.0.0.1:`port` (extra
+/// `ssh` keys in `ssh_extra`), followed by `body` (its other keys, at router indentation).
+pub fn router_yaml(
+    port: u16,
+    user: &str,
+    key: &Path,
+    known_hosts: &Path,
+    ssh_extra: &str,
+    body: &str,
+) -> String {
+    format!(
+        r#"routers:
+  - name: rtr
+    ssh: {{ host: 127.0.0.1, port: {port}, user: {user}, identity_file: "{}", known_hosts: "{}",
+           {ssh_extra} }}
+{body}"#,
+        key.display(),
+        known_hosts.display(),
+    )
+}
+
 /// Matches `primary_changed` to `to` (and optionally from `from`).
 pub fn primary_changed<'a>(
     to: Option<&'a str>,

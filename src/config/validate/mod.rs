@@ -185,7 +185,7 @@ fn human(duration: Duration) -> String {
 }
 
 /// Every provider-specific key of a tunnel: whether it is set, and the providers it belongs to.
-fn provider_keys(t: &TunnelSection) -> [(&'static str, bool, &'static [ProviderKind]); 25] {
+fn provider_keys(t: &TunnelSection) -> [(&'static str, bool, &'static [ProviderKind]); 26] {
     use ProviderKind::{Cloudflare as Cf, Command, Direct, Ngrok, Ssh, Tailscale as Ts};
     [
         ("address", t.address.is_some(), &[Direct]),
@@ -199,6 +199,7 @@ fn provider_keys(t: &TunnelSection) -> [(&'static str, bool, &'static [ProviderK
         ),
         ("stop_grace", t.stop_grace.is_some(), &[Command, Cf, Ngrok]),
         ("env", !t.env.is_empty(), &[Command]),
+        ("env_file", t.env_file.is_some(), &[Command]),
         ("ssh", t.ssh.is_some(), &[Ssh]),
         ("remote_forward", t.remote_forward.is_some(), &[Ssh]),
         ("local_forward", t.local_forward.is_some(), &[Ssh]),
@@ -656,7 +657,7 @@ impl Validator {
             address,
             retries: service.retries,
             max_connections: service.max_connections.unwrap_or(default::MAX_CONNECTIONS),
-            idle_timeout: service.idle_timeout,
+            idle_timeout: Some(service.idle_timeout.unwrap_or(default::IDLE_TIMEOUT)),
             replay_unanswered: service.replay_unanswered.unwrap_or(true),
         })
     }
@@ -978,6 +979,8 @@ impl Validator {
             }
         }
 
+        let env_file = self.secret_file(tunnel.env_file.as_ref(), &path.key("env_file"));
+
         let endpoint = endpoint?;
         if self.issues.len() != before {
             return None;
@@ -990,6 +993,7 @@ impl Validator {
                 .iter()
                 .map(|(name, value)| (name.clone(), value.clone()))
                 .collect(),
+            env_file,
             start_timeout: tunnel.start_timeout.unwrap_or(default::START_TIMEOUT),
             stop_grace: tunnel.stop_grace.unwrap_or(default::STOP_GRACE),
         })
