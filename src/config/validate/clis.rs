@@ -83,6 +83,32 @@ impl Validator {
                 );
             }
         }
+        let id_file = self.secret_file(
+            t.service_token_id_file.as_ref(),
+            &path.key("service_token_id_file"),
+        );
+        let secret_file = self.secret_file(
+            t.service_token_secret_file.as_ref(),
+            &path.key("service_token_secret_file"),
+        );
+        match (&t.service_token_id_file, &t.service_token_secret_file) {
+            (Some(_), None) => self.error(
+                path.key("service_token_id_file"),
+                "an Access service token needs `service_token_secret_file` too".to_owned(),
+            ),
+            (None, Some(_)) => self.error(
+                path.key("service_token_secret_file"),
+                "an Access service token needs `service_token_id_file` too".to_owned(),
+            ),
+            (Some(_), Some(_)) if mode != CloudflareMode::Access => self.error(
+                path.key("service_token_id_file"),
+                "an Access service token is for `mode: access`".to_owned(),
+            ),
+            _ => {}
+        }
+        if let (Some(id), Some(secret)) = (id_file, secret_file) {
+            spec.service_token = Some((id, secret));
+        }
         if let Some(port) = t.port {
             self.nonzero_port(port, &path.key("port"));
             spec.port = port;
@@ -182,15 +208,20 @@ impl Validator {
             }
             return None;
         };
-        // The agent's 0600 config file lives under the daemon's state directory.
-        let mut spec = NgrokSpec::new(proto, to.clone(), token, self.state_dir.join("ngrok"));
+        // The agent's 0600 config file (a copy of the token) lives under the daemon's runtime
+        // directory, a tmpfs: a crash cannot leave it on persistent disk.
+        let mut spec = NgrokSpec::new(proto, to.clone(), token, self.runtime_dir.join("ngrok"));
         spec.binary = t.binary.clone();
         spec.url = t.url.clone();
         spec.region = t.region.clone();
         self.positive(t.start_timeout, &path.key("start_timeout"));
         self.positive(t.stop_grace, &path.key("stop_grace"));
+        self.positive(t.reconnect_grace, &path.key("reconnect_grace"));
         if let Some(d) = t.start_timeout {
             spec.start_timeout = d;
+        }
+        if let Some(d) = t.reconnect_grace {
+            spec.reconnect_grace = d;
         }
         if let Some(d) = t.stop_grace {
             spec.stop_grace = d;
