@@ -442,6 +442,10 @@ pub struct TunnelSection {
     /// restarted.
     #[serde(default, with = "humantime_serde")]
     pub reconnect_grace: Option<Duration>,
+    /// `tailscale` serve/funnel: the handler's HTTPS port (`--https`).
+    pub https_port: Option<u16>,
+    /// `tailscale` serve/funnel: the handler's mount path (`--set-path`).
+    pub serve_path: Option<String>,
     /// `cloudflare` access mode: file holding the Access service token's client ID.
     pub service_token_id_file: Option<PathBuf>,
     /// `cloudflare` access mode: file holding the Access service token's client secret.

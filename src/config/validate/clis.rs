@@ -173,6 +173,37 @@ impl Validator {
             self.check(&path.key("dial_address"), check_host_port(address));
             spec.dial_address = Some(address.clone());
         }
+        let exposes = matches!(mode, TailscaleMode::Serve | TailscaleMode::Funnel);
+        if let Some(https_port) = t.https_port {
+            self.nonzero_port(https_port, &path.key("https_port"));
+            if mode == TailscaleMode::Funnel && ![443, 8443, 10000].contains(&https_port) {
+                self.error(
+                    path.key("https_port"),
+                    format!("funnel accepts 443, 8443 or 10000, not {https_port}"),
+                );
+            }
+            spec.https_port = https_port;
+        }
+        if let Some(serve_path) = &t.serve_path {
+            if !serve_path.starts_with('/') || serve_path.contains(char::is_whitespace) {
+                self.error(
+                    path.key("serve_path"),
+                    format!("`{serve_path}` must be a URL path starting with `/`, e.g. /ssh"),
+                );
+            }
+            spec.serve_path = serve_path.clone();
+        }
+        if !exposes && (t.https_port.is_some() || t.serve_path.is_some()) {
+            let key = if t.https_port.is_some() {
+                "https_port"
+            } else {
+                "serve_path"
+            };
+            self.error(
+                path.key(key),
+                "`https_port` and `serve_path` are for `mode: serve` or `funnel`".to_owned(),
+            );
+        }
         (self.issues.len() == before).then_some(spec)
     }
 

@@ -201,7 +201,7 @@ fn human(duration: Duration) -> String {
 }
 
 /// Every provider-specific key of a tunnel: whether it is set, and the providers it belongs to.
-fn provider_keys(t: &TunnelSection) -> [(&'static str, bool, &'static [ProviderKind]); 28] {
+fn provider_keys(t: &TunnelSection) -> [(&'static str, bool, &'static [ProviderKind]); 30] {
     use ProviderKind::{Cloudflare as Cf, Command, Direct, Ngrok, Ssh, Tailscale as Ts};
     [
         ("address", t.address.is_some(), &[Direct]),
@@ -234,6 +234,8 @@ fn provider_keys(t: &TunnelSection) -> [(&'static str, bool, &'static [ProviderK
         ("authtoken_file", t.authtoken_file.is_some(), &[Ngrok]),
         ("region", t.region.is_some(), &[Ngrok]),
         ("reconnect_grace", t.reconnect_grace.is_some(), &[Ngrok]),
+        ("https_port", t.https_port.is_some(), &[Ts]),
+        ("serve_path", t.serve_path.is_some(), &[Ts]),
         (
             "service_token_id_file",
             t.service_token_id_file.is_some(),
