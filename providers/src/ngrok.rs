@@ -135,6 +135,9 @@ pub struct NgrokSpec {
     /// How long after an error line the agent may stay away from `online` before the tunnel
     /// closes ([`DEFAULT_RECONNECT_GRACE`] by default).
     pub reconnect_grace: Duration,
+    /// Directories where earlier versions wrote the config file (the daemon passes
+    /// `state_dir/ngrok`): this tunnel's token copies left there are removed at start.
+    pub old_config_dirs: Vec<PathBuf>,
     /// How long start waits for the public URL ([`DEFAULT_START_TIMEOUT`] by default).
     pub start_timeout: Duration,
     /// How long stop waits after `SIGTERM` before `SIGKILL` ([`DEFAULT_STOP_GRACE`] by default).
@@ -158,6 +161,7 @@ impl NgrokSpec {
             region: None,
             config_dir: config_dir.into(),
             reconnect_grace: DEFAULT_RECONNECT_GRACE,
+            old_config_dirs: Vec::new(),
             start_timeout: DEFAULT_START_TIMEOUT,
             stop_grace: DEFAULT_STOP_GRACE,
         }
@@ -756,7 +760,10 @@ impl Provider for NgrokProvider {
         }
         let token = read_authtoken(&spec.authtoken_file)?;
         let web_addr = free_loopback_addr()?;
-        remove_leftovers(&spec.config_dir, &file_stem(&tag));
+        let stem = file_stem(&tag);
+        for dir in std::iter::once(&spec.config_dir).chain(&spec.old_config_dirs) {
+            remove_leftovers(dir, &stem);
+        }
         // Small local writes: not worth a blocking-pool round trip.
         let config = ConfigFile::create(&spec.config_dir, &tag, &config_yaml(&token, web_addr))?;
         let argv = command_line(spec, config.path());

@@ -139,6 +139,9 @@ impl Emu {
                 value.replace('\'', "'\\''")
             ));
         }
+        // This process's TUNNEL_TOKEN (set by the one test about an inherited token) reaches
+        // only that test's cloudflared: every other test stays independent of it.
+        script.push_str("[ \"$EMU_KEEP_TUNNEL_TOKEN\" = 1 ] || unset TUNNEL_TOKEN\n");
         script.push_str(&format!("exec '{EMULATOR}' \"$@\"\n"));
         let binary = dir.path().join("cloudflared");
         std::fs::write(&binary, script).expect("write wrapper");
@@ -603,6 +606,7 @@ async fn an_inherited_tunnel_token_does_not_override_the_token_file() {
     let emu = Emu::new(&[
         ("EMU_ORIGIN", echo.to_string()),
         ("EMU_ARGV_LOG", argv_log.path().display().to_string()),
+        ("EMU_KEEP_TUNNEL_TOKEN", "1".to_string()),
     ]);
     let mut spec = emu.named(&fresh_token());
     spec.ready_timeout = Duration::from_secs(5);

@@ -668,14 +668,21 @@ async fn token_copies_left_by_a_crash_are_removed_at_start() {
     let other = dir.join("tunnelkeeper-ngrok-svc_t2-4242-1.yml");
     fs::write(&leftover, "authtoken: old copy").expect("leftover");
     fs::write(&other, "authtoken: other tunnel").expect("other");
-    let tunnel = harness
-        .provider(NgrokProto::Tcp, &echo.to_string())
-        .start(&ctx())
-        .await
-        .expect("start");
+    // And one in the state directory, where earlier versions wrote it.
+    let old_dir = harness.dir.path().join("old-state-ngrok");
+    fs::create_dir_all(&old_dir).expect("old dir");
+    let old = old_dir.join("tunnelkeeper-ngrok-svc_t-777-3.yml");
+    fs::write(&old, "authtoken: older copy").expect("old");
+    let mut spec = harness.spec(NgrokProto::Tcp, &echo.to_string());
+    spec.old_config_dirs = vec![old_dir];
+    let tunnel = NgrokProvider::new(spec).start(&ctx()).await.expect("start");
     assert!(
         !leftover.exists(),
         "the crashed run's token copy is still there"
+    );
+    assert!(
+        !old.exists(),
+        "the copy in the old state directory is still there"
     );
     assert!(
         other.exists(),

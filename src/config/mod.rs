@@ -601,6 +601,10 @@ services:
             panic!("expected ngrok");
         };
         assert_eq!(ngrok.config_dir, PathBuf::from("/run/tk-test/ngrok"));
+        assert_eq!(
+            ngrok.old_config_dirs,
+            [PathBuf::from("/var/lib/tk-test/ngrok")]
+        );
         assert_eq!(ngrok.reconnect_grace, Duration::from_secs(45));
         let ProviderSpec::Cloudflare(cf) = &service.tunnels[1].provider else {
             panic!("expected cloudflare");

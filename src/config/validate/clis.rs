@@ -242,6 +242,8 @@ impl Validator {
         // The agent's 0600 config file (a copy of the token) lives under the daemon's runtime
         // directory, a tmpfs: a crash cannot leave it on persistent disk.
         let mut spec = NgrokSpec::new(proto, to.clone(), token, self.runtime_dir.join("ngrok"));
+        // Where earlier versions wrote it: copies left there by a crash are removed at start.
+        spec.old_config_dirs = vec![self.state_dir.join("ngrok")];
         spec.binary = t.binary.clone();
         spec.url = t.url.clone();
         spec.region = t.region.clone();
