@@ -4,18 +4,31 @@
 //! `SIGTERM` then `SIGKILL`, output lines into tracing):
 //!
 //! - **tunnel** with a token (expose a service): `cloudflared tunnel --no-autoupdate --metrics
-//!   127.0.0.1:<port> run --token-file <token_file>`. cloudflared reads the token itself, so
-//!   the daemon never holds it: it is in no argv, no environment and no log line of ours.
+//!   127.0.0.1:<port> --grace-period <d> run --token-file <token_file>`. cloudflared reads the
+//!   token itself, so the daemon never holds it: it is in no argv, no environment and no log
+//!   line of ours. `--token-file` needs cloudflared [`MIN_VERSION_TOKEN_FILE`]: start asks
+//!   `cloudflared --version` first and refuses an older one naming the minimum. An inherited
+//!   `TUNNEL_TOKEN` would win over `--token-file`, so the child gets it emptied.
 //! - **quick tunnel** (tunnel mode without a token): `cloudflared tunnel --no-autoupdate
-//!   --metrics 127.0.0.1:<port> --url <url>`; the random `*.trycloudflare.com` hostname is read
-//!   from the metrics server's `GET /quicktunnel` (the banner line is the fallback).
+//!   --metrics 127.0.0.1:<port> --grace-period <d> --url <url>`; the random
+//!   `*.trycloudflare.com` hostname is read from the metrics server's `GET /quicktunnel` (the
+//!   banner line is the fallback).
 //! - **access** (reach a service behind Cloudflare Access): `cloudflared access tcp --hostname
-//!   <hostname> --url 127.0.0.1:<port>`; [`Tunnel::dial`] connects to that local port.
+//!   <hostname> --url 127.0.0.1:<port>`; [`Tunnel::dial`] connects to that local port. An
+//!   Access service token, when configured, is read from its two files at start and handed to
+//!   cloudflared in `TUNNEL_SERVICE_TOKEN_ID` / `TUNNEL_SERVICE_TOKEN_SECRET` (never argv).
+//!
+//! `--grace-period` is set just below `stop_grace` ([`grace_period`]): on `SIGTERM`
+//! cloudflared drains in-flight requests for that long (30 s by default), so without it every
+//! stop with traffic would end in our `SIGKILL`.
 //!
 //! Native health for the first two is `GET /ready` on the metrics port: 200 with
 //! `readyConnections >= 1` means at least one edge connection is registered. Start waits for
-//! it (bounded), and fails with cloudflared's own words if the child exits first. The child's
-//! exit is the hard signal that resolves [`Tunnel::closed`].
+//! it (bounded), and fails with cloudflared's own words if the child exits first. Every dial
+//! through the edge asks `/ready` too (an answer younger than a second is reused): Cloudflare's
+//! edge accepts on 443 for a hostname whose tunnel is down (error 1033, HTTP 530), so a connect
+//! there proves nothing. The child's exit is the hard signal that resolves
+//! [`Tunnel::closed`].
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -30,6 +43,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::process::{self, ExitInfo, Lines, SpawnSpec, Supervised};
+use crate::version::{self, Version};
 use crate::{
     dial_tcp, http, Dial, Endpoint, Health, Provider, ProviderError, Resolver, StartContext, Tunnel,
 };
@@ -58,6 +72,14 @@ const EXIT_DRAIN: Duration = Duration::from_millis(200);
 const PORT_ATTEMPTS: usize = 3;
 /// Output lines remembered during start for the error message.
 const KEPT_LINES: usize = 64;
+/// The oldest cloudflared with `tunnel run --token-file` (release 2025.4.0).
+pub const MIN_VERSION_TOKEN_FILE: Version = Version(2025, 4, 0);
+/// cloudflared's own ceiling for `--grace-period`.
+const MAX_GRACE_PERIOD: Duration = Duration::from_secs(180);
+/// Room left between cloudflared's grace period and our `SIGKILL`, at most.
+const GRACE_MARGIN: Duration = Duration::from_secs(1);
+/// How long a `/ready` answer gates dials without being asked again.
+const READY_CACHE: Duration = Duration::from_secs(1);
 
 /// What a `cloudflare` tunnel does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,6 +116,22 @@ pub struct CloudflareSpec {
     pub ready_timeout: Duration,
     /// How long stop waits after `SIGTERM` before `SIGKILL` ([`DEFAULT_STOP_GRACE`]).
     pub stop_grace: Duration,
+    /// Access mode: the files holding an Access service token's client ID and secret, handed
+    /// to cloudflared as `TUNNEL_SERVICE_TOKEN_ID` / `TUNNEL_SERVICE_TOKEN_SECRET`.
+    pub service_token: Option<(PathBuf, PathBuf)>,
+}
+
+/// cloudflared's `--grace-period` for a tunnel stopped with `stop_grace`: just below it (a
+/// quarter of it, at most a second, kept for cloudflared to exit), and within cloudflared's
+/// 3 minute ceiling.
+pub fn grace_period(stop_grace: Duration) -> Duration {
+    let margin = GRACE_MARGIN.min(stop_grace / 4);
+    stop_grace.saturating_sub(margin).min(MAX_GRACE_PERIOD)
+}
+
+/// A duration as Go's `time.ParseDuration` reads it: milliseconds.
+fn go_duration(d: Duration) -> String {
+    format!("{}ms", d.as_millis())
 }
 
 impl CloudflareSpec {
@@ -109,6 +147,7 @@ impl CloudflareSpec {
             port: DEFAULT_PORT,
             ready_timeout: DEFAULT_READY_TIMEOUT,
             stop_grace: DEFAULT_STOP_GRACE,
+            service_token: None,
         }
     }
 
@@ -146,9 +185,16 @@ impl CloudflareSpec {
                 };
                 Ok(Plan::Access {
                     hostname: check_hostname(hostname)?,
+                    service_token: self.service_token.clone(),
                 })
             }
             CloudflareMode::Tunnel => {
+                if self.service_token.is_some() {
+                    return invalid(
+                        "cloudflare mode tunnel: the Access service token is for mode access"
+                            .to_string(),
+                    );
+                }
                 if self.port == 0 {
                     return invalid("cloudflare: `port` must be from 1 to 65535".to_string());
                 }
@@ -229,13 +275,17 @@ enum Plan {
     },
     /// `cloudflared tunnel ... --url`.
     Quick { url: String },
-    /// `cloudflared access tcp`.
-    Access { hostname: String },
+    /// `cloudflared access tcp`, with the service token's two files if any.
+    Access {
+        hostname: String,
+        service_token: Option<(PathBuf, PathBuf)>,
+    },
 }
 
 impl Plan {
-    /// The command line, with `local` as the metrics address (tunnel) or the listener (access).
-    fn argv(&self, binary: &str, local: SocketAddr) -> Vec<String> {
+    /// The command line, with `local` as the metrics address (tunnel) or the listener (access)
+    /// and `grace` as the drain time on `SIGTERM` (tunnel modes; `access` has no such flag).
+    fn argv(&self, binary: &str, local: SocketAddr, grace: Duration) -> Vec<String> {
         let mut argv = vec![binary.to_string()];
         let words: Vec<String> = match self {
             Plan::Named { token_file, .. } => vec![
@@ -243,6 +293,8 @@ impl Plan {
                 "--no-autoupdate".into(),
                 "--metrics".into(),
                 local.to_string(),
+                "--grace-period".into(),
+                go_duration(grace),
                 "run".into(),
                 // The path, not the token: cloudflared reads the file itself (never argv).
                 "--token-file".into(),
@@ -253,10 +305,12 @@ impl Plan {
                 "--no-autoupdate".into(),
                 "--metrics".into(),
                 local.to_string(),
+                "--grace-period".into(),
+                go_duration(grace),
                 "--url".into(),
                 url.clone(),
             ],
-            Plan::Access { hostname } => vec![
+            Plan::Access { hostname, .. } => vec![
                 "access".into(),
                 "tcp".into(),
                 "--hostname".into(),
@@ -290,26 +344,56 @@ impl Provider for CloudflareProvider {
     /// Access listener is bound. Fails with cloudflared's last words if it exits first.
     async fn start(&self, ctx: &StartContext) -> crate::Result<Arc<dyn Tunnel>> {
         let plan = self.spec.plan()?;
-        if let Plan::Named { token_file, .. } = &plan {
-            check_token_file(token_file)?;
-        }
         let binary = self
             .spec
             .binary
             .clone()
             .unwrap_or_else(|| DEFAULT_BINARY.to_string());
         let tag = format!("{}/{}", ctx.service, ctx.tunnel);
+        let mut env = Vec::new();
+        let mut redact = Vec::new();
+        match &plan {
+            Plan::Named { token_file, .. } => {
+                check_token_file(token_file)?;
+                version::require(
+                    vec![binary.clone(), "--version".to_string()],
+                    &tag,
+                    MIN_VERSION_TOKEN_FILE,
+                    "`tunnel run --token-file`",
+                )
+                .await
+                .map_err(install_hint)?;
+                // `--token`/TUNNEL_TOKEN wins over `--token-file` in cloudflared: an inherited
+                // one (set for the daemon) would silently run another tunnel. Empty reads as
+                // unset there.
+                env.push(("TUNNEL_TOKEN".to_string(), String::new()));
+            }
+            Plan::Access {
+                service_token: Some((id_file, secret_file)),
+                ..
+            } => {
+                let id = read_secret(id_file, "service_token_id_file")?;
+                let secret = read_secret(secret_file, "service_token_secret_file")?;
+                redact.push(id.clone());
+                redact.push(secret.clone());
+                env.push(("TUNNEL_SERVICE_TOKEN_ID".to_string(), id));
+                env.push(("TUNNEL_SERVICE_TOKEN_SECRET".to_string(), secret));
+            }
+            Plan::Quick { .. } | Plan::Access { .. } => {}
+        }
+        let grace = grace_period(self.spec.stop_grace);
         let deadline = Instant::now() + self.spec.ready_timeout;
         let mut attempt = 1;
         loop {
             let local = free_local_addr()?;
             let child = process::spawn(SpawnSpec {
-                argv: plan.argv(&binary, local),
-                env: Vec::new(),
+                argv: plan.argv(&binary, local, grace),
+                env: env.clone(),
                 cwd: None,
                 tag: tag.clone(),
-                // The token stays in its file, which only cloudflared reads.
-                redact: Vec::new(),
+                // The tunnel token stays in its file, which only cloudflared reads; an Access
+                // service token is masked should cloudflared echo it.
+                redact: redact.clone(),
             })
             .await
             .map_err(install_hint)?;
@@ -331,6 +415,7 @@ impl Provider for CloudflareProvider {
                         route,
                         resolver: ctx.resolver.clone(),
                         stop_grace: self.spec.stop_grace,
+                        ready_at: std::sync::Mutex::new(None),
                     }));
                 }
                 Err(StartFailure::PortTaken(why)) if attempt < PORT_ATTEMPTS => {
@@ -371,6 +456,22 @@ fn check_token_file(path: &std::path::Path) -> crate::Result<()> {
         Ok(_) => Ok(()),
         Err(err) => problem(err.to_string()),
     }
+}
+
+/// Reads one line of secret from `path` (an Access service token part). Errors name the key and
+/// the file, never the content.
+fn read_secret(path: &std::path::Path, key: &str) -> crate::Result<String> {
+    let raw = std::fs::read_to_string(path).map_err(|err| {
+        ProviderError::Config(format!("cloudflare `{key}` {}: {err}", path.display()))
+    })?;
+    let value = raw.trim();
+    if value.is_empty() || value.chars().any(char::is_control) {
+        return Err(ProviderError::Config(format!(
+            "cloudflare `{key}` {}: must hold one non-empty line",
+            path.display()
+        )));
+    }
+    Ok(value.to_string())
 }
 
 /// A loopback address with a port nothing listens on right now (bound, then released).
@@ -513,7 +614,7 @@ async fn probe_start(
             read_ready(local, budget).await?;
             quick_hostname(local, budget, banner).await
         }
-        Plan::Access { hostname } => {
+        Plan::Access { hostname, .. } => {
             access_listening(local, budget).await?;
             Ok(hostname.clone())
         }
@@ -747,6 +848,8 @@ struct CloudflareTunnel {
     route: Route,
     resolver: Resolver,
     stop_grace: Duration,
+    /// When `/ready` last said ready (edge dials within [`READY_CACHE`] of it skip asking).
+    ready_at: std::sync::Mutex<Option<Instant>>,
 }
 
 impl fmt::Debug for CloudflareTunnel {
@@ -786,8 +889,26 @@ impl Tunnel for CloudflareTunnel {
             return Err(ProviderError::Closed(self.describe(&info).await));
         }
         match &self.route {
-            // Names are looked up afresh: Cloudflare's anycast answers may change.
-            Route::Edge { target, .. } => self.resolver.dial(target, timeout).await,
+            Route::Edge { target, metrics } => {
+                // The edge answers with error 1033 while no connector is registered: only
+                // cloudflared's own readiness says the hostname leads to the service.
+                let fresh = self
+                    .ready_at
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .is_some_and(|at| at.elapsed() < READY_CACHE);
+                if !fresh {
+                    read_ready(*metrics, API_TIMEOUT)
+                        .await
+                        .map_err(ProviderError::Unhealthy)?;
+                    *self
+                        .ready_at
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Instant::now());
+                }
+                // Names are looked up afresh: Cloudflare's anycast answers may change.
+                self.resolver.dial(target, timeout).await
+            }
             Route::Access { listener } => dial_tcp(*listener, timeout).await,
         }
     }
@@ -844,6 +965,21 @@ mod tests {
         );
         assert!(ready_verdict(200, br#"{"readyConnections":0}"#).is_err());
         assert!(ready_verdict(200, b"OK").is_err());
+    }
+
+    #[test]
+    fn grace_period_stays_below_the_stop_grace() {
+        assert_eq!(grace_period(Duration::from_secs(5)), Duration::from_secs(4));
+        assert_eq!(
+            grace_period(Duration::from_secs(2)),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(
+            grace_period(Duration::from_millis(400)),
+            Duration::from_millis(300)
+        );
+        assert_eq!(grace_period(Duration::from_secs(600)), MAX_GRACE_PERIOD);
+        assert_eq!(go_duration(Duration::from_millis(1500)), "1500ms");
     }
 
     #[test]
@@ -918,26 +1054,28 @@ mod tests {
     #[test]
     fn command_lines_are_the_documented_ones() {
         let local = SocketAddr::from((Ipv4Addr::LOCALHOST, 20241));
+        let grace = grace_period(DEFAULT_STOP_GRACE);
         let named = Plan::Named {
             token_file: "/etc/tk/cf".into(),
             hostname: "h".into(),
         };
         assert_eq!(
-            named.argv("cloudflared", local).join(" "),
-            "cloudflared tunnel --no-autoupdate --metrics 127.0.0.1:20241 run --token-file /etc/tk/cf"
+            named.argv("cloudflared", local, grace).join(" "),
+            "cloudflared tunnel --no-autoupdate --metrics 127.0.0.1:20241 --grace-period 4000ms run --token-file /etc/tk/cf"
         );
         let quick = Plan::Quick {
             url: "http://localhost:8080".into(),
         };
         assert_eq!(
-            quick.argv("cloudflared", local).join(" "),
-            "cloudflared tunnel --no-autoupdate --metrics 127.0.0.1:20241 --url http://localhost:8080"
+            quick.argv("cloudflared", local, grace).join(" "),
+            "cloudflared tunnel --no-autoupdate --metrics 127.0.0.1:20241 --grace-period 4000ms --url http://localhost:8080"
         );
         let access = Plan::Access {
             hostname: "ssh.example.com".into(),
+            service_token: None,
         };
         assert_eq!(
-            access.argv("cloudflared", local).join(" "),
+            access.argv("cloudflared", local, grace).join(" "),
             "cloudflared access tcp --hostname ssh.example.com --url 127.0.0.1:20241"
         );
     }

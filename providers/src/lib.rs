@@ -21,6 +21,7 @@ pub mod process;
 pub mod resolve;
 pub mod ssh;
 pub mod sys;
+pub mod version;
 
 use std::fmt;
 use std::io;

@@ -1,21 +1,31 @@
 //! The `ngrok` provider: the ngrok agent v3 (`ngrok tcp|http <to>`) exposing a local service.
 //!
-//! The authtoken never touches argv (visible to every user through `/proc/*/cmdline`) nor the
-//! logs: start writes a private agent config file (mode 0600 from its creation, one per tunnel,
-//! removed on stop) holding `agent.authtoken` and an explicit `agent.web_addr` on a free
-//! loopback port, then runs
+//! Start first asks `ngrok version` and refuses an agent older than [`MIN_VERSION`] (the config
+//! layout and `--url` below need it). The authtoken never touches argv (visible to every user
+//! through `/proc/*/cmdline`) nor the logs: start writes a private agent config file (mode 0600
+//! from its creation, one per tunnel, removed on stop, under the daemon's runtime directory so
+//! a crash cannot leave it on persistent disk; leftovers of a crashed run are removed at the
+//! next start) holding `agent.authtoken` and an explicit `agent.web_addr` on a free loopback
+//! port, then runs
 //!
 //! ```text
-//! ngrok <tcp|http> <to> --config <file> --log stdout --log-format json [--url <url>] [--region <region>]
+//! ngrok <tcp|http> <to> --config <file> --log stdout --log-format json [--inspect=false] [--url <url>] [--region <region>]
 //! ```
 //!
-//! under [`crate::process`] supervision. The public URL comes from the agent's local API
-//! (`GET /api/tunnels`, polled until the tunnel is listed), with the `started tunnel` log line
-//! as a fallback when the API stays silent. A JSON log line with `lvl` `eror` or `crit` is a
-//! failure: during start it fails the start with the line's `err`; afterwards the tunnel counts
-//! as closed, as it does when the agent exits (the hard signals behind [`Tunnel::closed`]).
-//! Native health is the agent's own view, `GET /api/status`: `online`, and the agent-to-edge
-//! round trip of its session legs as latency.
+//! under [`crate::process`] supervision. `--inspect=false` (http): the agent's local API is
+//! open to every local user, and with inspection on it would hand them every captured request.
+//! The public URL comes from the agent's local API (`GET /api/tunnels`, polled until the tunnel
+//! is listed), with the `started tunnel` log line as a fallback when the API stays silent.
+//!
+//! Only the agent's exit is a hard signal. A JSON log line with `lvl` `eror`/`crit` is not: the
+//! agent logs one on every network blip (`session closed, starting reconnect loop`) and
+//! reconnects by itself, keeping its URL, while a restart would lose a free-plan URL or hit
+//! ERR_NGROK_334/108 with a reserved one. So an error line starts a watch: if `/api/status` has
+//! not said `online` again within `reconnect_grace`, the tunnel closes (and the daemon restarts
+//! the agent). Native health, and the gate of every dial, is the agent's own view,
+//! `GET /api/status`: `online`, with the agent-to-edge round trip of its session legs as
+//! latency; ngrok's edge accepts connections for an offline endpoint (ERR_NGROK_3200), so a
+//! connect there proves nothing.
 
 use std::fmt;
 use std::fs;
@@ -33,6 +43,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::process::{self, Lines, SpawnSpec, Supervised};
+use crate::version::{self, Version};
 use crate::{
     http, Dial, Endpoint, Health, Provider, ProviderError, Resolver, StartContext, Tunnel,
 };
@@ -59,6 +70,20 @@ const LOG_URL_GRACE: Duration = Duration::from_secs(1);
 const EXIT_DRAIN: Duration = Duration::from_millis(300);
 /// The public port of an `http` endpoint whose URL names none: ngrok's edge serves HTTPS.
 const HTTPS_PORT: u16 = 443;
+/// The oldest agent that takes the config (`version: 3` with `agent:`) and the `--url` flag
+/// this provider passes (ngrok agent changelog, 3.16.0). `/api/status` needs 3.9.0, older still.
+pub const MIN_VERSION: Version = Version(3, 16, 0);
+/// How long after an error line the agent may stay away from `online` before it is restarted,
+/// unless configured otherwise.
+pub const DEFAULT_RECONNECT_GRACE: Duration = Duration::from_secs(60);
+/// How often `/api/status` is read while the agent reconnects.
+const RECONNECT_POLL: Duration = Duration::from_millis(250);
+/// How long an `online` answer gates dials without being asked again.
+const ONLINE_CACHE: Duration = Duration::from_secs(1);
+/// Marks a health answer that comes from no answer at all (the API could not be reached).
+const API_UNREACHABLE: &str = "no answer";
+/// Prefix of every config file this provider writes; the rest is `<tunnel>-<pid>-<seq>.yml`.
+const CONFIG_PREFIX: &str = "tunnelkeeper-ngrok-";
 
 /// Which kind of endpoint the agent opens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,11 +126,18 @@ pub struct NgrokSpec {
     /// A reserved URL or domain, passed as `--url` (`https://x.ngrok.app`,
     /// `tcp://1.tcp.ngrok.io:12345`).
     pub url: Option<String>,
-    /// An ngrok region, passed as `--region` (`us`, `eu`, `au`, ...).
+    /// An ngrok region, passed as `--region` (`us`, `eu`, `au`, ...). Deprecated by ngrok (the
+    /// agent picks the lowest-latency region): start warns when it is set.
     pub region: Option<String>,
-    /// Where the per-tunnel agent config file is written (created 0700 if missing; the daemon
-    /// passes `state_dir/ngrok`).
+    /// Where the per-tunnel agent config file is written (created 0700 if missing). The daemon
+    /// passes `<runtime dir>/ngrok` (tmpfs), so a crash leaves no token copy on disk.
     pub config_dir: PathBuf,
+    /// How long after an error line the agent may stay away from `online` before the tunnel
+    /// closes ([`DEFAULT_RECONNECT_GRACE`] by default).
+    pub reconnect_grace: Duration,
+    /// Directories where earlier versions wrote the config file (the daemon passes
+    /// `state_dir/ngrok`): this tunnel's token copies left there are removed at start.
+    pub old_config_dirs: Vec<PathBuf>,
     /// How long start waits for the public URL ([`DEFAULT_START_TIMEOUT`] by default).
     pub start_timeout: Duration,
     /// How long stop waits after `SIGTERM` before `SIGKILL` ([`DEFAULT_STOP_GRACE`] by default).
@@ -128,6 +160,8 @@ impl NgrokSpec {
             url: None,
             region: None,
             config_dir: config_dir.into(),
+            reconnect_grace: DEFAULT_RECONNECT_GRACE,
+            old_config_dirs: Vec::new(),
             start_timeout: DEFAULT_START_TIMEOUT,
             stop_grace: DEFAULT_STOP_GRACE,
         }
@@ -197,6 +231,11 @@ enum ConfigFileError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "the ngrok config directory {path} {why}: it must be a directory of this user's with \
+         mode 0700 (it receives a copy of the authtoken)"
+    )]
+    UnsafeDir { path: PathBuf, why: String },
     #[error("cannot pick a free loopback port for the agent's web_addr: {0}")]
     WebAddr(#[source] io::Error),
 }
@@ -207,7 +246,8 @@ impl From<ConfigFileError> for ProviderError {
             // The operator has to fix these; retrying will not help.
             ConfigFileError::ReadToken { .. }
             | ConfigFileError::EmptyToken { .. }
-            | ConfigFileError::MalformedToken { .. } => ProviderError::Config(err.to_string()),
+            | ConfigFileError::MalformedToken { .. }
+            | ConfigFileError::UnsafeDir { .. } => ProviderError::Config(err.to_string()),
             // Disk full, a directory that appears later, a port race: worth a retry.
             _ => ProviderError::Spawn(err.to_string()),
         }
@@ -278,8 +318,99 @@ fn free_loopback_addr() -> Result<SocketAddr, ConfigFileError> {
     listener.local_addr().map_err(ConfigFileError::WebAddr)
 }
 
+/// Refuses a config directory another user could read or swap files in (a pre-made one in a
+/// shared place, a symlink): the token copy goes there.
+fn check_private_dir(dir: &Path) -> Result<(), ConfigFileError> {
+    use std::os::unix::fs::MetadataExt;
+    let unsafe_dir = |why: String| ConfigFileError::UnsafeDir {
+        path: dir.to_path_buf(),
+        why,
+    };
+    let meta = fs::symlink_metadata(dir).map_err(|source| ConfigFileError::CreateDir {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    if !meta.is_dir() {
+        return Err(unsafe_dir(
+            "is not a directory (or is a symlink)".to_string(),
+        ));
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(unsafe_dir(format!(
+            "belongs to uid {}, not {me}",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o077 != 0 {
+        return Err(unsafe_dir(format!("has mode {:o}", meta.mode() & 0o7777)));
+    }
+    Ok(())
+}
+
 /// Distinguishes config files of tunnels started by one daemon process.
 static CONFIG_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// The config files this process has written and not yet removed: everything else with our
+/// prefix in the directory is a leftover of a run that crashed.
+static LIVE_CONFIGS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// The file-name-safe form of a tunnel tag.
+fn file_stem(tag: &str) -> String {
+    tag.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Removes config files of `stem` left in `dir` by an earlier daemon that crashed (a copy of
+/// the token each): every file with our prefix and this tunnel's stem that no live tunnel of
+/// this process owns. Returns how many were removed.
+fn remove_leftovers(dir: &Path, stem: &str) -> usize {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    let ours = format!("{CONFIG_PREFIX}{stem}-");
+    let live = LIVE_CONFIGS
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        // `<stem>-<pid>-<seq>.yml`: the part after our stem must be digits, so that a tunnel
+        // whose name extends this one's (`a` and `a-b`) is not taken for it.
+        let Some(rest) = name.strip_prefix(&ours) else {
+            continue;
+        };
+        let shape_ok = rest.strip_suffix(".yml").is_some_and(|ids| {
+            ids.split('-').count() == 2
+                && ids
+                    .split('-')
+                    .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        });
+        let path = entry.path();
+        if !shape_ok || live.contains(&path) {
+            continue;
+        }
+        match fs::remove_file(&path) {
+            Ok(()) => {
+                removed += 1;
+                tracing::warn!(path = %path.display(), "removed an ngrok config file (a token copy) left by an earlier run");
+            }
+            Err(err) => {
+                tracing::warn!(path = %path.display(), %err, "cannot remove a leftover ngrok config file")
+            }
+        }
+    }
+    removed
+}
 
 /// The private agent config file. Removed when dropped, so no path (failed start, stop, a
 /// dropped tunnel) leaves the token behind.
@@ -300,23 +431,15 @@ impl ConfigFile {
                 path: dir.to_path_buf(),
                 source,
             })?;
-        let stem: String = tag
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
+        check_private_dir(dir)?;
+        let stem = file_stem(tag);
         // A file left by a daemon that crashed with the same pid must not be reused (nor
         // followed, were it a symlink): `create_new` refuses it, and the next name is tried.
         let mut attempts = 0;
         let (path, mut file) = loop {
             let seq = CONFIG_SEQ.fetch_add(1, Ordering::Relaxed);
             let path = dir.join(format!(
-                "tunnelkeeper-ngrok-{stem}-{}-{seq}.yml",
+                "{CONFIG_PREFIX}{stem}-{}-{seq}.yml",
                 std::process::id()
             ));
             let opened = fs::OpenOptions::new()
@@ -332,6 +455,10 @@ impl ConfigFile {
                 Err(source) => return Err(ConfigFileError::Write { path, source }),
             }
         };
+        LIVE_CONFIGS
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(path.clone());
         let guard = ConfigFile { path };
         let written = file
             // The umask can only have removed bits; make it exactly owner read/write.
@@ -355,6 +482,10 @@ impl ConfigFile {
 
 impl Drop for ConfigFile {
     fn drop(&mut self) {
+        LIVE_CONFIGS
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|p| p != &self.path);
         match fs::remove_file(&self.path) {
             Ok(()) => {}
             Err(err) if err.kind() == io::ErrorKind::NotFound => {}
@@ -366,6 +497,7 @@ impl Drop for ConfigFile {
 }
 
 /// The exact command line: `ngrok <proto> <to> --config <file> --log stdout --log-format json`,
+/// `--inspect=false` for http (no captured requests for local users to read through the API),
 /// then `--url` and `--region` when set.
 fn command_line(spec: &NgrokSpec, config: &Path) -> Vec<String> {
     let mut argv = vec![
@@ -379,6 +511,9 @@ fn command_line(spec: &NgrokSpec, config: &Path) -> Vec<String> {
         "--log-format".to_string(),
         "json".to_string(),
     ];
+    if spec.proto == NgrokProto::Http {
+        argv.push("--inspect=false".to_string());
+    }
     if let Some(url) = &spec.url {
         argv.push("--url".to_string());
         argv.push(url.clone());
@@ -395,8 +530,10 @@ fn command_line(spec: &NgrokSpec, config: &Path) -> Vec<String> {
 struct LogState {
     /// The `url` of the first `started tunnel` line.
     url: Option<String>,
-    /// The `err` (or, lacking one, the `msg`) of the first `eror`/`crit` line.
+    /// The `err` (or, lacking one, the `msg`) of the latest `eror`/`crit` line.
     error: Option<String>,
+    /// How many `eror`/`crit` lines there were: a new one restarts the reconnect watch.
+    errors: u64,
 }
 
 /// One log line's meaning to the provider.
@@ -437,8 +574,11 @@ async fn follow_log(mut lines: Lines, state: watch::Sender<LogState>) {
                 state.send_if_modified(|s| set_once(&mut s.url, url));
             }
             Some(LogEvent::Failure(reason)) => {
-                // The first error is the cause; what follows is usually its fallout.
-                state.send_if_modified(|s| set_once(&mut s.error, reason));
+                // Not a verdict: the agent reconnects by itself after most errors.
+                state.send_modify(|s| {
+                    s.error = Some(reason);
+                    s.errors += 1;
+                });
             }
             None => {}
         }
@@ -599,15 +739,31 @@ impl NgrokProvider {
 
 #[async_trait]
 impl Provider for NgrokProvider {
-    /// Writes the private config, runs the agent and waits (at most `start_timeout`) for the
-    /// public URL. Fails on an `eror`/`crit` log line (with its `err`), on the agent's exit, or
-    /// when no URL appears in time; a failed start leaves neither process nor config file.
+    /// Checks the agent's version, writes the private config, runs the agent and waits (at
+    /// most `start_timeout`) for the public URL. Fails on the agent's exit (quoting the `err`
+    /// of its last error line) or when no URL appears in time; a failed start leaves neither
+    /// process nor config file.
     async fn start(&self, ctx: &StartContext) -> crate::Result<Arc<dyn Tunnel>> {
         let spec = &self.spec;
         spec.validate()?;
         let tag = format!("{}/{}", ctx.service, ctx.tunnel);
+        version::require(
+            vec![spec.binary().to_string(), "version".to_string()],
+            &tag,
+            MIN_VERSION,
+            "the agent config `version: 3` with `agent:`, and `--url`",
+        )
+        .await
+        .map_err(install_hint)?;
+        if let Some(region) = &spec.region {
+            tracing::warn!(tunnel = %tag, %region, "ngrok `region` is deprecated by ngrok (the agent picks the lowest-latency region); passing --region anyway");
+        }
         let token = read_authtoken(&spec.authtoken_file)?;
         let web_addr = free_loopback_addr()?;
+        let stem = file_stem(&tag);
+        for dir in std::iter::once(&spec.config_dir).chain(&spec.old_config_dirs) {
+            remove_leftovers(dir, &stem);
+        }
         // Small local writes: not worth a blocking-pool round trip.
         let config = ConfigFile::create(&spec.config_dir, &tag, &config_yaml(&token, web_addr))?;
         let argv = command_line(spec, config.path());
@@ -615,18 +771,12 @@ impl Provider for NgrokProvider {
             argv,
             env: Vec::new(),
             cwd: None,
-            tag,
+            tag: tag.clone(),
             // The agent may quote a token it rejects; never let that reach the journal.
             redact: vec![token.0.clone()],
         })
         .await
-        .map_err(|err| match err {
-            ProviderError::MissingBinary { binary, .. } => ProviderError::MissingBinary {
-                binary,
-                hint: INSTALL_HINT.to_string(),
-            },
-            other => other,
-        })?;
+        .map_err(install_hint)?;
         let (log_tx, log) = watch::channel(LogState::default());
         tokio::spawn(follow_log(child.lines(), log_tx));
 
@@ -636,6 +786,14 @@ impl Provider for NgrokProvider {
             .await
             .map_err(|err| redact_error(&token, err))?;
         let target = dial_target(spec.proto, &url)?;
+        let (dead_tx, dead) = watch::channel(None);
+        let watch = tokio::spawn(watch_reconnects(
+            log.clone(),
+            web_addr,
+            spec.reconnect_grace,
+            dead_tx,
+            tag,
+        ));
         Ok(Arc::new(NgrokTunnel {
             child,
             url,
@@ -644,9 +802,23 @@ impl Provider for NgrokProvider {
             resolver: ctx.resolver.clone(),
             stop_grace: spec.stop_grace,
             log,
+            dead,
+            watch,
+            online_at: Mutex::new(None),
             config: Mutex::new(Some(config)),
             token,
         }))
+    }
+}
+
+/// Gives a missing agent an ngrok-specific install hint.
+fn install_hint(err: ProviderError) -> ProviderError {
+    match err {
+        ProviderError::MissingBinary { binary, .. } => ProviderError::MissingBinary {
+            binary,
+            hint: INSTALL_HINT.to_string(),
+        },
+        other => other,
     }
 }
 
@@ -662,8 +834,10 @@ fn redact_error(token: &Secret, err: ProviderError) -> ProviderError {
     }
 }
 
-/// Polls `/api/tunnels` until it lists a public URL, watching the log for errors and the
-/// `started tunnel` fallback, and the child for an early exit.
+/// Polls `/api/tunnels` until it lists a public URL, with the `started tunnel` log line as the
+/// fallback, and watches the child for an early exit. An error line alone does not end the
+/// wait (the agent retries its session by itself); it is quoted if the agent then exits or
+/// the wait times out.
 async fn wait_for_url(
     child: &Supervised,
     mut log: watch::Receiver<LogState>,
@@ -674,11 +848,6 @@ async fn wait_for_url(
     let mut last_api;
     let mut log_url_since: Option<Instant> = None;
     loop {
-        if let Some(err) = log.borrow().error.clone() {
-            return Err(ProviderError::Spawn(format!(
-                "ngrok failed to start: {err}"
-            )));
-        }
         if let Some(info) = child.try_exited() {
             // The agent logs its error just before exiting: let the log follower read it
             // (it ends, dropping its sender, once the pipes close).
@@ -715,10 +884,14 @@ async fn wait_for_url(
         }
 
         if Instant::now() + API_POLL >= deadline {
+            let error = match log.borrow().error.clone() {
+                Some(err) => format!("; its last error: {err}"),
+                None => String::new(),
+            };
             return Err(ProviderError::StartTimeout {
                 after: start_timeout,
                 detail: format!(
-                    "GET http://{web_addr}/api/tunnels never listed a public URL (last: {last_api}); last output line: {}",
+                    "GET http://{web_addr}/api/tunnels never listed a public URL (last: {last_api}){error}; last output line: {}",
                     quote(child.last_line().as_deref())
                 ),
             });
@@ -737,6 +910,68 @@ fn quote(line: Option<&str>) -> String {
     }
 }
 
+/// The agent's own view of its session: `Ok` when `/api/status` says `online`.
+async fn agent_online(web_addr: SocketAddr) -> crate::Result<Health> {
+    let api = format!("ngrok API at {web_addr}");
+    let (status, body) = match http::get_json(web_addr, "/api/status", API_TIMEOUT).await {
+        Ok(answer) => answer,
+        Err(err @ ProviderError::Timeout { .. }) => return Err(err),
+        Err(err) => {
+            return Err(ProviderError::Unhealthy(format!(
+                "{api}: {API_UNREACHABLE}: {err}"
+            )))
+        }
+    };
+    if status != 200 {
+        return Err(ProviderError::Unhealthy(format!(
+            "{api}: GET /api/status answered {status}"
+        )));
+    }
+    health_from_status(&body).map_err(|why| ProviderError::Unhealthy(format!("{api}: {why}")))
+}
+
+/// The soft signal made hard after a time bound: after each error line, waits for
+/// `/api/status` to say `online` again; if it has not within `grace`, publishes why the
+/// tunnel is dead (and ends). Ends quietly when the log ends (the agent exited: the exit is
+/// the hard signal then).
+async fn watch_reconnects(
+    mut log: watch::Receiver<LogState>,
+    web_addr: SocketAddr,
+    grace: Duration,
+    dead: watch::Sender<Option<String>>,
+    tag: String,
+) {
+    let mut seen = log.borrow().errors;
+    loop {
+        if log.wait_for(|s| s.errors != seen).await.is_err() {
+            return;
+        }
+        let err = log.borrow().error.clone().unwrap_or_default();
+        tracing::warn!(tunnel = %tag, %err, "ngrok reported an error; waiting up to {grace:?} for its session to come back");
+        let since = Instant::now();
+        let back = loop {
+            // A moment first: right after the error line the status may still read `online`.
+            tokio::time::sleep(RECONNECT_POLL).await;
+            if agent_online(web_addr).await.is_ok() {
+                break true;
+            }
+            if since.elapsed() >= grace {
+                break false;
+            }
+        };
+        if back {
+            tracing::info!(tunnel = %tag, "ngrok reconnected by itself after {:?}", since.elapsed());
+            // Errors logged while it reconnected are part of the same blip.
+            seen = log.borrow().errors;
+            continue;
+        }
+        let _ = dead.send(Some(format!(
+            "ngrok reported an error ({err}) and its session was not online again within {grace:?}"
+        )));
+        return;
+    }
+}
+
 /// A running agent with its public URL.
 struct NgrokTunnel {
     child: Supervised,
@@ -749,6 +984,12 @@ struct NgrokTunnel {
     resolver: Resolver,
     stop_grace: Duration,
     log: watch::Receiver<LogState>,
+    /// Set by the reconnect watch when the agent stayed offline past `reconnect_grace`.
+    dead: watch::Receiver<Option<String>>,
+    /// The reconnect watch, ended on stop.
+    watch: tokio::task::JoinHandle<()>,
+    /// When `/api/status` last said `online` (dials within [`ONLINE_CACHE`] of it skip asking).
+    online_at: Mutex<Option<Instant>>,
     /// Taken (and so removed) on stop; also removed if the tunnel is dropped unstopped.
     config: Mutex<Option<ConfigFile>>,
     /// Only for scrubbing reasons.
@@ -756,25 +997,49 @@ struct NgrokTunnel {
 }
 
 impl NgrokTunnel {
-    /// Why the tunnel is unusable, if it is: an error in the log, or the agent's exit.
+    /// Why the tunnel is unusable, if it is: the agent's exit, or a session that did not come
+    /// back in time.
     fn closed_now(&self) -> Option<String> {
-        if let Some(err) = self.log.borrow().error.clone() {
-            return Some(self.error_reason(&err));
+        if let Some(info) = self.child.try_exited() {
+            return Some(self.exit_reason(&info));
         }
-        self.child.try_exited().map(|info| self.exit_reason(&info))
-    }
-
-    fn error_reason(&self, err: &str) -> String {
-        self.token
-            .redact(&format!("ngrok reported an error: {err}"))
+        self.dead
+            .borrow()
+            .clone()
+            .map(|why| self.token.redact(&why))
     }
 
     fn exit_reason(&self, info: &process::ExitInfo) -> String {
-        let reason = match self.child.last_line() {
+        let mut reason = match self.child.last_line() {
             Some(line) => format!("ngrok {info}; last output line: {line:?}"),
             None => format!("ngrok {info}"),
         };
+        if let Some(err) = self.log.borrow().error.clone() {
+            reason.push_str(&format!("; its last error: {err}"));
+        }
         self.token.redact(&reason)
+    }
+
+    /// The agent's `/api/status`, its last error line added to a failure.
+    async fn online(&self) -> crate::Result<Health> {
+        let answer = agent_online(self.web_addr).await;
+        match answer {
+            Ok(health) => {
+                *self
+                    .online_at
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+                Ok(health)
+            }
+            Err(ProviderError::Unhealthy(why)) => {
+                let err = self.log.borrow().error.clone();
+                Err(ProviderError::Unhealthy(match err {
+                    Some(err) => self.token.redact(&format!("{why}; last error: {err}")),
+                    None => why,
+                }))
+            }
+            Err(other) => Err(other),
+        }
     }
 }
 
@@ -790,9 +1055,26 @@ impl Tunnel for NgrokTunnel {
         Some(self.child.pid())
     }
 
+    /// Connects to the public address, but only while the agent says its session is
+    /// `online`: ngrok's edge accepts for an offline endpoint too (ERR_NGROK_3200).
     async fn dial(&self, timeout: Duration) -> crate::Result<Dial> {
         if let Some(reason) = self.closed_now() {
             return Err(ProviderError::Closed(reason));
+        }
+        let fresh = self
+            .online_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some_and(|at| at.elapsed() < ONLINE_CACHE);
+        if !fresh {
+            match self.online().await {
+                // The agent says its session is down: the edge would only serve its error page.
+                Err(ProviderError::Unhealthy(why)) if !why.contains(API_UNREACHABLE) => {
+                    return Err(ProviderError::Unhealthy(why))
+                }
+                // Healthy, or no answer from the API at all: then the connect judges alone.
+                _ => {}
+            }
         }
         // Looked up afresh each time: the edge's addresses move.
         self.resolver.dial(&self.target, timeout).await
@@ -802,48 +1084,30 @@ impl Tunnel for NgrokTunnel {
         if let Some(reason) = self.closed_now() {
             return Err(ProviderError::Closed(reason));
         }
-        let api = format!("ngrok API at {}", self.web_addr);
-        let (status, body) = match http::get_json(self.web_addr, "/api/status", API_TIMEOUT).await {
-            Ok(answer) => answer,
-            Err(err @ ProviderError::Timeout { .. }) => return Err(err),
-            Err(err) => return Err(ProviderError::Unhealthy(format!("{api}: {err}"))),
-        };
-        if status != 200 {
-            return Err(ProviderError::Unhealthy(format!(
-                "{api}: GET /api/status answered {status}"
-            )));
-        }
-        health_from_status(&body).map_err(|why| ProviderError::Unhealthy(format!("{api}: {why}")))
+        self.online().await
     }
 
     async fn closed(&self) -> String {
-        let mut log = self.log.clone();
+        let mut dead = self.dead.clone();
         tokio::select! {
-            // An error in the log is the more telling reason when both have happened.
-            biased;
-            err = async {
-                let seen = log
-                    .wait_for(|s| s.error.is_some())
+            info = self.child.exited() => self.exit_reason(&info),
+            why = async {
+                let seen = dead
+                    .wait_for(Option::is_some)
                     .await
                     .ok()
-                    .and_then(|state| state.error.clone());
+                    .and_then(|why| why.clone());
                 match seen {
-                    Some(err) => err,
-                    // The log ended without an error: the exit branch answers.
+                    Some(why) => why,
+                    // The watch ended without a verdict: only the exit can answer.
                     None => std::future::pending().await,
                 }
-            } => self.error_reason(&err),
-            info = self.child.exited() => {
-                // The agent may have logged why just before exiting.
-                match self.log.borrow().error.clone() {
-                    Some(err) => self.error_reason(&err),
-                    None => self.exit_reason(&info),
-                }
-            }
+            } => self.token.redact(&why),
         }
     }
 
     async fn stop(&self) {
+        self.watch.abort();
         self.child.terminate(self.stop_grace).await;
         let config = self
             .config
@@ -851,6 +1115,12 @@ impl Tunnel for NgrokTunnel {
             .unwrap_or_else(PoisonError::into_inner)
             .take();
         drop(config);
+    }
+}
+
+impl Drop for NgrokTunnel {
+    fn drop(&mut self) {
+        self.watch.abort();
     }
 }
 

@@ -6,21 +6,33 @@
 //! - **peer**: the service runs on another node of the tailnet. Start reads
 //!   `tailscale status --json`: the backend must be `Running` and the peer (matched by its
 //!   HostName, its MagicDNS name with or without the trailing dot, or any of its Tailscale IPs)
-//!   `Online`. A dial is a TCP connect to the peer's first Tailscale IP (IPv4 preferred) and
-//!   `port`. Native health is `tailscale ping --c 1 --until-direct=false --timeout T <peer>`:
-//!   its latency, and whether the path is direct or relayed through DERP.
+//!   known. A dial is a TCP connect to the peer's first Tailscale IP (IPv4 preferred) and
+//!   `port`. Native health is `tailscale ping --c 1 --until-direct=false --timeout T <ip>`:
+//!   its latency, and whether the path is direct or relayed through DERP. The ping is given
+//!   the peer's Tailscale IP from the status, never the configured name: the CLI resolves only
+//!   a MagicDNS label or the exact DNSName with its trailing dot (cmd/tailscale/cli/ping.go),
+//!   so an FQDN without the dot or a HostName would fail every ping of a working path.
+//!   A peer that the status shows `Online: false` is not dead on that alone: `Online` is the
+//!   coordination server's view, and a control-plane blip leaves the data path working. The
+//!   provider pings it, and only a peer that is offline *and* silent counts as gone.
 //! - **serve** / **funnel**: this node exposes a local port to the tailnet / the internet with
-//!   `tailscale serve --bg <port>` / `tailscale funnel --bg <port>`. The endpoint is the URL the
-//!   CLI prints; a dial goes to that URL's host on 443, end to end through Tailscale's proxy.
-//!   Stop turns the proxy off with the command the CLI itself prints for that,
-//!   `tailscale serve --https=443 off` (`funnel` likewise).
+//!   `tailscale serve|funnel --bg --https=<https_port> --set-path=<serve_path> <port>`, after
+//!   checking with `tailscale serve status --json` that no other handler (the operator's own,
+//!   or another tunnel's) holds that port and path. The endpoint is the URL the CLI prints; a
+//!   dial goes to that URL's host and port, end to end through Tailscale's proxy. Stop removes
+//!   only this tunnel's handler, `tailscale serve --https=<port> --set-path=<path> off`
+//!   (`funnel` likewise): `--https=443 off` alone would remove every handler on the port. When
+//!   HTTPS or Funnel is not enabled on the tailnet the CLI prints an enable URL and waits; the
+//!   start then fails quoting that URL. Both need tailscale [`MIN_VERSION_SERVE`] (checked at
+//!   start) and, for a daemon that is not root, `tailscale set --operator=<its user>`.
 //!
 //! No process runs for the tunnel's lifetime: every CLI call is a one-shot
 //! [`process::run`] bounded by `check_timeout`. The hard signal therefore comes from a status
 //! watcher, a task that reads `tailscale status --json` every `status_interval` and closes the
-//! tunnel the moment the backend is not `Running` or (peer mode) the peer is offline or gone,
-//! or once the status call has failed three times in a row (tailscaled unreachable). A
-//! [`Tunnel::check`] that reads such a status closes the tunnel too.
+//! tunnel the moment the backend is not `Running` or (peer mode) the peer is gone, or offline
+//! and not answering a ping, or once the status call has failed three times in a row
+//! (tailscaled unreachable). A [`Tunnel::check`] that reads such a status closes the tunnel
+//! too.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -36,6 +48,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::process::{self, ExitInfo, RunSpec};
+use crate::version::{self, Version};
 use crate::{
     dial_tcp, Dial, Endpoint, Health, Provider, ProviderError, Resolver, StartContext, Tunnel,
 };
@@ -51,8 +64,6 @@ pub const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(3);
 const INSTALL_HINT: &str = "install Tailscale (https://tailscale.com/download; on Linux: \
      `curl -fsSL https://tailscale.com/install.sh | sh`) or set `binary:` to the full path of \
      the `tailscale` CLI";
-/// The HTTPS port `serve`/`funnel` use when no `--https` is given: where the URL listens.
-const HTTPS_PORT: u16 = 443;
 /// Status of a big tailnet is large (about 1 KiB per peer): never cut the JSON short.
 const STATUS_OUTPUT_CAP: usize = 4 * 1024 * 1024;
 /// Enough for any other command's output.
@@ -68,6 +79,13 @@ const MAX_STATUS_FAILURES: u32 = 3;
 const MAX_QUOTED: usize = 400;
 /// Go's zero `time.Time`, which the status prints for "never".
 const GO_ZERO_TIME: &str = "0001-01-01T00:00:00Z";
+/// The oldest tailscale whose `serve`/`funnel` take `--bg`, `--https` and `--set-path` (the
+/// CLI rewritten in 1.52.0).
+pub const MIN_VERSION_SERVE: Version = Version(1, 52, 0);
+/// The HTTPS port serve/funnel use unless configured otherwise.
+pub const DEFAULT_HTTPS_PORT: u16 = 443;
+/// The only ports Funnel accepts (https://tailscale.com/kb/1223/funnel).
+const FUNNEL_PORTS: [u16; 3] = [443, 8443, 10000];
 
 /// Which way the tunnel uses the tailnet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,6 +135,12 @@ pub struct TailscaleSpec {
     /// MagicDNS name through `100.100.100.100` (`homebox.tail1234.ts.net:22` with
     /// `dns.nameservers: [100.100.100.100]`), or for tests, which cannot bind port 443.
     pub dial_address: Option<String>,
+    /// Serve/funnel: the HTTPS port of the handler (`--https`, [`DEFAULT_HTTPS_PORT`]; funnel
+    /// allows 443, 8443 and 10000).
+    pub https_port: u16,
+    /// Serve/funnel: the handler's mount path (`--set-path`, `/` by default). Tunnels and the
+    /// operator's own handlers on one node need distinct port/path pairs.
+    pub serve_path: String,
 }
 
 impl TailscaleSpec {
@@ -132,6 +156,8 @@ impl TailscaleSpec {
             check_timeout: DEFAULT_CHECK_TIMEOUT,
             status_interval: DEFAULT_STATUS_INTERVAL,
             dial_address: None,
+            https_port: DEFAULT_HTTPS_PORT,
+            serve_path: "/".to_string(),
         }
     }
 }
@@ -163,6 +189,26 @@ impl TailscaleProvider {
         }
         if spec.socket.as_ref().is_some_and(|s| s.to_str().is_none()) {
             return config("`socket` is not valid UTF-8");
+        }
+        if spec.https_port == 0 {
+            return config("`https_port` must be 1-65535");
+        }
+        if spec.mode == TailscaleMode::Funnel && !FUNNEL_PORTS.contains(&spec.https_port) {
+            return config(&format!(
+                "funnel accepts `https_port` 443, 8443 or 10000, not {}",
+                spec.https_port
+            ));
+        }
+        if !spec.serve_path.starts_with('/')
+            || spec
+                .serve_path
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control() || c == '?' || c == '#')
+        {
+            return config(&format!(
+                "`serve_path` {:?} must be a URL path starting with `/`",
+                spec.serve_path
+            ));
         }
         match (spec.mode, spec.peer.as_deref().map(str::trim)) {
             (TailscaleMode::Peer, None | Some("")) => config(
@@ -203,13 +249,48 @@ impl Provider for TailscaleProvider {
             tag: format!("{}/{}", ctx.service, ctx.tunnel),
         };
 
-        let status = cli.status().await?;
-        let peer_addr = evaluate(&status, peer.as_deref(), spec.port)
-            .map_err(|down| ProviderError::Unhealthy(down.to_string()))?;
-
-        let url = match spec.mode.expose_command() {
+        let handler = match spec.mode.expose_command() {
+            Some(command) => {
+                version::require(
+                    vec![cli.binary.clone(), "version".to_string()],
+                    &cli.tag,
+                    MIN_VERSION_SERVE,
+                    "`serve`/`funnel` with `--bg`, `--https` and `--set-path`",
+                )
+                .await
+                .map_err(|err| match err {
+                    ProviderError::MissingBinary { binary, .. } => ProviderError::MissingBinary {
+                        binary,
+                        hint: INSTALL_HINT.to_string(),
+                    },
+                    other => other,
+                })?;
+                Some(Handler {
+                    command,
+                    https_port: spec.https_port,
+                    path: spec.serve_path.clone(),
+                    proxy: format!("http://127.0.0.1:{}", spec.port),
+                })
+            }
             None => None,
-            Some(command) => Some(cli.expose(command, spec.port).await?),
+        };
+        let ping_wait = ping_wait(spec.check_timeout);
+        let status = cli.status().await?;
+        let seen = evaluate(&status, peer.as_deref(), spec.port)
+            .map_err(|down| ProviderError::Unhealthy(down.to_string()))?;
+        let peer_addr = match (&seen, &peer) {
+            (Some(view), Some(name)) => {
+                confirm(&cli, name, view, ping_wait)
+                    .await
+                    .map_err(|down| ProviderError::Unhealthy(down.to_string()))?;
+                Some(view.addr)
+            }
+            _ => None,
+        };
+
+        let url = match &handler {
+            None => None,
+            Some(handler) => Some(cli.expose(handler, &status).await?),
         };
         match (&url, peer_addr) {
             (Some(url), _) => tracing::info!(tunnel = %cli.tag, "tailscale {url} up"),
@@ -224,6 +305,8 @@ impl Provider for TailscaleProvider {
             peer,
             port: spec.port,
             peer_addr: Mutex::new(peer_addr),
+            ping_wait,
+            handler,
             closed,
         });
         let stop = CancellationToken::new();
@@ -237,7 +320,6 @@ impl Provider for TailscaleProvider {
             url,
             dial_address: spec.dial_address.clone(),
             resolver: ctx.resolver.clone(),
-            ping_wait: ping_wait(spec.check_timeout),
             stop,
             watcher: tokio::sync::Mutex::new(Some(watcher)),
             stopped: AtomicBool::new(false),
@@ -254,6 +336,10 @@ struct Shared {
     port: u16,
     /// Peer mode: where dials go, refreshed by every status read.
     peer_addr: Mutex<Option<SocketAddr>>,
+    /// The `--timeout` given to `tailscale ping`.
+    ping_wait: Duration,
+    /// Serve/funnel: the handler this tunnel added (and alone removes).
+    handler: Option<Handler>,
     /// Why the tunnel closed, once it has.
     closed: watch::Sender<Option<String>>,
 }
@@ -278,22 +364,29 @@ impl Shared {
         self.closed.borrow().clone()
     }
 
-    /// Reads the status once. `Ok(Err(down))` is a definitive "the path is gone", and closes
-    /// the tunnel; `Err` means the status could not be read at all.
-    async fn observe(&self) -> crate::Result<Result<(), Down>> {
+    /// Reads the status once (and pings a peer the status shows offline). `Ok(Err(down))` is
+    /// a definitive "the path is gone", and closes the tunnel; `Ok(Ok(Some(health)))` carries
+    /// the confirming ping's answer; `Err` means the status could not be read at all.
+    async fn observe(&self) -> crate::Result<Result<Option<Health>, Down>> {
         let status = self.cli.status().await?;
-        match evaluate(&status, self.peer.as_deref(), self.port) {
-            Ok(addr) => {
-                if addr.is_some() {
-                    *lock(&self.peer_addr) = addr;
+        let seen = evaluate(&status, self.peer.as_deref(), self.port);
+        let confirmed = match (seen, &self.peer) {
+            (Ok(Some(view)), Some(name)) => {
+                match confirm(&self.cli, name, &view, self.ping_wait).await {
+                    Ok(health) => {
+                        *lock(&self.peer_addr) = Some(view.addr);
+                        Ok(health)
+                    }
+                    Err(down) => Err(down),
                 }
-                Ok(Ok(()))
             }
-            Err(down) => {
-                self.close(down.to_string());
-                Ok(Err(down))
-            }
+            (Ok(_), _) => Ok(None),
+            (Err(down), _) => Err(down),
+        };
+        if let Err(down) = &confirmed {
+            self.close(down.to_string());
         }
+        Ok(confirmed)
     }
 }
 
@@ -311,7 +404,7 @@ async fn watch_status(shared: Arc<Shared>, stop: CancellationToken, interval: Du
             observed = shared.observe() => observed,
         };
         match observed {
-            Ok(Ok(())) => failures = 0,
+            Ok(Ok(_)) => failures = 0,
             Ok(Err(_down)) => return,
             Err(err) => {
                 failures += 1;
@@ -334,8 +427,6 @@ struct TailscaleTunnel {
     url: Option<String>,
     dial_address: Option<String>,
     resolver: Resolver,
-    /// The `--timeout` given to `tailscale ping`.
-    ping_wait: Duration,
     stop: CancellationToken,
     /// Taken by the first `stop`.
     watcher: tokio::sync::Mutex<Option<JoinHandle<()>>>,
@@ -378,11 +469,22 @@ impl Tunnel for TailscaleTunnel {
         if let Some(reason) = self.shared.closed_reason() {
             return Err(ProviderError::Closed(reason));
         }
-        if let Err(down) = self.shared.observe().await? {
-            return Err(ProviderError::Unhealthy(down.to_string()));
+        let confirmed = match self.shared.observe().await? {
+            Ok(confirmed) => confirmed,
+            Err(down) => return Err(ProviderError::Unhealthy(down.to_string())),
+        };
+        // A peer the status showed offline was pinged already: that answer is the health.
+        if let Some(health) = confirmed {
+            return Ok(health);
         }
-        match (self.shared.mode, &self.shared.peer) {
-            (TailscaleMode::Peer, Some(peer)) => self.shared.cli.ping(peer, self.ping_wait).await,
+        let addr = *lock(&self.shared.peer_addr);
+        match (self.shared.mode, &self.shared.peer, addr) {
+            (TailscaleMode::Peer, Some(peer), Some(addr)) => {
+                self.shared
+                    .cli
+                    .ping(peer, addr.ip(), self.shared.ping_wait)
+                    .await
+            }
             _ => Ok(Health::default()),
         }
     }
@@ -408,9 +510,9 @@ impl Tunnel for TailscaleTunnel {
         if let Err(err) = task.await {
             tracing::warn!(tunnel = %self.shared.cli.tag, "tailscale status watcher ended badly: {err}");
         }
-        if let Some(command) = self.shared.mode.expose_command() {
-            if let Err(err) = self.shared.cli.unexpose(command).await {
-                tracing::warn!(tunnel = %self.shared.cli.tag, "cannot turn tailscale {command} off: {err}");
+        if let Some(handler) = &self.shared.handler {
+            if let Err(err) = self.shared.cli.unexpose(handler).await {
+                tracing::warn!(tunnel = %self.shared.cli.tag, "cannot turn tailscale {} off: {err}", handler.command);
             }
         }
         self.stopped.store(true, Ordering::SeqCst);
@@ -425,14 +527,16 @@ impl Drop for TailscaleTunnel {
         }
         // Dropped without `stop`: a funnel left on would keep the port open to the internet,
         // so turn it off in the background if there is still a runtime to do it.
-        if let (Some(command), Ok(runtime)) = (
-            self.shared.mode.expose_command(),
+        if let (Some(_), Ok(runtime)) = (
+            self.shared.handler.as_ref(),
             tokio::runtime::Handle::try_current(),
         ) {
             let shared = self.shared.clone();
             runtime.spawn(async move {
-                if let Err(err) = shared.cli.unexpose(command).await {
-                    tracing::warn!(tunnel = %shared.cli.tag, "cannot turn tailscale {command} off: {err}");
+                if let Some(handler) = &shared.handler {
+                    if let Err(err) = shared.cli.unexpose(handler).await {
+                        tracing::warn!(tunnel = %shared.cli.tag, "cannot turn tailscale {} off: {err}", handler.command);
+                    }
                 }
             });
         }
@@ -463,6 +567,74 @@ fn go_duration(d: Duration) -> String {
     }
 }
 
+/// The serve/funnel handler a tunnel adds: `--https=<https_port> --set-path=<path>` proxying to
+/// `proxy`.
+#[derive(Debug, Clone)]
+struct Handler {
+    /// `serve` or `funnel`.
+    command: &'static str,
+    https_port: u16,
+    path: String,
+    /// What the handler proxies to, as `serve status --json` shows it.
+    proxy: String,
+}
+
+impl Handler {
+    /// The flags that name this handler, for adding and removing it.
+    fn flags(&self) -> [String; 2] {
+        [
+            format!("--https={}", self.https_port),
+            format!("--set-path={}", self.path),
+        ]
+    }
+}
+
+/// A peer as the status shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PeerView {
+    /// Where dials go: its first Tailscale IP (IPv4 preferred) and the service port.
+    addr: SocketAddr,
+    /// Connected to the coordination server (not the same as reachable).
+    online: bool,
+    /// `LastSeen`, when the status gives one.
+    last_seen: Option<String>,
+}
+
+/// Confirms a peer the status shows offline with a ping of its Tailscale IP: an answer means
+/// the data path works whatever the coordination server thinks (`Ok(Some(health))`). An online
+/// peer needs no ping here (`Ok(None)`).
+async fn confirm(
+    cli: &Cli,
+    name: &str,
+    view: &PeerView,
+    wait: Duration,
+) -> Result<Option<Health>, Down> {
+    if view.online {
+        return Ok(None);
+    }
+    let detail = view
+        .last_seen
+        .as_ref()
+        .map(|at| format!(" (last seen {at})"))
+        .unwrap_or_default();
+    match cli.ping(name, view.addr.ip(), wait).await {
+        Ok(mut health) => {
+            tracing::info!(tunnel = %cli.tag, "peer {name} is offline at the coordination server{detail} but answers tailscale ping");
+            let shown = health.detail.take().unwrap_or_default();
+            health.detail = Some(
+                format!("{shown}; offline at the coordination server")
+                    .trim_start_matches("; ")
+                    .to_string(),
+            );
+            Ok(Some(health))
+        }
+        Err(err) => Err(Down::PeerOffline {
+            peer: name.to_string(),
+            detail: format!("{detail} and does not answer tailscale ping ({err})"),
+        }),
+    }
+}
+
 /// How the provider runs the CLI.
 #[derive(Debug, Clone)]
 struct Cli {
@@ -479,6 +651,8 @@ struct Cli {
 struct Ran {
     /// The command line without the program path, for messages.
     shown: String,
+    /// Killed at the per-call timeout.
+    timed_out: bool,
     status: ExitInfo,
     stdout: String,
     stderr: String,
@@ -514,8 +688,21 @@ impl Ran {
 }
 
 impl Cli {
-    /// Runs `tailscale [--socket=S] <args>` to completion within the per-call timeout.
+    /// Runs `tailscale [--socket=S] <args>` to completion within the per-call timeout; a call
+    /// that runs past it is a [`ProviderError::Timeout`].
     async fn run(&self, args: Vec<String>, output_cap: usize) -> crate::Result<Ran> {
+        let ran = self.run_raw(args, output_cap).await?;
+        if ran.timed_out {
+            return Err(ProviderError::Timeout {
+                what: format!("`{}`", ran.shown),
+                after: self.timeout,
+            });
+        }
+        Ok(ran)
+    }
+
+    /// [`Cli::run`], but a call killed at the timeout is returned with what it printed.
+    async fn run_raw(&self, args: Vec<String>, output_cap: usize) -> crate::Result<Ran> {
         let mut full = Vec::with_capacity(args.len() + 1);
         if let Some(socket) = &self.socket {
             full.push(format!("--socket={socket}"));
@@ -536,14 +723,9 @@ impl Cli {
             },
             other => other,
         })?;
-        if out.timed_out {
-            return Err(ProviderError::Timeout {
-                what: format!("`{shown}`"),
-                after: self.timeout,
-            });
-        }
         Ok(Ran {
             shown,
+            timed_out: out.timed_out,
             status: out.status,
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -563,10 +745,11 @@ impl Cli {
         })
     }
 
-    /// `tailscale ping --c 1 --until-direct=false --timeout <wait> <peer>`: one pong, whichever
+    /// `tailscale ping --c 1 --until-direct=false --timeout <wait> <ip>`: one pong, whichever
     /// path it takes (`--until-direct` defaults to true, and a path that stays on DERP would
-    /// then fail the call).
-    async fn ping(&self, peer: &str, wait: Duration) -> crate::Result<Health> {
+    /// then fail the call). `ip` is the peer's Tailscale IP: the CLI would not resolve every
+    /// name the status matches. `peer` names it in messages.
+    async fn ping(&self, peer: &str, ip: IpAddr, wait: Duration) -> crate::Result<Health> {
         let args = vec![
             "ping".to_string(),
             "--c".to_string(),
@@ -574,7 +757,7 @@ impl Cli {
             "--until-direct=false".to_string(),
             "--timeout".to_string(),
             go_duration(wait),
-            peer.to_string(),
+            ip.to_string(),
         ];
         let ran = self.run(args, OUTPUT_CAP).await?;
         if let Some(health) = parse_ping(&ran.stdout) {
@@ -582,25 +765,97 @@ impl Cli {
         }
         if ran.stdout.lines().any(is_ping_timeout) {
             return Err(ProviderError::Timeout {
-                what: format!("tailscale ping {peer}"),
+                what: format!("tailscale ping {ip} ({peer})"),
                 after: wait,
             });
         }
         Err(ProviderError::Unhealthy(ran.failure()))
     }
 
-    /// `tailscale serve|funnel --bg <port>`, and the URL it printed.
-    async fn expose(&self, command: &str, port: u16) -> crate::Result<String> {
-        let args = vec![command.to_string(), "--bg".to_string(), port.to_string()];
-        let ran = self.run(args, OUTPUT_CAP).await?;
+    /// The handlers already served on this node, from `tailscale serve status --json`:
+    /// `(host:port, path, proxy)`.
+    async fn serve_handlers(&self) -> crate::Result<Vec<(String, String, String)>> {
+        let ran = self
+            .run(argv(&["serve", "status", "--json"]), STATUS_OUTPUT_CAP)
+            .await?;
         if !ran.status.success() {
+            return Err(ProviderError::Spawn(ran.failure()));
+        }
+        let config: ServeConfig = if ran.stdout.trim().is_empty() {
+            ServeConfig::default()
+        } else {
+            serde_json::from_str(&ran.stdout).map_err(|err| {
+                ProviderError::Spawn(format!("cannot parse the output of `{}`: {err}", ran.shown))
+            })?
+        };
+        let mut found = Vec::new();
+        for (host_port, web) in config.web.into_iter().flatten() {
+            for (path, handler) in web.handlers.into_iter().flatten() {
+                found.push((host_port.clone(), path, handler.proxy));
+            }
+        }
+        Ok(found)
+    }
+
+    /// Adds `handler` with `tailscale serve|funnel --bg --https=N --set-path=P <port>`, and
+    /// returns the URL it printed. Refuses to replace a handler someone else put on that port
+    /// and path (the CLI would silently overwrite it).
+    async fn expose(&self, handler: &Handler, status: &Status) -> crate::Result<String> {
+        let command = handler.command;
+        let self_name = status
+            .self_node
+            .as_ref()
+            .map(|n| n.dns_name.trim_end_matches('.').to_string())
+            .unwrap_or_default();
+        let wanted = format!("{self_name}:{}", handler.https_port);
+        for (host_port, path, proxy) in self.serve_handlers().await? {
+            if host_port == wanted && path == handler.path && proxy != handler.proxy {
+                return Err(ProviderError::Config(format!(
+                    "tailscale already serves https://{wanted}{path} -> {proxy}, which is not this \
+                     tunnel's ({}); give this tunnel its own `https_port` or `serve_path`",
+                    handler.proxy
+                )));
+            }
+        }
+        let mut args = vec![command.to_string(), "--bg".to_string()];
+        args.extend(handler.flags());
+        args.push(
+            handler
+                .proxy
+                .trim_start_matches("http://127.0.0.1:")
+                .to_string(),
+        );
+        let ran = self.run_raw(args, OUTPUT_CAP).await?;
+        if ran.timed_out || !ran.status.success() {
+            // Not enabled on the tailnet: the CLI printed where to enable it and waited.
+            if let Some(enable) = enable_url(&ran.stdout).or_else(|| enable_url(&ran.stderr)) {
+                if let Err(err) = self.unexpose(handler).await {
+                    tracing::debug!(tunnel = %self.tag, "nothing to turn off after the enable prompt: {err}");
+                }
+                return Err(ProviderError::Spawn(format!(
+                    "tailscale {command} is not enabled on this tailnet: an admin must enable it \
+                     at {enable} (`{}` waited for that {})",
+                    ran.shown,
+                    if ran.timed_out {
+                        "until killed"
+                    } else {
+                        "and failed"
+                    }
+                )));
+            }
+            if ran.timed_out {
+                return Err(ProviderError::Timeout {
+                    what: format!("`{}`", ran.shown),
+                    after: self.timeout,
+                });
+            }
             return Err(ProviderError::Spawn(ran.failure()));
         }
         let Some(found) = parse_serve_url(&ran.stdout).or_else(|| parse_serve_url(&ran.stderr))
         else {
             // It exposed the port but said nowhere where: take it down again rather than
             // leave an exposure nobody manages.
-            if let Err(err) = self.unexpose(command).await {
+            if let Err(err) = self.unexpose(handler).await {
                 tracing::warn!(tunnel = %self.tag, "cannot turn tailscale {command} off again: {err}");
             }
             return Err(ProviderError::Spawn(format!(
@@ -615,15 +870,14 @@ impl Cli {
         Ok(found.url)
     }
 
-    /// Turns off what `expose` set up, with the command the CLI prints for it
-    /// (`To disable the proxy, run: tailscale serve --https=443 off`). `--bg <port> off` is not
-    /// used: `funnel` refuses `<port> off` as its pre-1.52 syntax.
-    async fn unexpose(&self, command: &str) -> crate::Result<()> {
-        let args = vec![
-            command.to_string(),
-            format!("--https={HTTPS_PORT}"),
-            "off".to_string(),
-        ];
+    /// Removes exactly the handler `expose` added: `tailscale serve|funnel --https=N
+    /// --set-path=P off`. Without `--set-path`, `off` would remove every handler on the port,
+    /// the operator's own included; `--bg <port> off` is not used: `funnel` refuses
+    /// `<port> off` as its pre-1.52 syntax.
+    async fn unexpose(&self, handler: &Handler) -> crate::Result<()> {
+        let mut args = vec![handler.command.to_string()];
+        args.extend(handler.flags());
+        args.push("off".to_string());
         let ran = self.run(args, OUTPUT_CAP).await?;
         if ran.status.success() {
             Ok(())
@@ -649,6 +903,30 @@ struct Status {
     health: Option<Vec<String>>,
     #[serde(rename = "Peer", default)]
     peer: Option<BTreeMap<String, PeerStatus>>,
+    #[serde(rename = "Self", default)]
+    self_node: Option<PeerStatus>,
+}
+
+/// The parts of `tailscale serve status --json` (ipn.ServeConfig) the provider reads.
+#[derive(Debug, Default, Deserialize)]
+struct ServeConfig {
+    #[serde(rename = "Web", default)]
+    web: Option<BTreeMap<String, WebServerConfig>>,
+}
+
+/// One `host:port` of `Web`.
+#[derive(Debug, Default, Deserialize)]
+struct WebServerConfig {
+    #[serde(rename = "Handlers", default)]
+    handlers: Option<BTreeMap<String, HttpHandler>>,
+}
+
+/// One mount path's handler.
+#[derive(Debug, Default, Deserialize)]
+struct HttpHandler {
+    /// What it proxies to (empty for a file or text handler).
+    #[serde(rename = "Proxy", default)]
+    proxy: String,
 }
 
 /// One entry of `Peer` in `tailscale status --json`.
@@ -701,13 +979,14 @@ impl PeerStatus {
     }
 }
 
-/// Why the status says the path is gone. Each is a hard signal.
+/// Why the status (with a confirming ping, for an offline peer) says the path is gone. Each is
+/// a hard signal.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 enum Down {
     /// The backend is not `Running` (logged out, stopped, waiting for approval, starting).
     #[error("tailscale is not running (BackendState {state}){detail}")]
     Backend { state: String, detail: String },
-    /// The peer is known but not connected to the control plane.
+    /// The peer is not connected to the control plane and does not answer a ping either.
     #[error("peer {peer} is offline{detail}")]
     PeerOffline { peer: String, detail: String },
     /// No peer of that name or address.
@@ -718,9 +997,10 @@ enum Down {
     PeerWithoutIp { peer: String },
 }
 
-/// Reads a status: `Ok(Some(addr))` is the peer's dial address (peer mode), `Ok(None)` a
-/// running backend (serve/funnel), `Err` why the path is down.
-fn evaluate(status: &Status, peer: Option<&str>, port: u16) -> Result<Option<SocketAddr>, Down> {
+/// Reads a status: `Ok(Some(view))` is the peer (peer mode), `Ok(None)` a running backend
+/// (serve/funnel), `Err` why the path is down. A peer shown offline is still returned: only a
+/// ping can tell whether it is gone.
+fn evaluate(status: &Status, peer: Option<&str>, port: u16) -> Result<Option<PeerView>, Down> {
     if status.backend_state != "Running" {
         return Err(backend_down(status));
     }
@@ -751,17 +1031,8 @@ fn evaluate(status: &Status, peer: Option<&str>, port: u16) -> Result<Option<Soc
             known: shown,
         });
     };
-    if !found.online {
-        let detail = if found.last_seen.is_empty() || found.last_seen == GO_ZERO_TIME {
-            String::new()
-        } else {
-            format!(" (last seen {})", found.last_seen)
-        };
-        return Err(Down::PeerOffline {
-            peer: wanted.to_string(),
-            detail,
-        });
-    }
+    let last_seen = (!found.last_seen.is_empty() && found.last_seen != GO_ZERO_TIME)
+        .then(|| found.last_seen.clone());
     let ips = found.ips();
     let ip = ips
         .iter()
@@ -770,7 +1041,24 @@ fn evaluate(status: &Status, peer: Option<&str>, port: u16) -> Result<Option<Soc
         .ok_or_else(|| Down::PeerWithoutIp {
             peer: wanted.to_string(),
         })?;
-    Ok(Some(SocketAddr::new(*ip, port)))
+    Ok(Some(PeerView {
+        addr: SocketAddr::new(*ip, port),
+        online: found.online,
+        last_seen,
+    }))
+}
+
+/// The enable URL the CLI prints when HTTPS or Funnel is off on the tailnet: the first
+/// `https://` word of output that carries no `Available …:` header (which introduces the
+/// served URL instead).
+fn enable_url(output: &str) -> Option<String> {
+    if parse_serve_url(output).is_some() {
+        return None;
+    }
+    output
+        .split_whitespace()
+        .find(|word| word.starts_with("https://"))
+        .map(str::to_string)
 }
 
 /// Explains a backend that is not `Running`, with the login URL and health messages.
@@ -923,29 +1211,32 @@ mod tests {
             "100.101.102.103",
             "fd7a:115c:a1e0::abcd:ef01",
         ] {
-            assert_eq!(evaluate(&status, Some(name), 22), Ok(Some(want)), "{name}");
+            assert_eq!(
+                evaluate(&status, Some(name), 22).map(|v| v.map(|v| (v.addr, v.online))),
+                Ok(Some((want, true))),
+                "{name}"
+            );
         }
         assert_eq!(evaluate(&status, None, 22), Ok(None));
         match evaluate(&status, Some("nosuch"), 22) {
             Err(Down::PeerUnknown { known, .. }) => assert_eq!(known, "homebox, old-laptop"),
             other => panic!("{other:?}"),
         }
-        // A known but offline peer.
-        assert_eq!(
-            evaluate(&status, Some("old-laptop"), 22)
-                .map_err(|d| d.to_string())
-                .unwrap_err(),
-            "peer old-laptop is offline (last seen 2026-10-01T17:00:00Z)"
-        );
+        // A known but offline peer is returned as such: only a ping can tell it is gone.
+        let view = evaluate(&status, Some("old-laptop"), 22)
+            .expect("known")
+            .expect("peer");
+        assert!(!view.online);
+        assert_eq!(view.last_seen.as_deref(), Some("2026-10-01T17:00:00Z"));
     }
 
     #[test]
     fn offline_and_logged_out_explain_themselves() {
-        let down = evaluate(&status(OFFLINE), Some("homebox"), 22).unwrap_err();
-        assert_eq!(
-            down.to_string(),
-            "peer homebox is offline (last seen 2026-11-20T10:14:58Z)"
-        );
+        let view = evaluate(&status(OFFLINE), Some("homebox"), 22)
+            .expect("known")
+            .expect("peer");
+        assert!(!view.online);
+        assert_eq!(view.last_seen.as_deref(), Some("2026-11-20T10:14:58Z"));
         let down = evaluate(&status(NEEDS_LOGIN), None, 22).unwrap_err();
         assert_eq!(
             down.to_string(),
@@ -964,14 +1255,14 @@ mod tests {
         .expect("json");
         // Same HostName: the online one wins; IPv4 is preferred even when listed second.
         assert_eq!(
-            evaluate(&status, Some("box-1"), 1),
+            evaluate(&status, Some("box-1"), 1).map(|v| v.map(|v| v.addr)),
             Ok(Some("100.64.0.2:1".parse().expect("addr")))
         );
         // The exact MagicDNS name wins over a HostName match, even offline.
-        assert!(matches!(
-            evaluate(&status, Some("box.t.ts.net"), 1),
-            Err(Down::PeerOffline { .. })
-        ));
+        assert_eq!(
+            evaluate(&status, Some("box.t.ts.net"), 1).map(|v| v.map(|v| (v.addr, v.online))),
+            Ok(Some(("100.64.0.1:1".parse().expect("addr"), false)))
+        );
         // Nulls where Go prints them.
         let status: Status =
             serde_json::from_str(r#"{"BackendState":"Running","Health":null,"Peer":null}"#)
@@ -1024,6 +1315,18 @@ mod tests {
             Duration::from_millis(3500)
         );
         assert_eq!(ping_wait(Duration::from_secs(2)), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn an_enable_prompt_is_told_from_a_served_url() {
+        let prompt = "Funnel is not enabled on your tailnet.\nTo enable, visit:\n\n         \
+                      https://login.tailscale.com/f/funnel?node=n1\n";
+        assert_eq!(
+            enable_url(prompt).as_deref(),
+            Some("https://login.tailscale.com/f/funnel?node=n1")
+        );
+        let served = "Available on the internet:\n\nhttps://edgebox.tail1234.ts.net/\n";
+        assert_eq!(enable_url(served), None);
     }
 
     #[test]

@@ -139,6 +139,9 @@ impl Emu {
                 value.replace('\'', "'\\''")
             ));
         }
+        // This process's TUNNEL_TOKEN (set by the one test about an inherited token) reaches
+        // only that test's cloudflared: every other test stays independent of it.
+        script.push_str("[ \"$EMU_KEEP_TUNNEL_TOKEN\" = 1 ] || unset TUNNEL_TOKEN\n");
         script.push_str(&format!("exec '{EMULATOR}' \"$@\"\n"));
         let binary = dir.path().join("cloudflared");
         std::fs::write(&binary, script).expect("write wrapper");
@@ -317,12 +320,18 @@ async fn named_tunnel_comes_up_with_its_hostname_and_carries_bytes() {
     let pid = tunnel.pid().expect("pid");
 
     // The documented command line, with the token file's path (never the token).
-    let tail = args_tail(pid, 7);
+    let tail = args_tail(pid, 9);
     assert_eq!(&tail[..3], &["tunnel", "--no-autoupdate", "--metrics"]);
     assert!(tail[3].starts_with("127.0.0.1:"), "{tail:?}");
     assert_eq!(
         &tail[4..],
-        &["run", "--token-file", &token_file.display().to_string()]
+        &[
+            "--grace-period",
+            "4000ms",
+            "run",
+            "--token-file",
+            &token_file.display().to_string()
+        ]
     );
 
     let health = tunnel.check().await.expect("healthy");
@@ -332,6 +341,8 @@ async fn named_tunnel_comes_up_with_its_hostname_and_carries_bytes() {
         round_trip(&mut stream, b"through the edge").await,
         b"through the edge"
     );
+    // Nothing in flight: cloudflared's drain ends at once.
+    drop(stream);
 
     tunnel.stop().await;
     let reason = tokio::time::timeout(PATIENCE, tunnel.closed())
@@ -551,23 +562,148 @@ async fn never_ready_times_out_and_leaves_no_process() {
 }
 
 #[tokio::test]
-async fn cloudflared_without_token_file_support_is_named() {
-    let emu = Emu::new(&[("EMU_OLD_CLI", "1".to_string())]);
+async fn cloudflared_below_the_token_file_floor_is_refused_naming_the_minimum() {
+    let argv_log = tempfile::NamedTempFile::new().expect("argv log");
+    let log = argv_log.path().display().to_string();
+    let emu = Emu::new(&[
+        ("EMU_VERSION", "2025.2.1".to_string()),
+        ("EMU_ARGV_LOG", log.clone()),
+    ]);
     let result = CloudflareProvider::new(emu.named(&fresh_token()))
         .start(&ctx())
         .await;
     match &result {
-        // cloudflared exits 0 on a usage error; that still is a failed start.
-        Err(ProviderError::Spawn(msg)) => {
-            assert!(msg.contains("exited with status 0"), "{msg}");
-            assert!(
-                msg.contains("Incorrect Usage: flag provided but not defined: -token-file"),
-                "{msg}"
-            );
+        Err(ProviderError::Config(msg)) => {
+            assert!(msg.contains("2025.2.1"), "{msg}");
+            assert!(msg.contains("2025.4.0"), "{msg}");
             assert!(msg.contains("upgrade"), "{msg}");
         }
-        _ => panic!("expected a spawn error, got {}", show(&result)),
+        _ => panic!("expected a config error, got {}", show(&result)),
     }
+    // Only the version was asked: no tunnel was run.
+    let runs = std::fs::read_to_string(&log).expect("argv log");
+    assert_eq!(runs.lines().count(), 1, "{runs}");
+    assert!(runs.contains("--version"), "{runs}");
+
+    // The floor itself is enough.
+    let emu = Emu::new(&[("EMU_VERSION", "2025.4.0".to_string())]);
+    let tunnel = CloudflareProvider::new(emu.named(&fresh_token()))
+        .start(&ctx())
+        .await
+        .expect("2025.4.0 has --token-file");
+    tunnel.stop().await;
+}
+
+#[tokio::test]
+async fn an_inherited_tunnel_token_does_not_override_the_token_file() {
+    // A TUNNEL_TOKEN in the daemon's environment (here: this test process's) wins over
+    // --token-file in cloudflared. This one names a tunnel the edge refuses: if it reached
+    // cloudflared, the tunnel would never be ready.
+    let refused = BASE64.encode(format!(r#"{{"t":"{}"}}"#, random_uuid()).as_bytes());
+    std::env::set_var("TUNNEL_TOKEN", &refused);
+    let argv_log = tempfile::NamedTempFile::new().expect("argv log");
+    let echo = echo_server().await;
+    let emu = Emu::new(&[
+        ("EMU_ORIGIN", echo.to_string()),
+        ("EMU_ARGV_LOG", argv_log.path().display().to_string()),
+        ("EMU_KEEP_TUNNEL_TOKEN", "1".to_string()),
+    ]);
+    let mut spec = emu.named(&fresh_token());
+    spec.ready_timeout = Duration::from_secs(5);
+    let result = CloudflareProvider::new(spec).start(&ctx()).await;
+    let tunnel = match result {
+        Ok(tunnel) => tunnel,
+        Err(err) => panic!("the inherited TUNNEL_TOKEN reached cloudflared: {err:?}"),
+    };
+    assert!(echoes(&tunnel).await);
+    let runs = std::fs::read_to_string(argv_log.path()).expect("argv log");
+    let run = runs
+        .lines()
+        .find(|l| l.contains("--token-file"))
+        .expect("the tunnel run");
+    assert!(run.contains(r#""tunnel_token_env": false"#), "{run}");
+    tunnel.stop().await;
+}
+
+#[tokio::test]
+async fn stop_lets_a_request_in_flight_drain_and_cloudflared_exit_by_itself() {
+    let echo = echo_server().await;
+    let emu = Emu::new(&[("EMU_ORIGIN", echo.to_string())]);
+    let mut spec = emu.named(&fresh_token());
+    spec.stop_grace = Duration::from_secs(2);
+    let tunnel = CloudflareProvider::new(spec)
+        .start(&ctx())
+        .await
+        .expect("start");
+    let tail = args_tail(tunnel.pid().expect("pid"), 5);
+    assert_eq!(&tail[..2], &["--grace-period", "1500ms"], "{tail:?}");
+
+    // A long request in flight when stop comes.
+    let mut stream = tunnel.dial(PATIENCE).await.expect("dial");
+    assert_eq!(round_trip(&mut stream, b"before").await, b"before");
+    let stopping = {
+        let tunnel = tunnel.clone();
+        tokio::spawn(async move { tunnel.stop().await })
+    };
+    // It keeps flowing while cloudflared drains...
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(round_trip(&mut stream, b"during").await, b"during");
+    // ...and new requests get the edge's error page, not the service.
+    let mut fresh = tokio::net::TcpStream::connect(("127.0.0.1", emu.public_port))
+        .await
+        .expect("the edge accepts");
+    fresh
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut page = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, fresh.read_to_end(&mut page)).await;
+    assert!(String::from_utf8_lossy(&page).contains("1033"), "{page:?}");
+
+    tokio::time::timeout(PATIENCE, stopping)
+        .await
+        .expect("stop in time")
+        .expect("join");
+    let reason = tunnel.closed().await;
+    // cloudflared ended its own drain within our grace: exit 0, not our SIGKILL.
+    assert!(reason.contains("exited with status 0"), "{reason}");
+}
+
+#[tokio::test]
+async fn edge_answers_1033_while_down_so_dial_asks_cloudflared_first() {
+    let echo = echo_server().await;
+    let emu = Emu::new(&[("EMU_ORIGIN", echo.to_string())]);
+    let tunnel = CloudflareProvider::new(emu.named(&fresh_token()))
+        .start(&ctx())
+        .await
+        .expect("start");
+    assert!(echoes(&tunnel).await);
+    emu.control("notready");
+    assert!(
+        eventually(PATIENCE, || async { unhealthy(&tunnel).await.is_some() }).await,
+        "never unready"
+    );
+    // The edge still accepts on its port and serves the 1033 page...
+    let mut raw = tokio::net::TcpStream::connect(("127.0.0.1", emu.public_port))
+        .await
+        .expect("the edge accepts while the tunnel is down");
+    raw.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut page = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, raw.read_to_end(&mut page)).await;
+    let page = String::from_utf8_lossy(&page);
+    assert!(
+        page.starts_with("HTTP/1.1 530") && page.contains("1033"),
+        "{page}"
+    );
+    // ...so dial does not take the connect for a path.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    match tunnel.dial(PATIENCE).await {
+        Err(ProviderError::Unhealthy(why)) => assert!(why.contains("readyConnections=0"), "{why}"),
+        other => panic!("expected Unhealthy, got {other:?}"),
+    }
+    tunnel.stop().await;
 }
 
 #[tokio::test]
@@ -667,10 +803,13 @@ async fn quick_tunnel_hostname_comes_from_quicktunnel() {
         .await
         .expect("start");
     assert_eq!(tunnel.endpoint().display, FIXTURE_QUICK_HOSTNAME);
-    let tail = args_tail(tunnel.pid().expect("pid"), 6);
+    let tail = args_tail(tunnel.pid().expect("pid"), 8);
     assert_eq!(&tail[..3], &["tunnel", "--no-autoupdate", "--metrics"]);
     assert!(tail[3].starts_with("127.0.0.1:"), "{tail:?}");
-    assert_eq!(&tail[4..], &["--url", url.as_str()]);
+    assert_eq!(
+        &tail[4..],
+        &["--grace-period", "4000ms", "--url", url.as_str()]
+    );
     tunnel.check().await.expect("healthy");
     tunnel.stop().await;
 }
@@ -751,6 +890,45 @@ async fn access_mode_dials_the_local_listener() {
         tunnel.dial(PATIENCE).await,
         Err(ProviderError::Closed(_))
     ));
+}
+
+#[tokio::test]
+async fn access_service_token_reaches_cloudflared_in_its_environment_only() {
+    let echo = echo_server().await;
+    let id = format!("{}.access", hex(&random_bytes(8)));
+    let secret = hex(&random_bytes(16));
+    let emu = Emu::new(&[
+        ("EMU_ORIGIN", echo.to_string()),
+        ("EMU_ACCESS_TOKEN", format!("{id}:{secret}")),
+    ]);
+    let id_file = emu.dir.path().join("cf_id");
+    let secret_file = emu.dir.path().join("cf_secret");
+    std::fs::write(&id_file, format!("{id}\n")).expect("id");
+    std::fs::write(&secret_file, format!("{secret}\n")).expect("secret");
+    let mut spec = emu.spec(CloudflareMode::Access);
+    spec.hostname = Some("ssh.example.com".to_string());
+    spec.service_token = Some((id_file, secret_file));
+    let tunnel = CloudflareProvider::new(spec)
+        .start(&ctx())
+        .await
+        .expect("start");
+    let mut stream = tunnel.dial(PATIENCE).await.expect("dial");
+    assert_eq!(
+        round_trip(&mut stream, b"with a token").await,
+        b"with a token"
+    );
+    assert!(processes_with_in_cmdline(&secret).is_empty());
+    tunnel.stop().await;
+
+    // Without the token the stand-in refuses the stream, as Access would.
+    let mut spec = emu.spec(CloudflareMode::Access);
+    spec.hostname = Some("ssh.example.com".to_string());
+    let tunnel = CloudflareProvider::new(spec)
+        .start(&ctx())
+        .await
+        .expect("start");
+    assert!(!echoes(&tunnel).await);
+    tunnel.stop().await;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use common::{ctx, echo_server, eventually, free_port, gone, round_trip, PATIENCE};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tunnelkeeper_providers::ngrok::{NgrokProto, NgrokProvider, NgrokSpec};
 use tunnelkeeper_providers::process::{self, ExitInfo, RunSpec};
 use tunnelkeeper_providers::{Provider, ProviderError, Tunnel};
@@ -437,7 +438,15 @@ async fn token_is_in_no_command_line_and_no_log_line() {
     assert_eq!(round_trip(&mut stream, b"x").await, b"x");
     tunnel.check().await.expect("check");
     harness.control("error");
-    closed_within(tunnel.as_ref(), PATIENCE).await;
+    assert!(
+        eventually(PATIENCE, || async {
+            captured()
+                .iter()
+                .any(|l| l.contains("reconnected by itself"))
+        })
+        .await,
+        "the blip was not watched through"
+    );
     assert_eq!(cmdlines_containing(&harness.token), Vec::new());
     tunnel.stop().await;
 
@@ -457,40 +466,230 @@ async fn token_is_in_no_command_line_and_no_log_line() {
 }
 
 #[tokio::test]
-async fn error_log_line_closes_the_tunnel_with_its_err() {
+async fn error_log_line_is_a_blip_the_agent_reconnects_from() {
+    // The real agent logs `lvl=eror msg="session closed, starting reconnect loop"` on a network
+    // blip and reconnects by itself with the same URL: that is not a dead tunnel.
     let echo = echo_server().await;
-    let harness = Harness::new(&[]);
+    let harness = Harness::new(&[("EMU_RECONNECT_MS", "1500")]);
     let tunnel = harness
         .provider(NgrokProto::Tcp, &echo.to_string())
         .start(&ctx())
         .await
         .expect("start");
     let pid = tunnel.pid().expect("pid");
+    let url = tunnel.endpoint().display;
     let watcher = {
         let tunnel = tunnel.clone();
         tokio::spawn(async move { tunnel.closed().await })
     };
 
     harness.control("error");
+    // Soft while it reconnects: health says so, with the agent's err.
+    assert!(
+        eventually(PATIENCE, || async {
+            matches!(tunnel.check().await, Err(ProviderError::Unhealthy(why)) if why.contains("session closed"))
+        })
+        .await,
+        "check() never reported the reconnecting session"
+    );
+    // Then it is back by itself: same agent, same URL, bytes flow, never closed.
+    assert!(
+        eventually(PATIENCE, || async { tunnel.check().await.is_ok() }).await,
+        "the agent never came back online"
+    );
+    assert!(!watcher.is_finished(), "closed() resolved on a blip");
+    assert_eq!(tunnel.pid(), Some(pid));
+    assert_eq!(tunnel.endpoint().display, url);
+    assert_eq!(harness.starts().len(), 1);
+    let mut stream = tunnel.dial(PATIENCE).await.expect("dial after the blip");
+    assert_eq!(round_trip(&mut stream, b"still here").await, b"still here");
+    drop(stream);
+    tunnel.stop().await;
+    assert!(gone(pid));
     let reason = tokio::time::timeout(PATIENCE, watcher)
         .await
-        .expect("closed in time")
+        .expect("closed after stop")
         .expect("join");
-    assert!(reason.contains("session closed"), "{reason}");
-    // A hard signal even though the agent keeps running (it would try to reconnect).
-    assert!(!gone(pid), "the agent is still running");
-    assert_eq!(closed_within(tunnel.as_ref(), PATIENCE).await, reason);
-    match tunnel.dial(PATIENCE).await {
-        Err(ProviderError::Closed(why)) => assert!(why.contains("session closed"), "{why}"),
-        other => panic!("expected Closed, got {other:?}"),
-    }
+    assert!(reason.contains("ngrok exited"), "{reason}");
+    assert!(harness.config_files().is_empty());
+}
+
+#[tokio::test]
+async fn agent_offline_past_the_reconnect_grace_closes_the_tunnel() {
+    let echo = echo_server().await;
+    let harness = Harness::new(&[]);
+    let mut spec = harness.spec(NgrokProto::Tcp, &echo.to_string());
+    spec.reconnect_grace = Duration::from_secs(2);
+    let tunnel = NgrokProvider::new(spec).start(&ctx()).await.expect("start");
+    let pid = tunnel.pid().expect("pid");
+
+    let down_at = Instant::now();
+    harness.control("down no route to host");
+    let reason = closed_within(tunnel.as_ref(), PATIENCE).await;
+    let took = down_at.elapsed();
+    assert!(
+        took >= Duration::from_secs(2),
+        "closed after {took:?}, before the grace"
+    );
+    assert!(
+        reason.contains("no route to host") && reason.contains("not online again"),
+        "{reason}"
+    );
+    // The agent still runs; the daemon's restart (stop, start) is what replaces it.
+    assert!(!gone(pid));
     assert!(matches!(
-        tunnel.check().await,
+        tunnel.dial(PATIENCE).await,
         Err(ProviderError::Closed(_))
     ));
     tunnel.stop().await;
     assert!(gone(pid));
+}
+
+#[tokio::test]
+async fn http_dial_is_refused_while_offline_though_the_edge_answers() {
+    let echo = echo_server().await;
+    let harness = Harness::new(&[]);
+    let tunnel = harness
+        .provider(NgrokProto::Http, &echo.to_string())
+        .start(&ctx())
+        .await
+        .expect("start");
+    let port = endpoint_port(&tunnel.endpoint().display);
+    let mut stream = tunnel.dial(PATIENCE).await.expect("dial while online");
+    assert_eq!(
+        round_trip(&mut stream, b"GET / HTTP/1.0\r\n").await,
+        b"GET / HTTP/1.0\r\n"
+    );
+    drop(stream);
+
+    harness.control("down");
+    // The edge still accepts on the public port and answers with its error page...
+    assert!(
+        eventually(PATIENCE, || async {
+            let Ok(mut raw) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+                return false;
+            };
+            let _ = raw.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+            let mut page = Vec::new();
+            // Until the emulator notices, the relay still echoes and never closes: read briefly.
+            let _ =
+                tokio::time::timeout(Duration::from_millis(500), raw.read_to_end(&mut page)).await;
+            String::from_utf8_lossy(&page).contains("ERR_NGROK_3200")
+        })
+        .await,
+        "the stand-in edge does not serve ERR_NGROK_3200 while offline"
+    );
+    // ...so a connect proves nothing: dial asks the agent first.
+    assert!(
+        eventually(PATIENCE, || async {
+            matches!(
+                tunnel.dial(PATIENCE).await,
+                Err(ProviderError::Unhealthy(_))
+            )
+        })
+        .await,
+        "dial succeeded against an offline endpoint"
+    );
+    tunnel.stop().await;
+}
+
+#[tokio::test]
+async fn http_inspection_is_off_so_local_users_read_no_requests() {
+    let echo = echo_server().await;
+    let harness = Harness::new(&[]);
+    let tunnel = harness
+        .provider(NgrokProto::Http, &echo.to_string())
+        .start(&ctx())
+        .await
+        .expect("start");
+    let (_, argv) = harness.starts().pop().expect("started");
+    assert!(argv.contains(&"--inspect=false".to_string()), "{argv:?}");
+    let mut stream = tunnel.dial(PATIENCE).await.expect("dial");
+    let secret_request = b"GET /private?session=abc HTTP/1.0\r\n";
+    assert_eq!(
+        round_trip(&mut stream, secret_request).await,
+        secret_request
+    );
+    drop(stream);
+
+    // What any local user can ask the agent's API for.
+    let config = fs::read_to_string(&harness.config_files()[0]).expect("config");
+    let web_addr: std::net::SocketAddr = config
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("web_addr: "))
+        .expect("web_addr")
+        .parse()
+        .expect("addr");
+    let (status, body) =
+        tunnelkeeper_providers::http::get_json(web_addr, "/api/requests/http", PATIENCE)
+            .await
+            .expect("api");
+    assert_eq!(status, 200);
+    assert_eq!(body["requests"].as_array().map(Vec::len), Some(0), "{body}");
+    tunnel.stop().await;
+}
+
+#[tokio::test]
+async fn an_agent_below_the_version_floor_is_refused_naming_the_minimum() {
+    let echo = echo_server().await;
+    let harness = Harness::new(&[("EMU_VERSION", "3.15.1")]);
+    let result = harness
+        .provider(NgrokProto::Tcp, &echo.to_string())
+        .start(&ctx())
+        .await;
+    match &result {
+        Err(ProviderError::Config(msg)) => {
+            assert!(msg.contains("3.15.1") && msg.contains("3.16.0"), "{msg}")
+        }
+        other => panic!("expected a config error, got {}", describe(other)),
+    }
+    // Refused before the agent ran a tunnel, and before the token was copied anywhere.
+    assert!(harness.starts().is_empty());
     assert!(harness.config_files().is_empty());
+
+    let ok = Harness::new(&[("EMU_VERSION", "3.16.0")]);
+    let tunnel = ok
+        .provider(NgrokProto::Tcp, &echo.to_string())
+        .start(&ctx())
+        .await
+        .expect("3.16.0 is enough");
+    tunnel.stop().await;
+}
+
+#[tokio::test]
+async fn token_copies_left_by_a_crash_are_removed_at_start() {
+    let echo = echo_server().await;
+    let harness = Harness::new(&[]);
+    let dir = harness.config_dir();
+    fs::create_dir_all(&dir).expect("dir");
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).expect("chmod");
+    // What a daemon killed with -9 leaves: its tunnel's file, and another tunnel's.
+    let leftover = dir.join("tunnelkeeper-ngrok-svc_t-4242-0.yml");
+    let other = dir.join("tunnelkeeper-ngrok-svc_t2-4242-1.yml");
+    fs::write(&leftover, "authtoken: old copy").expect("leftover");
+    fs::write(&other, "authtoken: other tunnel").expect("other");
+    // And one in the state directory, where earlier versions wrote it.
+    let old_dir = harness.dir.path().join("old-state-ngrok");
+    fs::create_dir_all(&old_dir).expect("old dir");
+    let old = old_dir.join("tunnelkeeper-ngrok-svc_t-777-3.yml");
+    fs::write(&old, "authtoken: older copy").expect("old");
+    let mut spec = harness.spec(NgrokProto::Tcp, &echo.to_string());
+    spec.old_config_dirs = vec![old_dir];
+    let tunnel = NgrokProvider::new(spec).start(&ctx()).await.expect("start");
+    assert!(
+        !leftover.exists(),
+        "the crashed run's token copy is still there"
+    );
+    assert!(
+        !old.exists(),
+        "the copy in the old state directory is still there"
+    );
+    assert!(
+        other.exists(),
+        "another tunnel's file is its own start's business"
+    );
+    assert_eq!(harness.config_files().len(), 2);
+    tunnel.stop().await;
 }
 
 #[tokio::test]
@@ -675,8 +874,16 @@ async fn http_tunnel_with_reserved_url_and_region() {
     let mut spec = harness.spec(NgrokProto::Http, &echo.to_string());
     spec.url = Some(url.clone());
     spec.region = Some("eu".to_string());
+    capture_logs();
     let tunnel = NgrokProvider::new(spec).start(&ctx()).await.expect("start");
     assert_eq!(tunnel.endpoint().display, url);
+    // Deprecated by ngrok: still passed, with a warning.
+    assert!(
+        captured()
+            .iter()
+            .any(|l| l.contains("region") && l.contains("deprecated")),
+        "no deprecation warning for `region`"
+    );
     let (_, argv) = harness.starts().pop().expect("started");
     assert_eq!(argv[..2], ["http".to_string(), echo.to_string()]);
     assert_eq!(
@@ -807,4 +1014,22 @@ async fn arguments_the_agent_would_misread_are_refused() {
         }
     }
     assert!(harness.starts().is_empty());
+}
+
+#[tokio::test]
+async fn a_config_dir_others_can_read_is_refused() {
+    let echo = echo_server().await;
+    let harness = Harness::new(&[]);
+    let dir = harness.config_dir();
+    fs::create_dir_all(&dir).expect("dir");
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod");
+    let result = harness
+        .provider(NgrokProto::Tcp, &echo.to_string())
+        .start(&ctx())
+        .await;
+    match &result {
+        Err(ProviderError::Config(msg)) => assert!(msg.contains("mode 755"), "{msg}"),
+        other => panic!("expected a config error, got {}", describe(other)),
+    }
+    assert!(harness.config_files().is_empty());
 }

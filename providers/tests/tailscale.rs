@@ -61,6 +61,24 @@ impl Emu {
         emu
     }
 
+    /// Adds an emulator setting (`EMU_*`) to `emulator.json`.
+    fn setting(&self, key: &str, value: &str) {
+        let path = self.dir.path().join("emulator.json");
+        let mut settings: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).expect("settings")).expect("json");
+        settings[key] = serde_json::Value::String(value.to_string());
+        std::fs::write(&path, settings.to_string()).expect("settings");
+    }
+
+    /// Stands for handlers the operator configured by hand: written as the serve config.
+    fn preset_serve(&self, config: serde_json::Value) {
+        std::fs::write(
+            format!("{}.serve", self.state.display()),
+            config.to_string(),
+        )
+        .expect("serve config");
+    }
+
     /// Switches the state atomically, so no invocation reads a half-written file.
     fn set(&self, state: &str) {
         let tmp = self.dir.path().join("state.tmp");
@@ -202,7 +220,7 @@ async fn check_reports_direct_and_derp_pings_with_their_latency() {
         "--until-direct=false",
         "--timeout",
         "3500ms",
-        "homebox",
+        "127.0.0.1",
     ]);
     let calls = emu.calls();
     let pings: Vec<_> = calls.iter().filter(|c| c[0] == "ping").collect();
@@ -222,7 +240,9 @@ async fn ping_timeout_is_an_error_but_not_a_hard_signal() {
     let tunnel = start_ok(emu.peer_spec("homebox", 22)).await;
     match tunnel.check().await {
         // The CLI printed `ping "<ip>" timed out` after its `--timeout`...
-        Err(ProviderError::Timeout { what, after }) if what == "tailscale ping homebox" => {
+        Err(ProviderError::Timeout { what, after })
+            if what == "tailscale ping 127.0.0.1 (homebox)" =>
+        {
             assert_eq!(after, Duration::from_millis(3500))
         }
         // ...or, on a box so loaded that the emulator could not even get that far within the
@@ -239,7 +259,7 @@ async fn ping_timeout_is_an_error_but_not_a_hard_signal() {
         "--until-direct=false",
         "--timeout",
         "3500ms",
-        "homebox"
+        "127.0.0.1"
     ])));
     // The peer is still online, so the tunnel stays open and dialable.
     assert!(
@@ -268,7 +288,10 @@ async fn needs_login_fails_start_with_the_auth_url() {
         }
     }
     // Nothing was exposed for a node that is logged out.
-    assert!(emu.calls().iter().all(|c| c[0] == "status"));
+    assert!(emu
+        .calls()
+        .iter()
+        .all(|c| c[0] == "status" || c[0] == "version"));
 }
 
 #[tokio::test]
@@ -286,7 +309,10 @@ async fn offline_peer_fails_start() {
 async fn peer_going_offline_is_a_hard_signal_within_seconds() {
     let echo = echo_server().await;
     let emu = Emu::new("running");
-    let tunnel = start_ok(emu.peer_spec("homebox", echo.port())).await;
+    let mut spec = emu.peer_spec("homebox", echo.port());
+    // The confirming ping waits 1 s for its pong.
+    spec.check_timeout = Duration::from_secs(2);
+    let tunnel = start_ok(spec).await;
     let watcher = {
         let tunnel = tunnel.clone();
         tokio::spawn(async move { tunnel.closed().await })
@@ -303,6 +329,10 @@ async fn peer_going_offline_is_a_hard_signal_within_seconds() {
         switched.elapsed()
     );
     assert!(reason.starts_with("peer homebox is offline"), "{reason}");
+    assert!(
+        reason.contains("does not answer tailscale ping"),
+        "{reason}"
+    );
     match tunnel.check().await {
         Err(ProviderError::Closed(why)) => assert_eq!(why, reason),
         other => panic!("expected Closed, got {other:?}"),
@@ -394,11 +424,19 @@ async fn serve_exposes_the_port_reads_the_url_and_turns_it_off_on_stop() {
         .expect("start");
     assert_eq!(tunnel.endpoint().display, format!("https://{SELF_HOST}/"));
     assert_eq!(
-        emu.calls()[..2],
-        [argv(STATUS), argv(&["serve", "--bg", "8080"])]
+        emu.calls()[..4],
+        [
+            argv(&["version"]),
+            argv(STATUS),
+            argv(&["serve", "status", "--json"]),
+            argv(&["serve", "--bg", "--https=443", "--set-path=/", "8080"])
+        ]
     );
-    assert_eq!(emu.serve_config()["443"]["mode"], "serve");
-    assert_eq!(emu.serve_config()["443"]["proxy"], "http://127.0.0.1:8080");
+    assert_eq!(emu.serve_config()["443"]["/"]["mode"], "serve");
+    assert_eq!(
+        emu.serve_config()["443"]["/"]["proxy"],
+        "http://127.0.0.1:8080"
+    );
 
     let mut stream = tunnel.dial(PATIENCE).await.expect("dial");
     assert_eq!(round_trip(&mut stream, b"served").await, b"served");
@@ -407,7 +445,7 @@ async fn serve_exposes_the_port_reads_the_url_and_turns_it_off_on_stop() {
     tunnel.stop().await;
     assert_eq!(
         emu.calls().last(),
-        Some(&argv(&["serve", "--https=443", "off"]))
+        Some(&argv(&["serve", "--https=443", "--set-path=/", "off"]))
     );
     assert_eq!(emu.serve_config(), serde_json::json!({}));
     tunnel.stop().await; // idempotent: `off` is not run twice
@@ -432,8 +470,14 @@ async fn funnel_exposes_to_the_internet_and_turns_it_off_on_stop() {
         .await
         .expect("start");
     assert_eq!(tunnel.endpoint().display, format!("https://{SELF_HOST}/"));
-    assert!(emu.calls().contains(&argv(&["funnel", "--bg", "3000"])));
-    assert_eq!(emu.serve_config()["443"]["mode"], "funnel");
+    assert!(emu.calls().contains(&argv(&[
+        "funnel",
+        "--bg",
+        "--https=443",
+        "--set-path=/",
+        "3000"
+    ])));
+    assert_eq!(emu.serve_config()["443"]["/"]["mode"], "funnel");
 
     // Without `dial_address`, a dial goes to the URL's host (resolved by the daemon's
     // resolver) on 443, the port Tailscale's proxy listens on.
@@ -454,9 +498,140 @@ async fn funnel_exposes_to_the_internet_and_turns_it_off_on_stop() {
     tunnel.stop().await;
     assert_eq!(
         emu.calls().last(),
-        Some(&argv(&["funnel", "--https=443", "off"]))
+        Some(&argv(&["funnel", "--https=443", "--set-path=/", "off"]))
     );
     assert_eq!(emu.serve_config(), serde_json::json!({}));
+}
+
+#[tokio::test]
+async fn ping_goes_to_the_peers_ip_whatever_name_is_configured() {
+    // The real CLI resolves only the MagicDNS label, the DNSName with its trailing dot, or an
+    // IP: an FQDN without the dot would fail every ping while dials work.
+    let echo = echo_server().await;
+    let emu = Emu::new("direct");
+    let tunnel = start_ok(emu.peer_spec("homebox.tail1234.ts.net", echo.port())).await;
+    let health = tunnel.check().await.expect("a working path reads healthy");
+    assert_eq!(health.detail.as_deref(), Some("direct"));
+    let pings: Vec<_> = emu.calls().into_iter().filter(|c| c[0] == "ping").collect();
+    assert_eq!(pings.len(), 1);
+    assert_eq!(pings[0].last().map(String::as_str), Some("127.0.0.1"));
+    // The stand-in refuses what the real CLI cannot resolve.
+    let out = std::process::Command::new(&emu.binary)
+        .args(["ping", "--c", "1", "homebox.tail1234.ts.net"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no such host"));
+    tunnel.stop().await;
+}
+
+#[tokio::test]
+async fn a_peer_offline_at_the_coordination_server_that_answers_stays_up() {
+    let echo = echo_server().await;
+    let emu = Emu::new("running");
+    let tunnel = start_ok(emu.peer_spec("homebox", echo.port())).await;
+    // A control-plane blip: the status says Online false, the data path still works.
+    emu.set("offline-reachable");
+    assert!(
+        tokio::time::timeout(WATCH * 15, tunnel.closed())
+            .await
+            .is_err(),
+        "a control-plane blip closed a working path"
+    );
+    let health = tunnel.check().await.expect("answers its ping");
+    assert!(
+        health
+            .detail
+            .as_deref()
+            .is_some_and(|d| d.contains("offline at the coordination server")),
+        "{health:?}"
+    );
+    let mut stream = tunnel.dial(PATIENCE).await.expect("dial");
+    assert_eq!(round_trip(&mut stream, b"still").await, b"still");
+    tunnel.stop().await;
+    // And a start during such a blip succeeds.
+    let tunnel = start_ok(emu.peer_spec("homebox", echo.port())).await;
+    tunnel.stop().await;
+}
+
+#[tokio::test]
+async fn stopping_serve_leaves_the_operators_own_handlers() {
+    let emu = Emu::new("running");
+    let operator =
+        serde_json::json!({"443": {"/": {"mode": "serve", "proxy": "http://127.0.0.1:9000"}}});
+    emu.preset_serve(operator.clone());
+    let mut spec = emu.spec(TailscaleMode::Serve, 8080);
+    spec.serve_path = "/tk".to_string();
+    let tunnel = start_ok(spec).await;
+    assert_eq!(
+        tunnel.endpoint().display,
+        format!("https://{SELF_HOST}/tk/")
+    );
+    assert_eq!(emu.serve_config()["443"]["/"], operator["443"]["/"]);
+    assert_eq!(
+        emu.serve_config()["443"]["/tk"]["proxy"],
+        "http://127.0.0.1:8080"
+    );
+    tunnel.stop().await;
+    assert_eq!(
+        emu.serve_config(),
+        operator,
+        "stop removed more than its own handler"
+    );
+}
+
+#[tokio::test]
+async fn a_handler_someone_else_holds_is_not_overwritten() {
+    let emu = Emu::new("running");
+    let operator =
+        serde_json::json!({"443": {"/": {"mode": "serve", "proxy": "http://127.0.0.1:9000"}}});
+    emu.preset_serve(operator.clone());
+    match start_err(emu.spec(TailscaleMode::Serve, 8080)).await {
+        ProviderError::Config(msg) => {
+            assert!(msg.contains("http://127.0.0.1:9000"), "{msg}");
+            assert!(msg.contains("serve_path"), "{msg}");
+        }
+        other => panic!("expected a config error, got {other:?}"),
+    }
+    assert_eq!(emu.serve_config(), operator);
+    assert!(!emu.calls().iter().any(|c| c.contains(&"--bg".to_string())));
+}
+
+#[tokio::test]
+async fn funnel_not_enabled_on_the_tailnet_fails_with_the_enable_url() {
+    let emu = Emu::new("running");
+    emu.setting("EMU_SERVE_ENABLE", "never");
+    let mut spec = emu.spec(TailscaleMode::Funnel, 3000);
+    spec.check_timeout = Duration::from_secs(2);
+    match start_err(spec.clone()).await {
+        ProviderError::Spawn(msg) => {
+            assert!(msg.contains("not enabled on this tailnet"), "{msg}");
+            assert!(
+                msg.contains("https://login.tailscale.com/f/funnel?node=n1111CNTRL"),
+                "{msg}"
+            );
+        }
+        other => panic!("expected the enable URL, got {other:?}"),
+    }
+    assert_eq!(emu.serve_config(), serde_json::json!({}));
+    // Enabled while the CLI waits: it goes on and the start succeeds.
+    emu.setting("EMU_SERVE_ENABLE", "after:0.3");
+    let tunnel = start_ok(spec).await;
+    assert_eq!(tunnel.endpoint().display, format!("https://{SELF_HOST}/"));
+    tunnel.stop().await;
+}
+
+#[tokio::test]
+async fn serve_below_the_version_floor_is_refused_naming_the_minimum() {
+    let emu = Emu::new("running");
+    emu.setting("EMU_VERSION", "1.50.1");
+    match start_err(emu.spec(TailscaleMode::Serve, 8080)).await {
+        ProviderError::Config(msg) => {
+            assert!(msg.contains("1.50.1") && msg.contains("1.52.0"), "{msg}")
+        }
+        other => panic!("expected a config error, got {other:?}"),
+    }
+    assert_eq!(emu.calls(), [argv(&["version"])]);
 }
 
 #[tokio::test]

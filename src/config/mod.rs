@@ -647,4 +647,64 @@ services:
         );
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    #[test]
+    fn ngrok_token_copy_goes_to_the_runtime_dir_and_cloudflare_access_takes_a_service_token() {
+        let config = ok(r#"
+version: 1
+daemon: { control_socket: /run/tk-test/control.sock, state_dir: /var/lib/tk-test }
+services:
+  - name: home
+    tunnels:
+      - name: ng
+        provider: ngrok
+        to: 127.0.0.1:22
+        authtoken_file: /etc/tk/ngrok
+        reconnect_grace: 45s
+      - name: cf
+        provider: cloudflare
+        mode: access
+        hostname: ssh.example.com
+        service_token_id_file: /etc/tk/cf_id
+        service_token_secret_file: /etc/tk/cf_secret
+"#);
+        let service = &config.services[0];
+        let ProviderSpec::Ngrok(ngrok) = &service.tunnels[0].provider else {
+            panic!("expected ngrok");
+        };
+        assert_eq!(ngrok.config_dir, PathBuf::from("/run/tk-test/ngrok"));
+        assert_eq!(
+            ngrok.old_config_dirs,
+            [PathBuf::from("/var/lib/tk-test/ngrok")]
+        );
+        assert_eq!(ngrok.reconnect_grace, Duration::from_secs(45));
+        let ProviderSpec::Cloudflare(cf) = &service.tunnels[1].provider else {
+            panic!("expected cloudflare");
+        };
+        assert_eq!(
+            cf.service_token,
+            Some((
+                PathBuf::from("/etc/tk/cf_id"),
+                PathBuf::from("/etc/tk/cf_secret")
+            ))
+        );
+        let only_one = errors(
+            r#"
+version: 1
+services:
+  - name: home
+    tunnels:
+      - name: cf
+        provider: cloudflare
+        mode: access
+        hostname: ssh.example.com
+        service_token_id_file: /etc/tk/cf_id
+"#,
+        );
+        assert_eq!(only_one.len(), 1, "{only_one:#?}");
+        assert!(
+            only_one[0].message.contains("service_token_secret_file"),
+            "{only_one:#?}"
+        );
+    }
 }

@@ -448,6 +448,18 @@ pub struct TunnelSection {
     pub authtoken_file: Option<PathBuf>,
     /// `ngrok`: region.
     pub region: Option<String>,
+    /// `ngrok`: how long the agent may stay offline after an error line before it is
+    /// restarted.
+    #[serde(default, with = "humantime_serde")]
+    pub reconnect_grace: Option<Duration>,
+    /// `tailscale` serve/funnel: the handler's HTTPS port (`--https`).
+    pub https_port: Option<u16>,
+    /// `tailscale` serve/funnel: the handler's mount path (`--set-path`).
+    pub serve_path: Option<String>,
+    /// `cloudflare` access mode: file holding the Access service token's client ID.
+    pub service_token_id_file: Option<PathBuf>,
+    /// `cloudflare` access mode: file holding the Access service token's client secret.
+    pub service_token_secret_file: Option<PathBuf>,
 
     // --- ssh ---
     /// `ssh`: the server and how to log in.

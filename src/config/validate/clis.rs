@@ -83,6 +83,32 @@ impl Validator {
                 );
             }
         }
+        let id_file = self.secret_file(
+            t.service_token_id_file.as_ref(),
+            &path.key("service_token_id_file"),
+        );
+        let secret_file = self.secret_file(
+            t.service_token_secret_file.as_ref(),
+            &path.key("service_token_secret_file"),
+        );
+        match (&t.service_token_id_file, &t.service_token_secret_file) {
+            (Some(_), None) => self.error(
+                path.key("service_token_id_file"),
+                "an Access service token needs `service_token_secret_file` too".to_owned(),
+            ),
+            (None, Some(_)) => self.error(
+                path.key("service_token_secret_file"),
+                "an Access service token needs `service_token_id_file` too".to_owned(),
+            ),
+            (Some(_), Some(_)) if mode != CloudflareMode::Access => self.error(
+                path.key("service_token_id_file"),
+                "an Access service token is for `mode: access`".to_owned(),
+            ),
+            _ => {}
+        }
+        if let (Some(id), Some(secret)) = (id_file, secret_file) {
+            spec.service_token = Some((id, secret));
+        }
         if let Some(port) = t.port {
             self.nonzero_port(port, &path.key("port"));
             spec.port = port;
@@ -147,6 +173,37 @@ impl Validator {
             self.check(&path.key("dial_address"), check_host_port(address));
             spec.dial_address = Some(address.clone());
         }
+        let exposes = matches!(mode, TailscaleMode::Serve | TailscaleMode::Funnel);
+        if let Some(https_port) = t.https_port {
+            self.nonzero_port(https_port, &path.key("https_port"));
+            if mode == TailscaleMode::Funnel && ![443, 8443, 10000].contains(&https_port) {
+                self.error(
+                    path.key("https_port"),
+                    format!("funnel accepts 443, 8443 or 10000, not {https_port}"),
+                );
+            }
+            spec.https_port = https_port;
+        }
+        if let Some(serve_path) = &t.serve_path {
+            if !serve_path.starts_with('/') || serve_path.contains(char::is_whitespace) {
+                self.error(
+                    path.key("serve_path"),
+                    format!("`{serve_path}` must be a URL path starting with `/`, e.g. /ssh"),
+                );
+            }
+            spec.serve_path = serve_path.clone();
+        }
+        if !exposes && (t.https_port.is_some() || t.serve_path.is_some()) {
+            let key = if t.https_port.is_some() {
+                "https_port"
+            } else {
+                "serve_path"
+            };
+            self.error(
+                path.key(key),
+                "`https_port` and `serve_path` are for `mode: serve` or `funnel`".to_owned(),
+            );
+        }
         (self.issues.len() == before).then_some(spec)
     }
 
@@ -182,15 +239,22 @@ impl Validator {
             }
             return None;
         };
-        // The agent's 0600 config file lives under the daemon's state directory.
-        let mut spec = NgrokSpec::new(proto, to.clone(), token, self.state_dir.join("ngrok"));
+        // The agent's 0600 config file (a copy of the token) lives under the daemon's runtime
+        // directory, a tmpfs: a crash cannot leave it on persistent disk.
+        let mut spec = NgrokSpec::new(proto, to.clone(), token, self.runtime_dir.join("ngrok"));
+        // Where earlier versions wrote it: copies left there by a crash are removed at start.
+        spec.old_config_dirs = vec![self.state_dir.join("ngrok")];
         spec.binary = t.binary.clone();
         spec.url = t.url.clone();
         spec.region = t.region.clone();
         self.positive(t.start_timeout, &path.key("start_timeout"));
         self.positive(t.stop_grace, &path.key("stop_grace"));
+        self.positive(t.reconnect_grace, &path.key("reconnect_grace"));
         if let Some(d) = t.start_timeout {
             spec.start_timeout = d;
+        }
+        if let Some(d) = t.reconnect_grace {
+            spec.reconnect_grace = d;
         }
         if let Some(d) = t.stop_grace {
             spec.stop_grace = d;

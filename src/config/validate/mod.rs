@@ -62,6 +62,10 @@ pub(crate) fn validate(file: &ConfigFile, source: &Path) -> Result<Config, Vec<I
     let mut v = Validator {
         issues: Vec::new(),
         state_dir: std::path::PathBuf::from(default::STATE_DIR),
+        runtime_dir: Path::new(default::CONTROL_SOCKET)
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default(),
         config_dir: source.parent().map(Path::to_path_buf).unwrap_or_default(),
     };
     let root = KeyPath::root();
@@ -77,6 +81,7 @@ pub(crate) fn validate(file: &ConfigFile, source: &Path) -> Result<Config, Vec<I
     }
     let daemon = v.daemon(&file.daemon, &root.key("daemon"));
     v.state_dir = daemon.state_dir.clone();
+    v.runtime_dir = runtime_dir(&daemon.control_socket);
     let nameservers = v.nameservers(&file.dns, &root.key("dns"));
     v.defaults(&file.defaults, &root.key("defaults"));
     let (routers, router_names) = v.routers(&file.routers, &root.key("routers"));
@@ -108,11 +113,22 @@ pub(crate) fn validate(file: &ConfigFile, source: &Path) -> Result<Config, Vec<I
     })
 }
 
+/// The runtime directory: where the control socket lives (`RuntimeDirectory=` under systemd).
+fn runtime_dir(control_socket: &Path) -> std::path::PathBuf {
+    match control_socket.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    }
+}
+
 /// Collects issues while walking the model.
 struct Validator {
     issues: Vec<Issue>,
     /// The daemon's state directory (providers keep generated files under it).
     state_dir: std::path::PathBuf,
+    /// The daemon's runtime directory (tmpfs: files there do not outlive a reboot): the
+    /// control socket's directory.
+    runtime_dir: std::path::PathBuf,
     /// Directory of the config file: relative defaults (known_hosts) live there.
     config_dir: std::path::PathBuf,
 }
@@ -185,7 +201,7 @@ fn human(duration: Duration) -> String {
 }
 
 /// Every provider-specific key of a tunnel: whether it is set, and the providers it belongs to.
-fn provider_keys(t: &TunnelSection) -> [(&'static str, bool, &'static [ProviderKind]); 26] {
+fn provider_keys(t: &TunnelSection) -> [(&'static str, bool, &'static [ProviderKind]); 28] {
     use ProviderKind::{Cloudflare as Cf, Command, Direct, Ngrok, Ssh, Tailscale as Ts};
     [
         ("address", t.address.is_some(), &[Direct]),
@@ -218,6 +234,19 @@ fn provider_keys(t: &TunnelSection) -> [(&'static str, bool, &'static [ProviderK
         ("to", t.to.is_some(), &[Ngrok]),
         ("authtoken_file", t.authtoken_file.is_some(), &[Ngrok]),
         ("region", t.region.is_some(), &[Ngrok]),
+        ("reconnect_grace", t.reconnect_grace.is_some(), &[Ngrok]),
+        ("https_port", t.https_port.is_some(), &[Ts]),
+        ("serve_path", t.serve_path.is_some(), &[Ts]),
+        (
+            "service_token_id_file",
+            t.service_token_id_file.is_some(),
+            &[Cf],
+        ),
+        (
+            "service_token_secret_file",
+            t.service_token_secret_file.is_some(),
+            &[Cf],
+        ),
     ]
 }
 
