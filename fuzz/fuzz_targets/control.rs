@@ -76,7 +76,10 @@ fn harness() -> &'static Harness {
             bus,
             status: Box::new(status),
             metrics: Box::new(|| "# TYPE tk_up gauge\ntk_up 1\n# EOF\n".to_owned()),
-            readers: tunnelkeeper::control::server::Readers::new(vec![Reader::Uid(1000), Reader::Gid(4)]),
+            readers: tunnelkeeper::control::server::Readers::new(vec![
+                Reader::Uid(1000),
+                Reader::Gid(4),
+            ]),
             ops,
         });
         Harness {

@@ -279,7 +279,8 @@ pub struct ServiceSection {
     pub retries: Option<u32>,
     /// Connections served at once; beyond it the listener stops accepting (default 1024).
     pub max_connections: Option<u32>,
-    /// Close a connection after this long without traffic either way (default: never).
+    /// Close a connection after this long without traffic either way, counted from accept
+    /// (default 1h).
     #[serde(default, with = "humantime_serde")]
     pub idle_timeout: Option<Duration>,
     /// Re-dial through the next tunnel and replay what the client sent when a tunnel fails
