@@ -201,7 +201,7 @@ fn human(duration: Duration) -> String {
 }
 
 /// Every provider-specific key of a tunnel: whether it is set, and the providers it belongs to.
-fn provider_keys(t: &TunnelSection) -> [(&'static str, bool, &'static [ProviderKind]); 28] {
+fn provider_keys(t: &TunnelSection) -> [(&'static str, bool, &'static [ProviderKind]); 31] {
     use ProviderKind::{Cloudflare as Cf, Command, Direct, Ngrok, Ssh, Tailscale as Ts};
     [
         ("address", t.address.is_some(), &[Direct]),
