@@ -42,6 +42,16 @@ impl SocketArgs {
         match config {
             Some(path) => match crate::config::load(&path) {
                 Ok(c) => Ok(Client::new(c.daemon.control_socket)),
+                // The default file being mid-edit must not lock the operator out of `status`:
+                // the daemon keeps running its last good configuration.
+                Err(e) if self.config.is_none() => {
+                    eprintln!(
+                        "warning: {} does not load ({}); using the default control socket",
+                        path.display(),
+                        e.to_string().lines().next().unwrap_or_default()
+                    );
+                    Ok(Client::new(crate::config::spec::default::CONTROL_SOCKET))
+                }
                 Err(e) => {
                     eprintln!("{e}");
                     Err(EXIT_CONFIG)

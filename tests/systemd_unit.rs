@@ -161,7 +161,10 @@ fn unit_uses_nothing_newer_than_systemd_247() {
         "ExecReload= must ask the daemon over its control socket (synchronous, non-zero exit \
          when the file is refused), for the file ExecStart= runs"
     );
-    assert!(!unit.contains("/bin/kill"), "no /bin/kill on a minimal Debian");
+    assert!(
+        !unit.contains("/bin/kill"),
+        "no /bin/kill on a minimal Debian"
+    );
 }
 
 #[test]
