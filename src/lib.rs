@@ -8,6 +8,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod assets;
 pub mod bus;
 pub mod cli;
 pub mod config;

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// Keeps services reachable through several tunnels at once.
 #[derive(Parser, Debug)]
@@ -95,6 +95,13 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: std::net::SocketAddr,
     },
+    /// Write the man page and the bash/zsh/fish completions into OUT (used to build the package).
+    #[command(hide = true)]
+    PackageAssets {
+        /// Output directory (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -118,6 +125,7 @@ fn main() -> ExitCode {
         Command::Reload { socket } => tunnelkeeper::cli::reload(&socket),
         Command::Demo { quick } => tunnelkeeper::cli::demo(quick),
         Command::Relay { to, listen } => tunnelkeeper::cli::relay(listen, to),
+        Command::PackageAssets { out } => tunnelkeeper::assets::write_all(Cli::command(), &out),
     };
     ExitCode::from(code)
 }

@@ -1,6 +1,6 @@
 //! The files in `systemd/`, checked with systemd's own offline tools (no running systemd needed):
-//! `systemd-analyze verify` on the unit (a copy whose `ExecStart=` points at the binary cargo
-//! built, since verify insists the command exists), `systemd-analyze security --offline=true`
+//! `systemd-analyze verify` on the unit (a copy whose `ExecStart=` and `ExecReload=` point at the
+//! binary cargo built, since verify insists the command exists), `systemd-analyze security --offline=true`
 //! against the exposure figure recorded in docs/SYSTEMD.md, and `systemd-sysusers` /
 //! `systemd-tmpfiles` applied to a scratch root directory.
 //!
@@ -17,11 +17,28 @@ const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 /// it must be a deliberate one: update this, the unit's comment and docs/SYSTEMD.md together.
 const MAX_EXPOSURE_TENTHS: u32 = 13;
 
-/// The unit's `ExecStart=` binary, replaced by the cargo-built one in the staged copy.
+/// The unit's `ExecStart=` / `ExecReload=` binary, replaced by the cargo-built one in the staged
+/// copy.
 const INSTALLED_BIN: &str = "/usr/bin/tunnelkeeper";
 
-/// The file name of the drop-in docs/SYSTEMD.md gives for systemd < 253.
-const COMPAT_DROP_IN: &str = "10-systemd-252.conf";
+/// Service settings that systemd 247 (Ubuntu 22.04), the oldest the unit supports, does not
+/// know; each with the version that added it. 252 here would only warn about them, 247 too, and
+/// then run the service differently (`Type=notify-reload` falls back to `Type=simple`: no
+/// readiness, no reload).
+const NEWER_THAN_247: &[(&str, u32)] = &[
+    ("Type=notify-reload", 253),
+    ("ReloadSignal=", 253),
+    ("OpenFile=", 253),
+    ("MemoryKSM=", 254),
+    ("RestartSteps=", 254),
+    ("RestartMaxDelaySec=", 254),
+    ("RestartMode=", 254),
+    ("SurviveFinalKillSignal=", 255),
+    ("ProtectControlGroups=private", 257),
+    ("PrivateUsers=full", 257),
+    ("ProtectHostname=private", 257),
+    ("PrivatePIDs=", 257),
+];
 
 fn repo_file(path: &str) -> String {
     let path = Path::new(ROOT).join(path);
@@ -52,15 +69,6 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// The major version of the installed systemd (`systemd 252 (252.38-1~deb12u1)` -> 252).
-fn systemd_version() -> u32 {
-    let out = text(&run("systemd-analyze", &["--version"]).stdout);
-    out.split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("cannot read the systemd version from {out:?}"))
-}
-
 /// Writes the unit (with `edit` applied) as DIR/tunnelkeeper.service with `ExecStart=` pointing
 /// at the cargo-built binary.
 fn stage_unit(dir: &Path, edit: impl FnOnce(String) -> String) -> PathBuf {
@@ -71,7 +79,7 @@ fn stage_unit(dir: &Path, edit: impl FnOnce(String) -> String) -> PathBuf {
         1,
         "the unit must have exactly one `{exec}...` line"
     );
-    let unit = edit(unit.replace(&exec, &format!("ExecStart={BIN} ")));
+    let unit = edit(unit.replace(INSTALLED_BIN, BIN));
     let path = dir.join("tunnelkeeper.service");
     std::fs::write(&path, unit).expect("writing the staged unit");
     path
@@ -98,21 +106,11 @@ fn verify(unit: &Path) -> Vec<String> {
         .collect()
 }
 
-/// systemd 252 (Debian 12) predates `Type=notify-reload` (253): it warns and falls back, which
-/// the drop-in in docs/SYSTEMD.md repairs. Newer versions must not warn at all.
-fn tolerated_on_this_systemd(line: &str) -> bool {
-    systemd_version() < 253
-        && line.ends_with("Failed to parse service type, ignoring: notify-reload")
-}
-
 #[test]
 fn unit_verifies_without_warnings() {
     let dir = tempfile::tempdir().expect("temp dir");
     let unit = stage_unit(dir.path(), |u| u);
-    let problems: Vec<String> = verify(&unit)
-        .into_iter()
-        .filter(|l| !tolerated_on_this_systemd(l))
-        .collect();
+    let problems = verify(&unit);
     assert!(
         problems.is_empty(),
         "systemd-analyze verify complains about the unit:\n{}",
@@ -136,42 +134,61 @@ fn verify_is_not_blind() {
     );
 }
 
-/// The drop-in for systemd < 253 as docs/SYSTEMD.md prints it: the lines after the comment
-/// naming its path, up to the end of the code block.
-fn documented_compat_drop_in() -> String {
-    let docs = repo_file("docs/SYSTEMD.md");
-    let marker = format!("# /etc/systemd/system/tunnelkeeper.service.d/{COMPAT_DROP_IN}");
-    let start = docs
-        .find(&marker)
-        .unwrap_or_else(|| panic!("docs/SYSTEMD.md has no `{marker}` block"));
-    docs[start..]
+#[test]
+fn unit_uses_nothing_newer_than_systemd_247() {
+    let unit = repo_file("systemd/tunnelkeeper.service");
+    let settings: Vec<&str> = unit
         .lines()
-        .skip(1)
-        .take_while(|l| !l.starts_with("```"))
-        .map(|l| format!("{l}\n"))
-        .collect()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .collect();
+    for (setting, since) in NEWER_THAN_247 {
+        assert!(
+            !settings.iter().any(|l| l.starts_with(setting)),
+            "`{setting}` needs systemd {since}; the unit must run on 247 too"
+        );
+    }
+    // Readiness and a synchronous reload the way every supported version does them.
+    assert_eq!(unit_value(&unit, "Type"), "notify");
+    let start = unit_value(&unit, "ExecStart");
+    let config = start
+        .split_once(" -c ")
+        .map(|(_, c)| c.trim())
+        .unwrap_or_else(|| panic!("ExecStart= names no -c CONFIG: {start}"));
+    assert_eq!(
+        unit_value(&unit, "ExecReload"),
+        format!("{INSTALLED_BIN} reload -c {config}"),
+        "ExecReload= must ask the daemon over its control socket (synchronous, non-zero exit \
+         when the file is refused), for the file ExecStart= runs"
+    );
+    assert!(
+        !unit.contains("/bin/kill"),
+        "no /bin/kill on a minimal Debian"
+    );
 }
 
 #[test]
-fn documented_drop_in_for_older_systemd_verifies() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let unit = stage_unit(dir.path(), |u| u);
-    let drop_in = documented_compat_drop_in();
-    assert!(
-        drop_in.contains("Type=notify\n") && drop_in.contains("ExecReload="),
-        "{drop_in}"
-    );
-    let drop_in_dir = dir.path().join("tunnelkeeper.service.d");
-    std::fs::create_dir(&drop_in_dir).expect("drop-in dir");
-    std::fs::write(drop_in_dir.join(COMPAT_DROP_IN), &drop_in).expect("writing the drop-in");
-    let problems: Vec<String> = verify(&unit)
-        .into_iter()
-        .filter(|l| !tolerated_on_this_systemd(l))
-        .collect();
-    assert!(
-        problems.is_empty(),
-        "systemd-analyze verify complains about the unit with its drop-in:\n{}",
-        problems.join("\n")
+fn directory_modes_agree_between_unit_and_tmpfiles() {
+    // systemd checks ConfigurationDirectory= at every start and warns when the mode differs
+    // from ConfigurationDirectoryMode= (default 0755).
+    let unit = repo_file("systemd/tunnelkeeper.service");
+    let tmpfiles = repo_file("systemd/tunnelkeeper.tmpfiles");
+    let dir = format!("/etc/{}", unit_value(&unit, "ConfigurationDirectory"));
+    let line: Vec<&str> = tmpfiles
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() >= 3 && f[0] == "d" && f[1] == dir)
+        .unwrap_or_else(|| panic!("tunnelkeeper.tmpfiles has no `d {dir}` line"));
+    let unit_mode = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ConfigurationDirectoryMode="))
+        .unwrap_or("0755");
+    assert_eq!(
+        u32::from_str_radix(unit_mode, 8).ok(),
+        u32::from_str_radix(line[2], 8).ok(),
+        "ConfigurationDirectoryMode={unit_mode} vs tmpfiles {}",
+        line[2]
     );
 }
 
