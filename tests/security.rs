@@ -3,8 +3,6 @@
 //! be, what children inherit, what a hook can leave behind, how long a silent client may hold a
 //! listener slot, and what a compromised router can put on the operator's terminal.
 
-#[path = "../providers/tests/sshd/mod.rs"]
-mod sshd;
 mod support;
 
 use std::os::unix::fs::PermissionsExt;
@@ -14,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tunnelkeeper_test_support::sshd;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tunnelkeeper");
 
