@@ -483,13 +483,7 @@ fn free_local_addr() -> crate::Result<SocketAddr> {
 
 /// Gives a missing cloudflared a cloudflared-specific install hint.
 fn install_hint(err: ProviderError) -> ProviderError {
-    match err {
-        ProviderError::MissingBinary { binary, .. } => ProviderError::MissingBinary {
-            binary,
-            hint: INSTALL_HINT.to_string(),
-        },
-        other => other,
-    }
+    err.with_install_hint(INSTALL_HINT)
 }
 
 /// `host:port`, with brackets around an IPv6 literal.

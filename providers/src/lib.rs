@@ -110,6 +110,20 @@ pub enum ProviderError {
     },
 }
 
+impl ProviderError {
+    /// A missing program reported with `hint` (how to install that provider's CLI); any other
+    /// error unchanged.
+    pub fn with_install_hint(self, hint: &str) -> ProviderError {
+        match self {
+            ProviderError::MissingBinary { binary, .. } => ProviderError::MissingBinary {
+                binary,
+                hint: hint.to_string(),
+            },
+            other => other,
+        }
+    }
+}
+
 /// Shorthand for provider results.
 pub type Result<T, E = ProviderError> = std::result::Result<T, E>;
 

@@ -813,13 +813,7 @@ impl Provider for NgrokProvider {
 
 /// Gives a missing agent an ngrok-specific install hint.
 fn install_hint(err: ProviderError) -> ProviderError {
-    match err {
-        ProviderError::MissingBinary { binary, .. } => ProviderError::MissingBinary {
-            binary,
-            hint: INSTALL_HINT.to_string(),
-        },
-        other => other,
-    }
+    err.with_install_hint(INSTALL_HINT)
 }
 
 /// Scrubs the token from an error's message (the agent may quote a refused token).

@@ -258,13 +258,7 @@ impl Provider for TailscaleProvider {
                     "`serve`/`funnel` with `--bg`, `--https` and `--set-path`",
                 )
                 .await
-                .map_err(|err| match err {
-                    ProviderError::MissingBinary { binary, .. } => ProviderError::MissingBinary {
-                        binary,
-                        hint: INSTALL_HINT.to_string(),
-                    },
-                    other => other,
-                })?;
+                .map_err(|err| err.with_install_hint(INSTALL_HINT))?;
                 Some(Handler {
                     command,
                     https_port: spec.https_port,
@@ -716,13 +710,9 @@ impl Cli {
         spec.timeout = self.timeout;
         spec.output_cap = output_cap;
         spec.tag = self.tag.clone();
-        let out = process::run(spec).await.map_err(|err| match err {
-            ProviderError::MissingBinary { binary, .. } => ProviderError::MissingBinary {
-                binary,
-                hint: INSTALL_HINT.to_string(),
-            },
-            other => other,
-        })?;
+        let out = process::run(spec)
+            .await
+            .map_err(|err| err.with_install_hint(INSTALL_HINT))?;
         Ok(Ran {
             shown,
             timed_out: out.timed_out,

@@ -272,6 +272,14 @@ fn processes_with_in_cmdline(needle: &str) -> Vec<String> {
     hits
 }
 
+/// Starts a tunnel that must come up.
+async fn up(spec: CloudflareSpec) -> Arc<dyn Tunnel> {
+    CloudflareProvider::new(spec)
+        .start(&ctx())
+        .await
+        .expect("start")
+}
+
 /// Whether the check currently fails with `Unhealthy`.
 async fn unhealthy(tunnel: &Arc<dyn Tunnel>) -> Option<String> {
     match tunnel.check().await {
@@ -369,10 +377,7 @@ async fn named_tunnel_comes_up_with_its_hostname_and_carries_bytes() {
 async fn not_ready_fails_the_check_then_recovers() {
     let echo = echo_server().await;
     let emu = Emu::new(&[("EMU_ORIGIN", echo.to_string())]);
-    let tunnel = CloudflareProvider::new(emu.named(&fresh_token()))
-        .start(&ctx())
-        .await
-        .expect("start");
+    let tunnel = up(emu.named(&fresh_token())).await;
     assert!(echoes(&tunnel).await);
 
     emu.control("notready");
@@ -402,10 +407,7 @@ async fn not_ready_fails_the_check_then_recovers() {
 #[tokio::test]
 async fn kill_9_resolves_closed_at_once() {
     let emu = Emu::new(&[]);
-    let tunnel = CloudflareProvider::new(emu.named(&fresh_token()))
-        .start(&ctx())
-        .await
-        .expect("start");
+    let tunnel = up(emu.named(&fresh_token())).await;
     let pid = tunnel.pid().expect("pid");
     let watcher = {
         let tunnel = tunnel.clone();
@@ -433,10 +435,7 @@ async fn kill_9_resolves_closed_at_once() {
 #[tokio::test]
 async fn die_resolves_closed_at_once() {
     let emu = Emu::new(&[]);
-    let tunnel = CloudflareProvider::new(emu.named(&fresh_token()))
-        .start(&ctx())
-        .await
-        .expect("start");
+    let tunnel = up(emu.named(&fresh_token())).await;
     let watcher = {
         let tunnel = tunnel.clone();
         tokio::spawn(async move { tunnel.closed().await })
@@ -459,10 +458,7 @@ async fn die_resolves_closed_at_once() {
 #[tokio::test]
 async fn runtime_failure_is_reported_with_cloudflareds_error_line() {
     let emu = Emu::new(&[]);
-    let tunnel = CloudflareProvider::new(emu.named(&fresh_token()))
-        .start(&ctx())
-        .await
-        .expect("start");
+    let tunnel = up(emu.named(&fresh_token())).await;
     emu.control("fail");
     let reason = tokio::time::timeout(PATIENCE, tunnel.closed())
         .await
@@ -534,7 +530,9 @@ async fn never_ready_times_out_and_leaves_no_process() {
     let emu = Emu::new(&[]);
     emu.control("notready");
     let mut spec = emu.named(&fresh_token());
-    spec.ready_timeout = Duration::from_secs(1);
+    // Long enough for the emulator's metrics server to answer 503 on a loaded box (python
+    // alone can take a second to start there).
+    spec.ready_timeout = Duration::from_secs(4);
     let marker = spec
         .token_file
         .clone()
@@ -550,7 +548,7 @@ async fn never_ready_times_out_and_leaves_no_process() {
         }
         _ => panic!("expected StartTimeout, got {}", show(&result)),
     }
-    assert!(started.elapsed() >= Duration::from_secs(1));
+    assert!(started.elapsed() >= Duration::from_secs(4));
     assert!(
         eventually(PATIENCE, || async {
             processes_with_in_cmdline(&marker).is_empty()
@@ -673,10 +671,7 @@ async fn stop_lets_a_request_in_flight_drain_and_cloudflared_exit_by_itself() {
 async fn edge_answers_1033_while_down_so_dial_asks_cloudflared_first() {
     let echo = echo_server().await;
     let emu = Emu::new(&[("EMU_ORIGIN", echo.to_string())]);
-    let tunnel = CloudflareProvider::new(emu.named(&fresh_token()))
-        .start(&ctx())
-        .await
-        .expect("start");
+    let tunnel = up(emu.named(&fresh_token())).await;
     assert!(echoes(&tunnel).await);
     emu.control("notready");
     assert!(

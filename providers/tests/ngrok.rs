@@ -198,6 +198,11 @@ impl Harness {
         NgrokProvider::new(self.spec(proto, to))
     }
 
+    /// Starts a tunnel with the default settings; it must come up.
+    async fn up(&self, proto: NgrokProto, to: &str) -> std::sync::Arc<dyn Tunnel> {
+        self.provider(proto, to).start(&ctx()).await.expect("start")
+    }
+
     /// Tells the emulator what to do; written whole, then renamed, so it never reads half.
     fn control(&self, word: &str) {
         let tmp = self.dir.path().join("control.tmp");
@@ -471,11 +476,7 @@ async fn error_log_line_is_a_blip_the_agent_reconnects_from() {
     // blip and reconnects by itself with the same URL: that is not a dead tunnel.
     let echo = echo_server().await;
     let harness = Harness::new(&[("EMU_RECONNECT_MS", "1500")]);
-    let tunnel = harness
-        .provider(NgrokProto::Tcp, &echo.to_string())
-        .start(&ctx())
-        .await
-        .expect("start");
+    let tunnel = harness.up(NgrokProto::Tcp, &echo.to_string()).await;
     let pid = tunnel.pid().expect("pid");
     let url = tunnel.endpoint().display;
     let watcher = {
@@ -549,11 +550,7 @@ async fn agent_offline_past_the_reconnect_grace_closes_the_tunnel() {
 async fn http_dial_is_refused_while_offline_though_the_edge_answers() {
     let echo = echo_server().await;
     let harness = Harness::new(&[]);
-    let tunnel = harness
-        .provider(NgrokProto::Http, &echo.to_string())
-        .start(&ctx())
-        .await
-        .expect("start");
+    let tunnel = harness.up(NgrokProto::Http, &echo.to_string()).await;
     let port = endpoint_port(&tunnel.endpoint().display);
     let mut stream = tunnel.dial(PATIENCE).await.expect("dial while online");
     assert_eq!(
@@ -597,11 +594,7 @@ async fn http_dial_is_refused_while_offline_though_the_edge_answers() {
 async fn http_inspection_is_off_so_local_users_read_no_requests() {
     let echo = echo_server().await;
     let harness = Harness::new(&[]);
-    let tunnel = harness
-        .provider(NgrokProto::Http, &echo.to_string())
-        .start(&ctx())
-        .await
-        .expect("start");
+    let tunnel = harness.up(NgrokProto::Http, &echo.to_string()).await;
     let (_, argv) = harness.starts().pop().expect("started");
     assert!(argv.contains(&"--inspect=false".to_string()), "{argv:?}");
     let mut stream = tunnel.dial(PATIENCE).await.expect("dial");
@@ -907,11 +900,7 @@ async fn http_tunnel_with_reserved_url_and_region() {
 async fn http_tunnel_dials_the_port_its_url_names() {
     let echo = echo_server().await;
     let harness = Harness::new(&[]);
-    let tunnel = harness
-        .provider(NgrokProto::Http, &echo.to_string())
-        .start(&ctx())
-        .await
-        .expect("start");
+    let tunnel = harness.up(NgrokProto::Http, &echo.to_string()).await;
     let endpoint = tunnel.endpoint().display;
     assert!(endpoint.starts_with("https://127.0.0.1:"), "{endpoint}");
     assert_ne!(endpoint_port(&endpoint), 443);
