@@ -119,9 +119,11 @@ impl client::Handler for ClientHandler {
                     port = connected_port,
                     "forwarded connection for a port no tunnel holds; rejected"
                 );
+                let id = channel.id();
                 reply
                     .reject(ChannelOpenFailure::AdministrativelyProhibited)
                     .await;
+                self.shared.channel_rejected(id);
             }
         }
         Ok(())

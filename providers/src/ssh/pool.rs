@@ -81,6 +81,12 @@ pub struct TargetStats {
     pub channels: usize,
     /// Tunnels attached to them.
     pub tunnels: usize,
+    /// Per-channel entries the sessions keep (close signals): back to at most `channels`
+    /// once the others are closed. More means a leak in our bookkeeping.
+    pub tracked_channels: usize,
+    /// Channels open at the SSH level, as russh's table holds them (confirmed and not yet
+    /// closed by the server). Back to at most `channels` once the others are closed.
+    pub ssh_channels: usize,
 }
 
 /// The shared session pool: one per daemon. Cheap to clone (an `Arc` inside).
@@ -286,6 +292,9 @@ impl SshPool {
                 entry.sessions += 1;
                 entry.channels += usage.channels as usize;
                 entry.tunnels += usage.leases as usize;
+                let (ours, ssh) = session.shared.tracked_channels();
+                entry.tracked_channels += ours;
+                entry.ssh_channels += ssh;
             }
             stats.sessions += entry.sessions;
             stats.channels_in_use += entry.channels;

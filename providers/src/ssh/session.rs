@@ -8,7 +8,7 @@
 //! signal for every tunnel on it at once.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -92,6 +92,11 @@ pub(crate) struct Shared {
     /// connection ends: they are children of `closed`). russh gives a writer no signal when
     /// the channel it waits on for window space is gone; these do.
     channel_tokens: Mutex<HashMap<ChannelId, CancellationToken>>,
+    /// Channels open at the SSH level: confirmed (or accepted) and not yet ended by the
+    /// server's CLOSE. This mirrors the channel table russh keeps on its session task (it
+    /// removes an entry exactly when it calls `channel_close`), so a count that stays above
+    /// the channels in use is a leak there.
+    ssh_channels: Mutex<HashSet<ChannelId>>,
     /// Cancelled when the connection has ended.
     pub closed: CancellationToken,
     reason: Mutex<Option<String>>,
@@ -201,6 +206,22 @@ impl Shared {
         lock(&self.channel_tokens)
             .entry(id)
             .or_insert_with(|| self.closed.child_token());
+        lock(&self.ssh_channels).insert(id);
+    }
+
+    /// Forgets a server-opened channel that was rejected (it never became open).
+    pub(super) fn channel_rejected(&self, id: ChannelId) {
+        lock(&self.channel_tokens).remove(&id);
+        lock(&self.ssh_channels).remove(&id);
+    }
+
+    /// How many per-channel entries the session keeps: (ours, open at the SSH level). Both
+    /// fall back to the channels in use once the others are closed; see [`Shared::ssh_channels`].
+    pub fn tracked_channels(&self) -> (usize, usize) {
+        (
+            lock(&self.channel_tokens).len(),
+            lock(&self.ssh_channels).len(),
+        )
     }
 
     /// Drops the bookkeeping of a channel its user is done with (a no-op once it was closed).
@@ -209,6 +230,7 @@ impl Shared {
     }
 
     pub(super) fn channel_closed(&self, id: ChannelId) {
+        lock(&self.ssh_channels).remove(&id);
         if let Some(token) = lock(&self.channel_tokens).remove(&id) {
             token.cancel();
         }
@@ -470,6 +492,7 @@ pub(crate) async fn connect(
         usage_changed: Notify::new(),
         routes: Mutex::new(Vec::new()),
         channel_tokens: Mutex::new(HashMap::new()),
+        ssh_channels: Mutex::new(HashSet::new()),
         closed: closed.clone(),
         reason: Mutex::new(None),
         closed_on_purpose: AtomicBool::new(false),
