@@ -14,8 +14,8 @@
 //!   events/s and `/v1/status` latency, against a run with a tenth of the tunnels.
 //! - `bench bus [--events N] [--secs S]` (module `bus`): publish rate of the event bus with no
 //!   subscriber, 9 fast ones, and 9 fast + 1 slow one (which must lag, not slow the publisher).
-//! - `bench footprint [--secs S]` (module `footprint`): the daemon at rest with 4 `ssh` forwards
-//!   against 4 × autossh + ssh holding the same forwards to the same local sshd.
+//! - `bench footprint [--secs S]` (module `footprint`): the daemon at rest with 4 `-L` + 4 `-R` `ssh` forwards
+//!   against 8 × autossh + ssh holding the same forwards to the same local sshd.
 //!
 //! Results and method are written up in `docs/BENCHMARKS.md`.
 
@@ -111,7 +111,7 @@ enum Command {
         #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
         paced: u64,
     },
-    /// Idle RSS and CPU with 4 ssh forwards, against 4 × autossh + ssh.
+    /// Idle RSS and CPU with 4 -L + 4 -R ssh forwards, against 8 × autossh + ssh.
     Footprint {
         /// Length of each side's measurement window, in seconds.
         #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
