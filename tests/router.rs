@@ -567,3 +567,165 @@ async fn reconfiguring_leaks_no_task_and_leaves_unchanged_routers_alone() {
     routers.stop().await;
     assert_eq!(bus.subscriber_count(), baseline);
 }
+
+/// Kills sshd (every session), then lets `change` alter the router, then starts sshd again
+/// 1.5 s later: a quick reboot (or sshd restart) between two checks.
+async fn bounce(sshd: &mut sshd::Sshd, change: impl FnOnce()) {
+    sshd.kill();
+    change();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    sshd.restart().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quick_reboot_found_by_a_verify_round_is_a_reboot_not_drift() {
+    // The verify round comes first: verify every 2 s, boot id checks only every 30 s. The
+    // pool tells the watcher when the session dies and when the next one opens; the boot id is
+    // read before the round's checks count.
+    let Some(mut sshd) = sshd::Sshd::start("").await else {
+        return;
+    };
+    let router = Lab::new("boot-1");
+    let bus = Bus::new(4096);
+    let mut events = Events::new(&bus);
+    let cancel = CancellationToken::new();
+    let mut spec = router.spec("r1", &sshd);
+    spec.check_interval = Duration::from_secs(30);
+    spec.verify_interval = Duration::from_secs(2);
+    let routers = router.start(&[spec], &bus, &cancel);
+    first_contact_with_provision(&mut events).await;
+    let before = events.seen.len();
+
+    bounce(&mut sshd, || {
+        router.set_boot_id("boot-2");
+        router.remove_marker();
+    })
+    .await;
+    events
+        .wait("router_connection_dropped", |k| {
+            is(k, "router_connection_dropped")
+        })
+        .await;
+    events
+        .wait("router_reconnected", |k| is(k, "router_reconnected"))
+        .await;
+    let provisioned = events
+        .wait("router_provisioned", |k| is(k, "router_provisioned"))
+        .await;
+    assert_eq!(
+        provisioned_cause(&provisioned.kind),
+        Some("reboot"),
+        "{}",
+        events.log()
+    );
+    events
+        .wait("router_verified", |k| is(k, "router_verified"))
+        .await;
+    let after = &events.seen[before..];
+    assert_eq!(count(after, "router_rebooted"), 1, "{}", events.log());
+    assert_eq!(
+        count(after, "router_drift_detected"),
+        0,
+        "a reboot is never drift: {}",
+        events.log()
+    );
+    assert_eq!(router.persisted_boot_id("r1").as_deref(), Some("boot-2"));
+    routers.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_with_the_same_boot_id_is_verified_at_once() {
+    // The boot id check comes first: checks every second, verify only every 5 minutes. sshd
+    // restarts with the same boot id but the provisioned state gone: it must be verified (and
+    // healed as drift) right after the reconnect, not 5 minutes later.
+    let Some(mut sshd) = sshd::Sshd::start("").await else {
+        return;
+    };
+    let router = Lab::new("boot-1");
+    let bus = Bus::new(4096);
+    let mut events = Events::new(&bus);
+    let cancel = CancellationToken::new();
+    let mut spec = router.spec("r1", &sshd);
+    spec.check_interval = Duration::from_secs(1);
+    spec.verify_interval = Duration::from_secs(300);
+    let routers = router.start(&[spec], &bus, &cancel);
+    first_contact_with_provision(&mut events).await;
+    let before = events.seen.len();
+
+    bounce(&mut sshd, || router.remove_marker()).await;
+    events
+        .wait("router_reconnected", |k| is(k, "router_reconnected"))
+        .await;
+    events
+        .wait("router_drift_detected", |k| is(k, "router_drift_detected"))
+        .await;
+    let provisioned = events
+        .wait("router_provisioned", |k| is(k, "router_provisioned"))
+        .await;
+    assert_eq!(provisioned_cause(&provisioned.kind), Some("drift"));
+    events
+        .wait("router_verified", |k| is(k, "router_verified"))
+        .await;
+    assert!(router.marker().exists());
+    let after = &events.seen[before..];
+    assert_eq!(count(after, "router_rebooted"), 0, "{}", events.log());
+    assert!(
+        count(after, "router_connection_dropped") >= 1,
+        "{}",
+        events.log()
+    );
+    routers.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_lost_and_back_between_two_checks_is_a_drop_and_a_reconnect() {
+    // Both intervals a minute long: only the pool's word (the session was lost) can reveal the
+    // bounce in time. The watcher checks at once, finds the router gone, then back within half
+    // a second of sshd's return, reads the boot id first and reports the reboot.
+    let Some(mut sshd) = sshd::Sshd::start("").await else {
+        return;
+    };
+    let router = Lab::new("boot-1");
+    let bus = Bus::new(4096);
+    let mut events = Events::new(&bus);
+    let cancel = CancellationToken::new();
+    let pool = SshPool::new();
+    let mut spec = router.spec("r1", &sshd);
+    spec.check_interval = Duration::from_secs(60);
+    spec.verify_interval = Duration::from_secs(60);
+    let routers = Routers::start(
+        std::slice::from_ref(&spec),
+        pool.clone(),
+        bus.clone(),
+        router.state.path().to_path_buf(),
+        &cancel,
+    );
+    first_contact_with_provision(&mut events).await;
+    let before = events.seen.len();
+    bounce(&mut sshd, || {
+        router.set_boot_id("boot-2");
+        router.remove_marker();
+    })
+    .await;
+    let started = Instant::now();
+    events
+        .wait("router_rebooted", |k| is(k, "router_rebooted"))
+        .await;
+    let provisioned = events
+        .wait("router_provisioned", |k| is(k, "router_provisioned"))
+        .await;
+    assert_eq!(provisioned_cause(&provisioned.kind), Some("reboot"));
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "seen long before the 60 s check interval"
+    );
+    let after = &events.seen[before..];
+    assert!(
+        count(after, "router_connection_dropped") >= 1,
+        "{}",
+        events.log()
+    );
+    assert!(count(after, "router_reconnected") >= 1, "{}", events.log());
+    assert_eq!(count(after, "router_drift_detected"), 0, "{}", events.log());
+    routers.stop().await;
+}

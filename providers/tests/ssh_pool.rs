@@ -380,7 +380,10 @@ async fn max_sessions_bounds_sessions_and_queues_dials_first_come_first_served()
         pool.stats()
     );
     assert!(served >= 10, "at least the first 10 fit");
-    assert!(!refused.is_empty(), "the 1 s queue wait must run out for some");
+    assert!(
+        !refused.is_empty(),
+        "the 1 s queue wait must run out for some"
+    );
     assert!(
         most_sessions.load(std::sync::atomic::Ordering::SeqCst) <= 2,
         "never more than 2 sessions"

@@ -184,7 +184,8 @@ impl client::Handler for ClientHandler {
         reply: client::ChannelOpenHandle,
         _session: &mut client::Session,
     ) -> Result<(), Self::Error> {
-        self.refuse("forwarded-streamlocal@openssh.com", reply).await;
+        self.refuse("forwarded-streamlocal@openssh.com", reply)
+            .await;
         Ok(())
     }
 

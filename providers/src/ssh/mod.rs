@@ -31,6 +31,6 @@ pub mod spec;
 mod stream;
 
 pub use exec::ExecOutput;
-pub use pool::{PoolStats, SshPool, TargetStats};
+pub use pool::{PoolStats, SessionEvents, SshPool, TargetStats};
 pub use provider::SshProvider;
 pub use spec::*;

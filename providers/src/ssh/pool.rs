@@ -16,6 +16,9 @@
 //!   a fresh session meanwhile), and removes it from the pool when the connection ends. The
 //!   task ends with the session, or when the pool is dropped (it then closes the session).
 //! - A new session to a target that lost one (not closed on purpose) counts as a reconnect.
+//! - Users learn at once when a session of their target is lost and when a new one is opened
+//!   ([`SshPool::session_events`]): the router watcher re-reads the boot id on every reconnect,
+//!   whoever's command found the drop.
 //! - At most `max_sessions` sessions per target (0: no limit). When every one is full, a channel
 //!   waits in a first-come-first-served queue until room appears (a channel closes, a session
 //!   ends) or its own deadline passes; it then fails with an error naming the limit. Once
@@ -31,12 +34,13 @@ use std::time::Duration;
 use russh::client::Msg;
 use russh::{Channel, ChannelOpenFailure};
 use serde::Serialize;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::{oneshot, watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::config::{PoolKey, Resolved};
 use super::session::{self, ChannelGuard, Session};
+use super::spec::SshTarget;
 use crate::{ProviderError, Resolver};
 
 /// How many acquire latencies the percentiles are computed over (the most recent ones).
@@ -111,6 +115,17 @@ pub struct TargetStats {
     pub queue_wait_max_ms: u64,
 }
 
+/// Session changes of one target, as counters that only grow: a watcher compares them with
+/// the values it last acted on. See [`SshPool::session_events`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionEvents {
+    /// Sessions opened to the target so far.
+    pub opened: u64,
+    /// Sessions that ended without the pool closing them (the server went away, keepalives
+    /// went unanswered).
+    pub lost: u64,
+}
+
 /// The shared session pool: one per daemon. Cheap to clone (an `Arc` inside).
 #[derive(Clone)]
 pub struct SshPool {
@@ -167,6 +182,8 @@ struct Target {
     room: Arc<Notify>,
     /// Channels waiting for room, first come first served.
     queue: Mutex<Queue>,
+    /// Sessions opened and lost, for [`SshPool::session_events`].
+    events: watch::Sender<SessionEvents>,
     state: Mutex<TargetState>,
     /// Held while a session to this target is being opened (one at a time).
     opener: tokio::sync::Mutex<OpenerState>,
@@ -200,7 +217,9 @@ struct Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        lock(&self.target.queue).waiting.retain(|(id, _)| *id != self.id);
+        lock(&self.target.queue)
+            .waiting
+            .retain(|(id, _)| *id != self.id);
         self.target.room.notify_waiters();
     }
 }
@@ -367,6 +386,16 @@ impl SshPool {
         }
         stats.targets.sort_by(|a, b| a.target.cmp(&b.target));
         stats
+    }
+
+    /// Follows the sessions of `target`: the receiver changes whenever one is opened or lost
+    /// (resolves the target, so only a config error fails). Opens nothing by itself.
+    pub fn session_events(
+        &self,
+        target: &SshTarget,
+    ) -> Result<watch::Receiver<SessionEvents>, ProviderError> {
+        let resolved = super::config::resolve(target)?;
+        Ok(self.target(&resolved.key).events.subscribe())
     }
 
     /// A hold on a session to `resolved` for a tunnel (opens one if needed).
@@ -656,6 +685,7 @@ impl SshPool {
             std::mem::take(&mut state.lost)
         };
         counters.opened.fetch_add(1, Ordering::Relaxed);
+        target.events.send_modify(|events| events.opened += 1);
         if reconnect {
             counters.reconnects.fetch_add(1, Ordering::Relaxed);
         }
@@ -685,6 +715,7 @@ impl SshPool {
                     max_sessions: std::sync::atomic::AtomicU32::new(0),
                     room: Arc::new(Notify::new()),
                     queue: Mutex::new(Queue::default()),
+                    events: watch::Sender::new(SessionEvents::default()),
                     state: Mutex::new(TargetState::default()),
                     opener: tokio::sync::Mutex::new(OpenerState::default()),
                     generation: AtomicU64::new(0),
@@ -830,6 +861,9 @@ async fn monitor(
     }
     // One session fewer: a queued channel may open a new one.
     target.room.notify_waiters();
+    if lost {
+        target.events.send_modify(|events| events.lost += 1);
+    }
     counters.closed.fetch_add(1, Ordering::Relaxed);
     if lost {
         tracing::warn!(target = %shared.key, session = shared.id, reason = %shared.reason(), "ssh session lost");

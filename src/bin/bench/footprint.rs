@@ -75,8 +75,10 @@ const CHECKS_AFTER: usize = 50;
 /// What to run, from the command line.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Settings {
-    /// Length of each measurement window.
+    /// Length of the daemon's measurement window.
     pub(crate) window: Duration,
+    /// Length of the anchor's (autossh) window.
+    pub(crate) anchor_window: Duration,
 }
 
 /// One side's window.
@@ -136,8 +138,15 @@ pub(crate) async fn footprint(settings: Settings) -> anyhow::Result<()> {
     );
     let anchor = match which("autossh") {
         Some(autossh) => {
-            let anchor =
-                measure_autossh(&dir.0, &autossh, &sshd, echo.addr, settings.window, ticks).await?;
+            let anchor = measure_autossh(
+                &dir.0,
+                &autossh,
+                &sshd,
+                echo.addr,
+                settings.anchor_window,
+                ticks,
+            )
+            .await?;
             print_footprint(&anchor);
             Some(anchor)
         }
@@ -180,7 +189,10 @@ fn config_text(dir: &Path, login: &Login<'_>, echo: SocketAddr) -> String {
     let mut text = crate::common::config_header(dir);
     for i in 1..=FORWARDS {
         let (name, forward) = if i <= LOCAL_FORWARDS {
-            (format!("fwd{i}"), format!("local_forward: {{ to: \"{echo}\" }}"))
+            (
+                format!("fwd{i}"),
+                format!("local_forward: {{ to: \"{echo}\" }}"),
+            )
         } else {
             (
                 format!("rev{}", i - LOCAL_FORWARDS),
