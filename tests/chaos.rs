@@ -16,8 +16,7 @@
 //! the duration (default 60; `scripts/chaos` runs 1800). docs/STRESS.md explains the figures
 //! and the thresholds.
 
-#[path = "../providers/tests/sshd/mod.rs"]
-mod sshd;
+use tunnelkeeper_test_support::sshd;
 mod support;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -1329,7 +1328,7 @@ fn spawn_sampler(pid: u32, stop: Arc<AtomicBool>, t0: Instant) -> std::thread::J
             if let Some(r) = Resources::read(pid) {
                 samples.series.push((t0.elapsed().as_secs_f64(), r));
             }
-            for p in sshd::descendants_of(pid) {
+            for p in tunnelkeeper_test_support::descendants_of(pid) {
                 if let Some(stat) = proc_stat(p) {
                     samples.descendants.entry(p).or_insert(stat.start);
                 }

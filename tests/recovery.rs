@@ -2,8 +2,7 @@
 //! router: a reboot is provisioned once and the tunnel that goes through the router restarts
 //! at once instead of waiting out its backoff; reloads never pile up watchers or subscribers.
 
-#[path = "../providers/tests/sshd/mod.rs"]
-mod sshd;
+use tunnelkeeper_test_support::sshd;
 mod support;
 
 use std::path::Path;

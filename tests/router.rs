@@ -4,8 +4,7 @@
 //! looks for the marker. A reboot is sshd killed with all its sessions, the boot id changed and
 //! the marker removed, then sshd started again on the same port.
 
-#[path = "../providers/tests/sshd/mod.rs"]
-mod sshd;
+use tunnelkeeper_test_support::sshd;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -2,8 +2,7 @@
 //! and remote forwards, immediate failover when sshd dies (listener and sessions), and failback
 //! once it is back.
 
-#[path = "../providers/tests/sshd/mod.rs"]
-mod sshd;
+use tunnelkeeper_test_support::sshd;
 mod support;
 
 use std::time::{Duration, Instant};

@@ -3,7 +3,7 @@
 //! the native latency check.
 
 mod common;
-mod sshd;
+use tunnelkeeper_test_support::sshd;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -294,7 +294,7 @@ async fn forwarded_connection_to_a_dead_target_is_refused_cleanly() {
         return;
     };
     let pool = SshPool::new();
-    let dead = format!("127.0.0.1:{}", sshd::free_port());
+    let dead = format!("127.0.0.1:{}", tunnelkeeper_test_support::free_port());
     let tunnel = remote(server.target(), "127.0.0.1:0", &dead, &pool)
         .start(&ctx())
         .await
@@ -319,7 +319,7 @@ async fn local_dial_to_a_closed_port_names_the_refusal() {
         return;
     };
     let pool = SshPool::new();
-    let dead = format!("127.0.0.1:{}", sshd::free_port());
+    let dead = format!("127.0.0.1:{}", tunnelkeeper_test_support::free_port());
     let tunnel = local(server.target(), &dead, &pool)
         .start(&ctx())
         .await

@@ -5,7 +5,7 @@
 //! environment variable, which is set here before any runtime or other thread exists.
 
 mod common;
-mod sshd;
+use tunnelkeeper_test_support::sshd;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

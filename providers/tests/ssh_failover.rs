@@ -3,7 +3,7 @@
 //! a new start succeeds and the pool counts the new session as a reconnect.
 
 mod common;
-mod sshd;
+use tunnelkeeper_test_support::sshd;
 
 use std::sync::Arc;
 use std::time::Duration;

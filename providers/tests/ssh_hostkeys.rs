@@ -5,7 +5,7 @@
 //! aliases log in.
 
 mod common;
-mod sshd;
+use tunnelkeeper_test_support::sshd;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;

@@ -3,7 +3,7 @@
 //! aged sessions closing, and the latencies of connect, dial and exec.
 
 mod common;
-mod sshd;
+use tunnelkeeper_test_support::sshd;
 
 use std::sync::Arc;
 use std::time::Duration;

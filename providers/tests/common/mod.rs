@@ -4,13 +4,15 @@
 #![allow(dead_code)]
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tunnelkeeper_providers::{Resolver, StartContext};
+
+/// The loopback helpers every test package shares (not every test binary uses both).
+#[allow(unused_imports)]
+pub use tunnelkeeper_test_support::{echo_server, free_port};
 
 /// Generous upper bound for anything that should happen "at once".
 pub const PATIENCE: Duration = Duration::from_secs(10);
@@ -27,31 +29,6 @@ pub fn ctx() -> StartContext {
         service: "svc".to_string(),
         resolver: Resolver::new(&[]).expect("resolver"),
     }
-}
-
-/// A TCP echo server on 127.0.0.1; runs until the test's runtime ends.
-pub async fn echo_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
-    let addr = listener.local_addr().expect("echo addr");
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = stream.read(&mut buf).await {
-                    if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
-/// A port nothing listens on (bound, then released).
-pub fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr").port()
 }
 
 /// Whether a process no longer runs: gone from /proc, or a zombie nobody reaped yet (PID 1 in

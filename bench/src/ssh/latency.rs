@@ -19,7 +19,8 @@ use tokio::process::Child;
 use tokio::time::Instant;
 use tunnelkeeper_providers::ssh::SshPool;
 
-use super::sshd::{run_ssh, with_args, Memory, Sshd};
+use super::tools::{run_ssh, with_args, Memory};
+use tunnelkeeper_test_support::Sshd;
 
 /// Limit for one command, whichever way it runs.
 const COMMAND_LIMIT: Duration = Duration::from_secs(10);

@@ -21,9 +21,6 @@
 //! with a backoff of 2 s doubling to 60 s. Its delay is computed, not slept: the reconnect
 //! attempt that first finds the router up, then a uniformly random 0–30 s until the next poll.
 
-// The ssh bench's sshd helper: only its set-up (keys, config, known_hosts) is used here.
-use crate::ssh::sshd;
-use std::collections::HashSet;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -108,16 +105,7 @@ impl Server {
         let Some(mut child) = self.child.take() else {
             return;
         };
-        let mut pids = vec![child.id()];
-        pids.extend(descendants_of(child.id()));
-        for pid in pids {
-            if let Ok(pid) = i32::try_from(pid) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
+        tunnelkeeper_test_support::procs::kill_tree(child.id());
         let _ = child.wait();
     }
 }
@@ -126,38 +114,6 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-/// All descendants of `root`, from the parent links in `/proc/*/stat`.
-fn descendants_of(root: u32) -> Vec<u32> {
-    let mut parents: Vec<(u32, u32)> = Vec::new();
-    if let Ok(entries) = std::fs::read_dir("/proc") {
-        for entry in entries.flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-                continue;
-            };
-            // `pid (comm) state ppid ...`; comm may contain spaces and parentheses.
-            let Some((_, rest)) = stat.rsplit_once(')') else {
-                continue;
-            };
-            if let Some(Ok(ppid)) = rest.split_whitespace().nth(1).map(str::parse::<u32>) {
-                parents.push((pid, ppid));
-            }
-        }
-    }
-    let mut found: HashSet<u32> = HashSet::new();
-    let mut frontier = vec![root];
-    while let Some(parent) = frontier.pop() {
-        for (pid, ppid) in &parents {
-            if *ppid == parent && found.insert(*pid) {
-                frontier.push(*pid);
-            }
-        }
-    }
-    found.into_iter().collect()
 }
 
 /// The bench's view of the bus.
@@ -245,7 +201,8 @@ struct Rep {
 /// Runs the bench with `reps` repetitions.
 pub(crate) async fn router(reps: u32) -> anyhow::Result<()> {
     let dir = TempDir::new("router")?;
-    let helper = sshd::Sshd::start(&dir.0, &[], false).await?;
+    // The shared sshd harness only writes the files (keys, config, known_hosts) here.
+    let helper = crate::ssh::start_sshd(&dir.0, &[], false).await?;
     let version = helper.version.clone();
     let target = helper.target();
     let port = helper.port;

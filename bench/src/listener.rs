@@ -32,7 +32,8 @@ use anyhow::{bail, Context};
 use tokio::process::{Child, Command};
 use tunnelkeeper::daemon::Daemon;
 
-use crate::common::{Echo, Stats, TempDir};
+use crate::common::{which, Echo, Stats, TempDir};
+use tunnelkeeper_test_support::try_free_port;
 
 /// The goal from issue 4: the listener keeps at least this share of direct loopback throughput.
 const THROUGHPUT_GOAL: f64 = 0.90;
@@ -168,7 +169,8 @@ pub(crate) async fn listener(quick: bool) -> anyhow::Result<()> {
         ("socat", "socat"),
         ("haproxy", "haproxy"),
     ] {
-        which(program).with_context(|| format!("apt-get install {package}"))?;
+        which(program)
+            .with_context(|| format!("`{program}` not found on PATH: apt-get install {package}"))?;
     }
     let dir = TempDir::new("listener")?;
     let ticks = clock_ticks();
@@ -189,7 +191,7 @@ pub(crate) async fn listener(quick: bool) -> anyhow::Result<()> {
     );
 
     // The servers.
-    let iperf_port = free_port()?;
+    let iperf_port = try_free_port().context("finding a free loopback port")?;
     let iperf_log = dir.0.join("iperf3-server.log");
     let iperf_errors = dir.0.join("iperf3-server.err");
     let mut iperf_server = spawn(
@@ -823,7 +825,7 @@ async fn start_socat(
     name: &str,
     target: SocketAddr,
 ) -> anyhow::Result<(Child, SocketAddr)> {
-    let port = free_port()?;
+    let port = try_free_port().context("finding a free loopback port")?;
     let mut child = spawn(
         Command::new("socat")
             .args([
@@ -844,7 +846,7 @@ async fn start_haproxy(
     name: &str,
     target: SocketAddr,
 ) -> anyhow::Result<(Child, SocketAddr)> {
-    let port = free_port()?;
+    let port = try_free_port().context("finding a free loopback port")?;
     let cfg = dir.join(format!("haproxy-{name}.cfg"));
     // Defaults everywhere but the required timeouts: no splice options, default buffers and
     // thread count (one per CPU), as a plain `mode tcp` deployment would have.
@@ -927,26 +929,6 @@ async fn wait_listening(child: &mut Child, port: u16, what: &str) -> anyhow::Res
             );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// A port that was free a moment ago on 127.0.0.1.
-fn free_port() -> anyhow::Result<u16> {
-    let listener =
-        std::net::TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0 for a port")?;
-    Ok(listener
-        .local_addr()
-        .context("reading a bound address")?
-        .port())
-}
-
-/// Fails when `program` is not on `PATH`.
-fn which(program: &str) -> anyhow::Result<()> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    if std::env::split_paths(&path).any(|dir| dir.join(program).is_file()) {
-        Ok(())
-    } else {
-        bail!("`{program}` not found on PATH")
     }
 }
 

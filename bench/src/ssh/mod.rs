@@ -1,5 +1,6 @@
 //! The `ssh` bench: the SSH provider and session pool against a real OpenSSH sshd that the
-//! bench starts on 127.0.0.1 (module `sshd`), all in one run on one machine.
+//! bench starts on 127.0.0.1 (the shared harness, `tunnelkeeper_test_support::Sshd`, with the
+//! bench's settings from [`start_sshd`]), all in one run on one machine.
 //!
 //! Parts, in the order they run:
 //! - `memory`: memory per idle pooled session (first, before the heap has grown), with one idle
@@ -16,9 +17,10 @@
 mod channels;
 mod latency;
 mod memory;
-pub(crate) mod sshd;
 mod throughput;
+pub(crate) mod tools;
 
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context};
@@ -27,8 +29,8 @@ use crate::common::{fmt_ms, ms, Echo, Stats, TempDir};
 use channels::Channels;
 use latency::{Latency, Method};
 use memory::MemoryReport;
-use sshd::Sshd;
 use throughput::{Route, Throughput};
+use tunnelkeeper_test_support::{Sshd, SshdOptions};
 
 /// The pool's acquire target once sessions are open (issue 3: p99 < 1 ms).
 const ACQUIRE_TARGET_US: u64 = 1000;
@@ -94,11 +96,40 @@ impl Settings {
     }
 }
 
+/// Starts the benches' sshd in `dir`: the shared test harness with `extra` lines first, then
+/// `MaxSessions` and `MaxStartups` raised so the pool, not sshd, decides how channels spread
+/// over sessions, and INFO logging (VERBOSE would log every channel). Also checks that the
+/// OpenSSH client the comparisons run is installed.
+pub(crate) async fn start_sshd(
+    dir: &Path,
+    extra: &[String],
+    login_home: bool,
+) -> anyhow::Result<Sshd> {
+    if crate::common::which("ssh").is_none() {
+        bail!("the OpenSSH client `ssh` is not on PATH (apt-get install openssh-client)");
+    }
+    let mut lines = extra.to_vec();
+    lines.extend(
+        [
+            "MaxSessions 2000",
+            "MaxStartups 100:30:200",
+            "LogLevel INFO",
+        ]
+        .map(String::from),
+    );
+    let options = SshdOptions {
+        dir: Some(dir.to_path_buf()),
+        extra: lines,
+        login_home,
+    };
+    Sshd::launch(options).await
+}
+
 /// Runs every part and prints its figures and a summary.
 pub(crate) async fn ssh(settings: Settings) -> anyhow::Result<()> {
     // Each held channel costs the echo server one socket in this process.
     let needed = settings.channels as u64 + 256;
-    let limit = sshd::open_files_limit()?;
+    let limit = tools::open_files_limit()?;
     if limit < needed {
         bail!(
             "the open-files limit is {limit}, and {} channels need about {needed}: raise it \
@@ -107,7 +138,7 @@ pub(crate) async fn ssh(settings: Settings) -> anyhow::Result<()> {
         );
     }
     let dir = TempDir::new("ssh")?;
-    let sshd = Sshd::start(&dir.0, &settings.sshd_options, settings.login_home)
+    let sshd = start_sshd(&dir.0, &settings.sshd_options, settings.login_home)
         .await
         .context("starting sshd")?;
     let echo = Echo::start().await?;

@@ -29,7 +29,8 @@ use tokio::time::Instant;
 use tunnelkeeper_providers::ssh::SshPool;
 
 use super::channels::local_tunnel;
-use super::sshd::{clock_ticks, cpu_time, free_port, with_args, Sshd};
+use super::tools::{clock_ticks, cpu_time, with_args};
+use tunnelkeeper_test_support::{try_free_port, Sshd};
 
 /// Bytes per write.
 const CHUNK: usize = 256 * 1024;
@@ -277,7 +278,7 @@ struct OpenSshForward {
 impl OpenSshForward {
     /// Starts the forward and waits until its port accepts connections.
     async fn start(sshd: &Sshd, sink: SocketAddr) -> anyhow::Result<OpenSshForward> {
-        let port = free_port()?;
+        let port = try_free_port().context("finding a free loopback port")?;
         let spec = format!("127.0.0.1:{port}:{}:{}", sink.ip(), sink.port());
         let args: Vec<OsString> = with_args(
             &sshd.client_args(),

@@ -29,7 +29,6 @@
 //! that the forwards still work and count the connections that fail.
 
 // The ssh bench's sshd helper.
-use crate::ssh::sshd;
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -47,7 +46,7 @@ use crate::common::{
     clock_ticks, descendants_of, fmt_d, load_1min, load_average, processes_cpu, rss_by_mapping,
     which, DaemonProcess, Echo, ProcMemory, TempDir,
 };
-use sshd::Sshd;
+use tunnelkeeper_test_support::{try_free_port, Sshd};
 
 /// Local (`-L`) forwards held by each side.
 const LOCAL_FORWARDS: usize = 4;
@@ -110,7 +109,7 @@ impl Footprint {
 /// Runs both sides one after the other against the same sshd and prints them side by side.
 pub(crate) async fn footprint(settings: Settings) -> anyhow::Result<()> {
     let dir = TempDir::new("footprint")?;
-    let sshd = Sshd::start(&dir.0, &[], false)
+    let sshd = crate::ssh::start_sshd(&dir.0, &[], false)
         .await
         .context("starting sshd")?;
     let echo = Echo::start().await?;
@@ -428,7 +427,7 @@ async fn measure_autossh(
     };
     let mut ports = Vec::new();
     for i in 1..=FORWARDS {
-        let port = sshd::free_port()?;
+        let port = try_free_port().context("finding a free loopback port")?;
         let log_path = dir.join(format!("autossh{i}.log"));
         let log = std::fs::File::create(&log_path)
             .with_context(|| format!("creating {}", log_path.display()))?;

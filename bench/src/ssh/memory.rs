@@ -20,7 +20,8 @@ use tokio::time::Instant;
 use tunnelkeeper_providers::ssh::SshPool;
 
 use super::channels::{local_tunnel, wait_drained};
-use super::sshd::{with_args, Memory, Sshd};
+use super::tools::{with_args, Memory};
+use tunnelkeeper_test_support::Sshd;
 
 /// Limit for one dial (sessions are opened one at a time, so the last waits for all).
 const DIAL_LIMIT: Duration = Duration::from_secs(120);

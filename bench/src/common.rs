@@ -2,7 +2,7 @@
 //! server, and a private temporary directory.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -284,38 +284,8 @@ pub(crate) fn threads_and_fds(pid: u32) -> (u64, usize) {
     (threads, fds)
 }
 
-/// Every descendant of `root` (children, their children, ...), from the parent links in
-/// `/proc/*/stat`.
-pub(crate) fn descendants_of(root: u32) -> Vec<u32> {
-    let mut parents: Vec<(u32, u32)> = Vec::new();
-    if let Ok(entries) = std::fs::read_dir("/proc") {
-        for entry in entries.flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-                continue;
-            };
-            // `pid (comm) state ppid ...`; comm may contain spaces and parentheses.
-            let Some((_, rest)) = stat.rsplit_once(')') else {
-                continue;
-            };
-            if let Some(Ok(ppid)) = rest.split_whitespace().nth(1).map(str::parse::<u32>) {
-                parents.push((pid, ppid));
-            }
-        }
-    }
-    let mut found = std::collections::BTreeSet::new();
-    let mut frontier = vec![root];
-    while let Some(parent) = frontier.pop() {
-        for &(pid, ppid) in &parents {
-            if ppid == parent && found.insert(pid) {
-                frontier.push(pid);
-            }
-        }
-    }
-    found.into_iter().collect()
-}
+/// Every descendant of a process (the shared helper).
+pub(crate) use tunnelkeeper_test_support::descendants_of;
 
 /// What [`ensure_open_files`] found and did.
 pub(crate) struct OpenFiles {
@@ -389,15 +359,43 @@ pub(crate) fn ensure_open_files(needed: u64) -> anyhow::Result<OpenFiles> {
     Ok(OpenFiles { before, now, hard })
 }
 
-/// The `tunnelkeeper` binary next to this one.
+/// The `tunnelkeeper` binary next to this one. Under `cargo run` (which sets `CARGO`) it is
+/// built first with the bench's own profile, since building the bench package does not build
+/// the daemon's: a missing or stale daemon would otherwise be measured.
 pub(crate) fn daemon_binary() -> anyhow::Result<PathBuf> {
     let path = std::env::current_exe()
         .context("locating the bench binary")?
         .with_file_name("tunnelkeeper");
+    if let Some(cargo) = std::env::var_os("CARGO") {
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+        let profile = path
+            .parent()
+            .and_then(Path::file_name)
+            .and_then(|name| name.to_str())
+            .map(|name| if name == "debug" { "dev" } else { name })
+            .unwrap_or("release")
+            .to_string();
+        let status = std::process::Command::new(cargo)
+            .args([
+                "build",
+                "--quiet",
+                "--profile",
+                &profile,
+                "-p",
+                "tunnelkeeper",
+            ])
+            .arg("--manifest-path")
+            .arg(&manifest)
+            .status()
+            .context("running cargo build -p tunnelkeeper")?;
+        if !status.success() {
+            anyhow::bail!("cargo build -p tunnelkeeper --profile {profile} failed: {status}");
+        }
+    }
     if !path.is_file() {
         anyhow::bail!(
-            "{} not found; build both binaries first: \
-             `cargo build --release --bin bench --bin tunnelkeeper`",
+            "{} not found; build it first: `cargo build --release -p tunnelkeeper` \
+             (or run the bench with `cargo run --release -p tunnelkeeper-bench -- ...`)",
             path.display()
         );
     }

@@ -16,7 +16,7 @@
 //! written up in `docs/BENCHMARKS.md`.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -183,7 +183,7 @@ struct Outcome {
 }
 /// Runs every failover scenario and prints the per-scenario figures and a summary.
 pub(crate) async fn failover(reps: u32, quick: bool) -> anyhow::Result<()> {
-    let relay = relay_binary()?;
+    let relay = crate::common::daemon_binary()?;
     let settings: &[Setting] = if quick { &[FAST] } else { &[FAST, DEFAULTS] };
     let scenarios: Vec<Scenario> = settings
         .iter()
@@ -233,21 +233,6 @@ pub(crate) async fn failover(reps: u32, quick: bool) -> anyhow::Result<()> {
             failures.join("\n  ")
         )
     }
-}
-
-/// The `tunnelkeeper` binary next to this one; its hidden `relay` mode is the stand-in tunnel.
-fn relay_binary() -> anyhow::Result<PathBuf> {
-    let relay = std::env::current_exe()
-        .context("locating the bench binary")?
-        .with_file_name("tunnelkeeper");
-    if !relay.is_file() {
-        bail!(
-            "{} not found; build both binaries first: `cargo build --release --bins` \
-             (`cargo run --bin bench` alone does not build `tunnelkeeper`)",
-            relay.display()
-        );
-    }
-    Ok(relay)
 }
 
 /// Starts a fresh daemon for one scenario, runs its repetitions, and always shuts it down.
