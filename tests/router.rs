@@ -4,6 +4,7 @@
 //! looks for the marker. A reboot is sshd killed with all its sessions, the boot id changed and
 //! the marker removed, then sshd started again on the same port.
 
+use tunnelkeeper_test_support::dropbear::Dropbear;
 use tunnelkeeper_test_support::sshd;
 
 use std::path::{Path, PathBuf};
@@ -68,10 +69,15 @@ impl Lab {
     /// The router: boot id from the file, a provision that creates the marker (and logs the
     /// run), a check for the marker.
     fn spec(&self, name: &str, sshd: &sshd::Sshd) -> RouterSpec {
+        self.spec_for(name, sshd.target())
+    }
+
+    /// [`Lab::spec`] for any SSH server (dropbear).
+    fn spec_for(&self, name: &str, ssh: tunnelkeeper_providers::ssh::SshTarget) -> RouterSpec {
         let dir = self.files.path().display();
         RouterSpec {
             name: name.to_string(),
-            ssh: sshd.target(),
+            ssh,
             boot_id_command: format!("cat {dir}/boot_id"),
             check_interval: Duration::from_secs(1),
             provision: vec![format!(
@@ -726,5 +732,43 @@ async fn a_session_lost_and_back_between_two_checks_is_a_drop_and_a_reconnect() 
     );
     assert!(count(after, "router_reconnected") >= 1, "{}", events.log());
     assert_eq!(count(after, "router_drift_detected"), 0, "{}", events.log());
+    routers.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropbear_router_is_provisioned_verified_and_its_reboot_healed() {
+    // OpenWrt runs dropbear: boot id read, provision, verify and a reboot against the real one.
+    let Some(mut server) = Dropbear::start().await else {
+        return;
+    };
+    let router = Lab::new("boot-1");
+    let bus = Bus::new(4096);
+    let mut events = Events::new(&bus);
+    let cancel = CancellationToken::new();
+    let routers = router.start(&[router.spec_for("r1", server.target())], &bus, &cancel);
+    first_contact_with_provision(&mut events).await;
+    assert_eq!(router.persisted_boot_id("r1").as_deref(), Some("boot-1"));
+    assert!(router.marker().exists());
+    let before = events.seen.len();
+
+    server.kill();
+    router.set_boot_id("boot-2");
+    router.remove_marker();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    server.restart().await;
+    events
+        .wait("router_rebooted", |k| is(k, "router_rebooted"))
+        .await;
+    let provisioned = events
+        .wait("router_provisioned", |k| is(k, "router_provisioned"))
+        .await;
+    assert_eq!(provisioned_cause(&provisioned.kind), Some("reboot"));
+    events
+        .wait("router_verified", |k| is(k, "router_verified"))
+        .await;
+    let after = &events.seen[before..];
+    assert_eq!(count(after, "router_rebooted"), 1, "{}", events.log());
+    assert_eq!(count(after, "router_drift_detected"), 0, "{}", events.log());
+    assert_eq!(router.persisted_boot_id("r1").as_deref(), Some("boot-2"));
     routers.stop().await;
 }

@@ -8,7 +8,7 @@
 //! (russh calls our `channel_close` exactly when it drops an entry).
 
 mod common;
-mod sshd;
+use tunnelkeeper_test_support::sshd;
 
 use std::sync::Arc;
 use std::time::Duration;
