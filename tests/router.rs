@@ -573,6 +573,39 @@ async fn reconfiguring_leaks_no_task_and_leaves_unchanged_routers_alone() {
     assert_eq!(bus.subscriber_count(), baseline);
 }
 
+/// Router `r1` on `ssh` with the given boot id check and verify intervals, running past its
+/// first contact (provisioned as `first_contact`, verified).
+struct Running {
+    router: Lab,
+    events: Events,
+    routers: Routers,
+    _bus: Arc<Bus>,
+    _cancel: CancellationToken,
+}
+
+async fn running(
+    ssh: tunnelkeeper_providers::ssh::SshTarget,
+    check: Duration,
+    verify: Duration,
+) -> Running {
+    let router = Lab::new("boot-1");
+    let bus = Bus::new(4096);
+    let mut events = Events::new(&bus);
+    let cancel = CancellationToken::new();
+    let mut spec = router.spec_for("r1", ssh);
+    spec.check_interval = check;
+    spec.verify_interval = verify;
+    let routers = router.start(&[spec], &bus, &cancel);
+    first_contact_with_provision(&mut events).await;
+    Running {
+        router,
+        events,
+        routers,
+        _bus: bus,
+        _cancel: cancel,
+    }
+}
+
 /// Kills sshd (every session), then lets `change` alter the router, then starts sshd again
 /// 1.5 s later: a quick reboot (or sshd restart) between two checks.
 async fn bounce(sshd: &mut sshd::Sshd, change: impl FnOnce()) {
@@ -590,15 +623,17 @@ async fn a_quick_reboot_found_by_a_verify_round_is_a_reboot_not_drift() {
     let Some(mut sshd) = sshd::Sshd::start("").await else {
         return;
     };
-    let router = Lab::new("boot-1");
-    let bus = Bus::new(4096);
-    let mut events = Events::new(&bus);
-    let cancel = CancellationToken::new();
-    let mut spec = router.spec("r1", &sshd);
-    spec.check_interval = Duration::from_secs(30);
-    spec.verify_interval = Duration::from_secs(2);
-    let routers = router.start(&[spec], &bus, &cancel);
-    first_contact_with_provision(&mut events).await;
+    let Running {
+        router,
+        mut events,
+        routers,
+        ..
+    } = running(
+        sshd.target(),
+        Duration::from_secs(30),
+        Duration::from_secs(2),
+    )
+    .await;
     let before = events.seen.len();
 
     bounce(&mut sshd, || {
@@ -646,15 +681,17 @@ async fn a_reconnect_with_the_same_boot_id_is_verified_at_once() {
     let Some(mut sshd) = sshd::Sshd::start("").await else {
         return;
     };
-    let router = Lab::new("boot-1");
-    let bus = Bus::new(4096);
-    let mut events = Events::new(&bus);
-    let cancel = CancellationToken::new();
-    let mut spec = router.spec("r1", &sshd);
-    spec.check_interval = Duration::from_secs(1);
-    spec.verify_interval = Duration::from_secs(300);
-    let routers = router.start(&[spec], &bus, &cancel);
-    first_contact_with_provision(&mut events).await;
+    let Running {
+        router,
+        mut events,
+        routers,
+        ..
+    } = running(
+        sshd.target(),
+        Duration::from_secs(1),
+        Duration::from_secs(300),
+    )
+    .await;
     let before = events.seen.len();
 
     bounce(&mut sshd, || router.remove_marker()).await;
@@ -690,22 +727,17 @@ async fn a_session_lost_and_back_between_two_checks_is_a_drop_and_a_reconnect() 
     let Some(mut sshd) = sshd::Sshd::start("").await else {
         return;
     };
-    let router = Lab::new("boot-1");
-    let bus = Bus::new(4096);
-    let mut events = Events::new(&bus);
-    let cancel = CancellationToken::new();
-    let pool = SshPool::new();
-    let mut spec = router.spec("r1", &sshd);
-    spec.check_interval = Duration::from_secs(60);
-    spec.verify_interval = Duration::from_secs(60);
-    let routers = Routers::start(
-        std::slice::from_ref(&spec),
-        pool.clone(),
-        bus.clone(),
-        router.state.path().to_path_buf(),
-        &cancel,
-    );
-    first_contact_with_provision(&mut events).await;
+    let Running {
+        router,
+        mut events,
+        routers,
+        ..
+    } = running(
+        sshd.target(),
+        Duration::from_secs(60),
+        Duration::from_secs(60),
+    )
+    .await;
     let before = events.seen.len();
     bounce(&mut sshd, || {
         router.set_boot_id("boot-2");
@@ -741,12 +773,17 @@ async fn a_dropbear_router_is_provisioned_verified_and_its_reboot_healed() {
     let Some(mut server) = Dropbear::start().await else {
         return;
     };
-    let router = Lab::new("boot-1");
-    let bus = Bus::new(4096);
-    let mut events = Events::new(&bus);
-    let cancel = CancellationToken::new();
-    let routers = router.start(&[router.spec_for("r1", server.target())], &bus, &cancel);
-    first_contact_with_provision(&mut events).await;
+    let Running {
+        router,
+        mut events,
+        routers,
+        ..
+    } = running(
+        server.target(),
+        Duration::from_secs(1),
+        Duration::from_secs(2),
+    )
+    .await;
     assert_eq!(router.persisted_boot_id("r1").as_deref(), Some("boot-1"));
     assert!(router.marker().exists());
     let before = events.seen.len();
