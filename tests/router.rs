@@ -4,6 +4,7 @@
 //! looks for the marker. A reboot is sshd killed with all its sessions, the boot id changed and
 //! the marker removed, then sshd started again on the same port.
 
+use tunnelkeeper_test_support::dropbear::Dropbear;
 use tunnelkeeper_test_support::sshd;
 
 use std::path::{Path, PathBuf};
@@ -68,10 +69,15 @@ impl Lab {
     /// The router: boot id from the file, a provision that creates the marker (and logs the
     /// run), a check for the marker.
     fn spec(&self, name: &str, sshd: &sshd::Sshd) -> RouterSpec {
+        self.spec_for(name, sshd.target())
+    }
+
+    /// [`Lab::spec`] for any SSH server (dropbear).
+    fn spec_for(&self, name: &str, ssh: tunnelkeeper_providers::ssh::SshTarget) -> RouterSpec {
         let dir = self.files.path().display();
         RouterSpec {
             name: name.to_string(),
-            ssh: sshd.target(),
+            ssh,
             boot_id_command: format!("cat {dir}/boot_id"),
             check_interval: Duration::from_secs(1),
             provision: vec![format!(
@@ -565,4 +571,241 @@ async fn reconfiguring_leaks_no_task_and_leaves_unchanged_routers_alone() {
 
     routers.stop().await;
     assert_eq!(bus.subscriber_count(), baseline);
+}
+
+/// Router `r1` on `ssh` with the given boot id check and verify intervals, running past its
+/// first contact (provisioned as `first_contact`, verified).
+struct Running {
+    router: Lab,
+    events: Events,
+    routers: Routers,
+    _bus: Arc<Bus>,
+    _cancel: CancellationToken,
+}
+
+async fn running(
+    ssh: tunnelkeeper_providers::ssh::SshTarget,
+    check: Duration,
+    verify: Duration,
+) -> Running {
+    let router = Lab::new("boot-1");
+    let bus = Bus::new(4096);
+    let mut events = Events::new(&bus);
+    let cancel = CancellationToken::new();
+    let mut spec = router.spec_for("r1", ssh);
+    spec.check_interval = check;
+    spec.verify_interval = verify;
+    let routers = router.start(&[spec], &bus, &cancel);
+    first_contact_with_provision(&mut events).await;
+    Running {
+        router,
+        events,
+        routers,
+        _bus: bus,
+        _cancel: cancel,
+    }
+}
+
+/// Kills sshd (every session), then lets `change` alter the router, then starts sshd again
+/// 1.5 s later: a quick reboot (or sshd restart) between two checks.
+async fn bounce(sshd: &mut sshd::Sshd, change: impl FnOnce()) {
+    sshd.kill();
+    change();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    sshd.restart().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quick_reboot_found_by_a_verify_round_is_a_reboot_not_drift() {
+    // The verify round comes first: verify every 2 s, boot id checks only every 30 s. The
+    // pool tells the watcher when the session dies and when the next one opens; the boot id is
+    // read before the round's checks count.
+    let Some(mut sshd) = sshd::Sshd::start("").await else {
+        return;
+    };
+    let Running {
+        router,
+        mut events,
+        routers,
+        ..
+    } = running(
+        sshd.target(),
+        Duration::from_secs(30),
+        Duration::from_secs(2),
+    )
+    .await;
+    let before = events.seen.len();
+
+    bounce(&mut sshd, || {
+        router.set_boot_id("boot-2");
+        router.remove_marker();
+    })
+    .await;
+    events
+        .wait("router_connection_dropped", |k| {
+            is(k, "router_connection_dropped")
+        })
+        .await;
+    events
+        .wait("router_reconnected", |k| is(k, "router_reconnected"))
+        .await;
+    let provisioned = events
+        .wait("router_provisioned", |k| is(k, "router_provisioned"))
+        .await;
+    assert_eq!(
+        provisioned_cause(&provisioned.kind),
+        Some("reboot"),
+        "{}",
+        events.log()
+    );
+    events
+        .wait("router_verified", |k| is(k, "router_verified"))
+        .await;
+    let after = &events.seen[before..];
+    assert_eq!(count(after, "router_rebooted"), 1, "{}", events.log());
+    assert_eq!(
+        count(after, "router_drift_detected"),
+        0,
+        "a reboot is never drift: {}",
+        events.log()
+    );
+    assert_eq!(router.persisted_boot_id("r1").as_deref(), Some("boot-2"));
+    routers.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_with_the_same_boot_id_is_verified_at_once() {
+    // The boot id check comes first: checks every second, verify only every 5 minutes. sshd
+    // restarts with the same boot id but the provisioned state gone: it must be verified (and
+    // healed as drift) right after the reconnect, not 5 minutes later.
+    let Some(mut sshd) = sshd::Sshd::start("").await else {
+        return;
+    };
+    let Running {
+        router,
+        mut events,
+        routers,
+        ..
+    } = running(
+        sshd.target(),
+        Duration::from_secs(1),
+        Duration::from_secs(300),
+    )
+    .await;
+    let before = events.seen.len();
+
+    bounce(&mut sshd, || router.remove_marker()).await;
+    events
+        .wait("router_reconnected", |k| is(k, "router_reconnected"))
+        .await;
+    events
+        .wait("router_drift_detected", |k| is(k, "router_drift_detected"))
+        .await;
+    let provisioned = events
+        .wait("router_provisioned", |k| is(k, "router_provisioned"))
+        .await;
+    assert_eq!(provisioned_cause(&provisioned.kind), Some("drift"));
+    events
+        .wait("router_verified", |k| is(k, "router_verified"))
+        .await;
+    assert!(router.marker().exists());
+    let after = &events.seen[before..];
+    assert_eq!(count(after, "router_rebooted"), 0, "{}", events.log());
+    assert!(
+        count(after, "router_connection_dropped") >= 1,
+        "{}",
+        events.log()
+    );
+    routers.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_lost_and_back_between_two_checks_is_a_drop_and_a_reconnect() {
+    // Both intervals a minute long: only the pool's word (the session was lost) can reveal the
+    // bounce in time. The watcher checks at once, finds the router gone, then back within half
+    // a second of sshd's return, reads the boot id first and reports the reboot.
+    let Some(mut sshd) = sshd::Sshd::start("").await else {
+        return;
+    };
+    let Running {
+        router,
+        mut events,
+        routers,
+        ..
+    } = running(
+        sshd.target(),
+        Duration::from_secs(60),
+        Duration::from_secs(60),
+    )
+    .await;
+    let before = events.seen.len();
+    bounce(&mut sshd, || {
+        router.set_boot_id("boot-2");
+        router.remove_marker();
+    })
+    .await;
+    let started = Instant::now();
+    events
+        .wait("router_rebooted", |k| is(k, "router_rebooted"))
+        .await;
+    let provisioned = events
+        .wait("router_provisioned", |k| is(k, "router_provisioned"))
+        .await;
+    assert_eq!(provisioned_cause(&provisioned.kind), Some("reboot"));
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "seen long before the 60 s check interval"
+    );
+    let after = &events.seen[before..];
+    assert!(
+        count(after, "router_connection_dropped") >= 1,
+        "{}",
+        events.log()
+    );
+    assert!(count(after, "router_reconnected") >= 1, "{}", events.log());
+    assert_eq!(count(after, "router_drift_detected"), 0, "{}", events.log());
+    routers.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropbear_router_is_provisioned_verified_and_its_reboot_healed() {
+    // OpenWrt runs dropbear: boot id read, provision, verify and a reboot against the real one.
+    let Some(mut server) = Dropbear::start().await else {
+        return;
+    };
+    let Running {
+        router,
+        mut events,
+        routers,
+        ..
+    } = running(
+        server.target(),
+        Duration::from_secs(1),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(router.persisted_boot_id("r1").as_deref(), Some("boot-1"));
+    assert!(router.marker().exists());
+    let before = events.seen.len();
+
+    server.kill();
+    router.set_boot_id("boot-2");
+    router.remove_marker();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    server.restart().await;
+    events
+        .wait("router_rebooted", |k| is(k, "router_rebooted"))
+        .await;
+    let provisioned = events
+        .wait("router_provisioned", |k| is(k, "router_provisioned"))
+        .await;
+    assert_eq!(provisioned_cause(&provisioned.kind), Some("reboot"));
+    events
+        .wait("router_verified", |k| is(k, "router_verified"))
+        .await;
+    let after = &events.seen[before..];
+    assert_eq!(count(after, "router_rebooted"), 1, "{}", events.log());
+    assert_eq!(count(after, "router_drift_detected"), 0, "{}", events.log());
+    assert_eq!(router.persisted_boot_id("r1").as_deref(), Some("boot-2"));
+    routers.stop().await;
 }

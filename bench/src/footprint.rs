@@ -4,14 +4,17 @@
 //! A real OpenSSH sshd on 127.0.0.1 (the ssh bench's helper, module `sshd`: throwaway keys,
 //! strict host key checking) and an echo listener in this process stand in for the far side.
 //!
-//! - **tunnelkeeper**: `tunnelkeeper run -c GENERATED` (the binary next to this one) with 4
-//!   services, each with a failover listener on `127.0.0.1:0` and one `ssh` tunnel with
-//!   `local_forward: { to: ECHO }`, probed end to end every second (`send`/`expect` through a
-//!   `direct-tcpip` channel), SSH keepalive every 1 s with 3 allowed misses. The pool shares one
-//!   SSH session among the four tunnels (same user, host, port and key): that is the design.
-//! - **autossh** (the anchor): 4 × `autossh -M 0 -N -o ServerAliveInterval=1
-//!   -o ServerAliveCountMax=3 ... -L 127.0.0.1:PORT:ECHO -p SSHD user@127.0.0.1`, each an
-//!   autossh process supervising one `ssh`: 8 processes, 4 SSH connections.
+//! - **tunnelkeeper**: `tunnelkeeper run -c GENERATED` (the binary next to this one) with 8
+//!   services, each with a failover listener on `127.0.0.1:0` and one `ssh` tunnel: 4 with
+//!   `local_forward: { to: ECHO }` and 4 with `remote_forward: { bind: 127.0.0.1:0, to: ECHO }`,
+//!   each probed end to end every second (`send`/`expect` through a `direct-tcpip` channel; for
+//!   a `-R` tunnel that channel goes to the server's port and comes back as a `forwarded-tcpip`
+//!   channel), SSH keepalive every 1 s with 3 allowed misses. The pool shares SSH sessions among
+//!   the tunnels (same user, host, port and key): that is the design.
+//! - **autossh** (the anchor): 8 × `autossh -M 0 -N -o ServerAliveInterval=1
+//!   -o ServerAliveCountMax=3 ... -p SSHD user@127.0.0.1`, 4 with `-L 127.0.0.1:PORT:ECHO` and 4
+//!   with `-R 127.0.0.1:PORT:ECHO`, each an autossh process supervising one `ssh`: 16
+//!   processes, 8 SSH connections.
 //!
 //! Each side is started alone, checked (a line echoes through every local port), left to settle,
 //! and then watched for `--secs` (60 by default): CPU is utime + stime from `/proc/PID/stat` over
@@ -19,7 +22,8 @@
 //! memory is `VmRSS`, `RssAnon` and `Pss` (sampled every second; summed for the anchor, where
 //! `Pss` does not count the shared libraries once per process). sshd's side of the connections
 //! is read the same way, for context; VmRSS is also printed at five points of the window, to tell
-//! a plateau from growth. The daemon's probes are real traffic through the forward every second;
+//! a plateau from growth, and the RssAnon growth from minute 5 to the end of the window (the
+//! issue-13 target: ≤ 0.2 MB over a 30-minute window). The daemon's probes are real traffic through the forward every second;
 //! autossh's ssh only answers keepalives, so the comparison favours the anchor. After each
 //! window, 50 rounds of one echo connection through every local port, one after another, check
 //! that the forwards still work and count the connections that fail.
@@ -44,8 +48,16 @@ use crate::common::{
 };
 use tunnelkeeper_test_support::{try_free_port, Sshd};
 
+/// Local (`-L`) forwards held by each side.
+const LOCAL_FORWARDS: usize = 4;
+/// Remote (`-R`) forwards held by each side.
+const REMOTE_FORWARDS: usize = 4;
 /// Forwards held by each side.
-const FORWARDS: usize = 4;
+const FORWARDS: usize = LOCAL_FORWARDS + REMOTE_FORWARDS;
+/// Where the growth window starts: RssAnon growth is measured from here to the end.
+const GROWTH_FROM: Duration = Duration::from_secs(300);
+/// Target: RssAnon growth from [`GROWTH_FROM`] to the end of a 30-minute window (issue 13).
+const GROWTH_TARGET_MB: f64 = 0.2;
 /// Target: the daemon's resident memory (issue 8), in bytes (decimal megabytes).
 const RSS_TARGET_BYTES: f64 = 15e6;
 /// Target: the daemon's CPU at rest (issue 8), in % of one core.
@@ -62,8 +74,10 @@ const CHECKS_AFTER: usize = 50;
 /// What to run, from the command line.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Settings {
-    /// Length of each measurement window.
+    /// Length of the daemon's measurement window.
     pub(crate) window: Duration,
+    /// Length of the anchor's (autossh) window.
+    pub(crate) anchor_window: Duration,
 }
 
 /// One side's window.
@@ -101,8 +115,8 @@ pub(crate) async fn footprint(settings: Settings) -> anyhow::Result<()> {
     let echo = Echo::start().await?;
     let ticks = clock_ticks();
     println!(
-        "tunnelkeeper footprint bench — {FORWARDS} SSH local forwards to a loopback sshd, window {} \
-         per side after {} of warm-up",
+        "tunnelkeeper footprint bench — {LOCAL_FORWARDS} SSH local + {REMOTE_FORWARDS} remote \
+         forwards to a loopback sshd, window {} per side after {} of warm-up",
         fmt_d(settings.window),
         fmt_d(WARMUP)
     );
@@ -111,16 +125,27 @@ pub(crate) async fn footprint(settings: Settings) -> anyhow::Result<()> {
     println!("  load average at start: {}", load_average());
 
     println!(
-        "\n== tunnelkeeper: {FORWARDS} services × (listener + one `ssh` tunnel), probes every 1s"
+        "\n== tunnelkeeper: {FORWARDS} services × (listener + one `ssh` tunnel: \
+         {LOCAL_FORWARDS} -L, {REMOTE_FORWARDS} -R), probes every 1s"
     );
     let daemon = measure_daemon(&dir.0, &sshd, echo.addr, settings.window, ticks).await?;
     print_footprint(&daemon);
 
-    println!("\n== anchor: {FORWARDS} × autossh -M 0 + ssh -N -L (ServerAliveInterval=1, ServerAliveCountMax=3)");
+    println!(
+        "\n== anchor: {FORWARDS} × autossh -M 0 + ssh -N ({LOCAL_FORWARDS} -L, {REMOTE_FORWARDS} -R; \
+         ServerAliveInterval=1, ServerAliveCountMax=3)"
+    );
     let anchor = match which("autossh") {
         Some(autossh) => {
-            let anchor =
-                measure_autossh(&dir.0, &autossh, &sshd, echo.addr, settings.window, ticks).await?;
+            let anchor = measure_autossh(
+                &dir.0,
+                &autossh,
+                &sshd,
+                echo.addr,
+                settings.anchor_window,
+                ticks,
+            )
+            .await?;
             print_footprint(&anchor);
             Some(anchor)
         }
@@ -162,16 +187,27 @@ struct Login<'a> {
 fn config_text(dir: &Path, login: &Login<'_>, echo: SocketAddr) -> String {
     let mut text = crate::common::config_header(dir);
     for i in 1..=FORWARDS {
+        let (name, forward) = if i <= LOCAL_FORWARDS {
+            (
+                format!("fwd{i}"),
+                format!("local_forward: {{ to: \"{echo}\" }}"),
+            )
+        } else {
+            (
+                format!("rev{}", i - LOCAL_FORWARDS),
+                format!("remote_forward: {{ bind: \"127.0.0.1:0\", to: \"{echo}\" }}"),
+            )
+        };
         let _ = write!(
             text,
-            "  - name: fwd{i}
+            "  - name: {name}
     listen: \"127.0.0.1:0\"
     tunnels:
       - name: ssh
         provider: ssh
         ssh: {{ host: 127.0.0.1, port: {port}, user: {user}, identity_file: {key}, \
 known_hosts: {known}, keepalive_interval: 1s, keepalive_max: 3 }}
-        local_forward: {{ to: \"{echo}\" }}
+        {forward}
 ",
             port = login.port,
             user = serde_json::to_string(login.user).unwrap_or_default(),
@@ -278,7 +314,7 @@ async fn measure_daemon(
             })
             .unwrap_or_default();
         println!(
-            "   {} echo attempt(s) through the listeners failed before all four answered: {}\n   \
+            "   {} echo attempt(s) through the listeners failed before every listener answered: {}\n   \
              listeners: {}\n   daemon log (tail):\n{}",
             failed.len(),
             failed.join("; "),
@@ -405,7 +441,7 @@ async fn measure_autossh(
                 "ServerAliveCountMax=3",
                 "-o",
                 "ExitOnForwardFailure=yes",
-                "-L",
+                if i <= LOCAL_FORWARDS { "-L" } else { "-R" },
             ])
             .arg(format!("127.0.0.1:{port}:{echo}"))
             .arg(sshd.destination())
@@ -425,7 +461,7 @@ async fn measure_autossh(
                 Ok(()) => break,
                 Err(e) if started.elapsed() >= STARTUP_LIMIT => {
                     return Err(e.context(format!(
-                        "no echo through autossh's -L port {port} within {}",
+                        "no echo through autossh's forwarded port {port} within {}",
                         fmt_d(STARTUP_LIMIT)
                     )));
                 }
@@ -435,7 +471,7 @@ async fn measure_autossh(
     }
     let pids = group.pids();
     println!(
-        "   a line echoes through all {FORWARDS} -L ports {} after starting autossh; {} processes \
+        "   a line echoes through all {FORWARDS} forwarded ports {} after starting autossh; {} processes \
          (autossh + ssh)",
         fmt_d(started.elapsed()),
         pids.len()
@@ -552,6 +588,11 @@ async fn watch(
     .filter_map(|i| samples.get(i).map(|m| (i, m)))
     .map(|(i, m)| format!("{}s {:.2}/{:.2}", i + 1, mb(m.rss), mb(m.anon)))
     .collect();
+    let mut notes = vec![format!(
+        "VmRSS/RssAnon (MB) over the window: {}",
+        trajectory.join(", ")
+    )];
+    notes.push(growth_note(&samples));
     let cpu = processes_cpu(&watched, ticks).saturating_sub(cpu_before);
     let server_cpu = processes_cpu(&server, ticks).saturating_sub(server_before);
     let wall = started.elapsed();
@@ -567,11 +608,42 @@ async fn watch(
         server_processes: server.len(),
         load_before,
         load_after: load_average(),
-        notes: vec![format!(
-            "VmRSS/RssAnon (MB) over the window: {}",
-            trajectory.join(", ")
-        )],
+        notes,
     })
+}
+
+/// RssAnon growth from [`GROWTH_FROM`] (one sample a second) to the last sample, with the
+/// target verdict for windows of 30 minutes or more; shorter windows start at a sixth in.
+fn growth_note(samples: &[ProcMemory]) -> String {
+    let Some(last) = samples.last() else {
+        return "RssAnon growth: no samples".to_string();
+    };
+    let from_secs = GROWTH_FROM.as_secs() as usize;
+    let from = if samples.len() > from_secs * 6 {
+        from_secs
+    } else {
+        samples.len() / 6
+    };
+    let Some(start) = samples.get(from) else {
+        return "RssAnon growth: no samples".to_string();
+    };
+    let growth = mb(last.anon) - mb(start.anon);
+    let verdict = if samples.len() >= 1800 {
+        if growth <= GROWTH_TARGET_MB {
+            format!(" (target ≤ {GROWTH_TARGET_MB} MB: PASS)")
+        } else {
+            format!(" (target ≤ {GROWTH_TARGET_MB} MB: MISS)")
+        }
+    } else {
+        String::new()
+    };
+    format!(
+        "RssAnon growth from {}s to {}s: {growth:+.3} MB ({:.2} → {:.2}){verdict}",
+        from + 1,
+        samples.len(),
+        mb(start.anon),
+        mb(last.anon)
+    )
 }
 
 /// KiB as decimal megabytes.
@@ -610,7 +682,7 @@ fn print_footprint(f: &Footprint) {
 }
 
 fn print_summary(daemon: &Footprint, anchor: Option<&Footprint>) {
-    println!("\n== summary ({FORWARDS} forwards, MB = 10^6 bytes, CPU in % of one core)");
+    println!("\n== summary ({LOCAL_FORWARDS} -L + {REMOTE_FORWARDS} -R forwards, MB = 10^6 bytes, CPU in % of one core)");
     println!(
         "   {:<16} {:>9} {:>10} {:>10} {:>10} {:>8} {:>12}",
         "", "processes", "VmRSS MB", "Pss MB", "RssAnon MB", "CPU %", "sshd CPU %"
@@ -673,6 +745,7 @@ mod tests {
         let echo = SocketAddr::from(([127, 0, 0, 1], 9));
         let text = config_text(Path::new("/tmp/x"), &login, echo);
         assert_eq!(text.matches("provider: ssh").count(), FORWARDS);
+        assert_eq!(text.matches("remote_forward").count(), REMOTE_FORWARDS);
         let parsed = tunnelkeeper::config::parse(&text, Path::new("/tmp/x/footprint.yaml"));
         assert!(parsed.is_ok(), "{text}");
     }

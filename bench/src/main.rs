@@ -14,8 +14,8 @@
 //!   events/s and `/v1/status` latency, against a run with a tenth of the tunnels.
 //! - `bench bus [--events N] [--secs S]` (module `bus`): publish rate of the event bus with no
 //!   subscriber, 9 fast ones, and 9 fast + 1 slow one (which must lag, not slow the publisher).
-//! - `bench footprint [--secs S]` (module `footprint`): the daemon at rest with 4 `ssh` forwards
-//!   against 4 × autossh + ssh holding the same forwards to the same local sshd.
+//! - `bench footprint [--secs S] [--anchor-secs S]` (module `footprint`): the daemon at rest with 4 `-L` + 4 `-R` `ssh` forwards
+//!   against 8 × autossh + ssh holding the same forwards to the same local sshd.
 //!
 //! Results and method are written up in `docs/BENCHMARKS.md`.
 
@@ -111,11 +111,15 @@ enum Command {
         #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
         paced: u64,
     },
-    /// Idle RSS and CPU with 4 ssh forwards, against 4 × autossh + ssh.
+    /// Idle RSS and CPU with 4 -L + 4 -R ssh forwards, against 8 × autossh + ssh.
     Footprint {
         /// Length of each side's measurement window, in seconds.
         #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
         secs: u64,
+        /// The anchor's (autossh) window, in seconds, when it should differ from `--secs`
+        /// (a 30-minute growth window for the daemon needs no 30 minutes of autossh).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        anchor_secs: Option<u64>,
     },
 }
 
@@ -176,9 +180,10 @@ fn main() -> ExitCode {
             };
             rt.block_on(bus::bus(settings))
         }
-        Command::Footprint { secs } => {
+        Command::Footprint { secs, anchor_secs } => {
             let settings = footprint::Settings {
                 window: std::time::Duration::from_secs(secs),
+                anchor_window: std::time::Duration::from_secs(anchor_secs.unwrap_or(secs)),
             };
             rt.block_on(footprint::footprint(settings))
         }

@@ -322,3 +322,91 @@ async fn concurrent_starts_share_one_refusal() {
     let connections = server.log().matches("Connection from").count();
     assert!(connections < 8, "{connections} connections for 8 starts");
 }
+
+#[tokio::test]
+async fn sha1_rsa_host_key_signatures_are_not_offered() {
+    // The server signs with `ssh-rsa` (SHA-1) only. Its RSA key is recorded, so the only thing
+    // that can refuse it is the algorithm: the client no longer offers `ssh-rsa`.
+    let keys = tempfile::tempdir().expect("tempdir");
+    let rsa = keys.path().join("host_rsa");
+    let status = Command::new("ssh-keygen")
+        .args(["-q", "-t", "rsa", "-b", "2048", "-N", "", "-C", "", "-f"])
+        .arg(&rsa)
+        .status()
+        .expect("ssh-keygen");
+    assert!(status.success());
+    let extra = format!("HostKey {}\nHostKeyAlgorithms ssh-rsa", rsa.display());
+    let Some(server) = Sshd::start(&extra).await else {
+        return;
+    };
+    let public = fs::read_to_string(rsa.with_extension("pub")).expect("pub");
+    let public: Vec<&str> = public.split_whitespace().take(2).collect();
+    fs::write(
+        &server.known_hosts,
+        format!("[127.0.0.1]:{} {}\n", server.port, public.join(" ")),
+    )
+    .expect("known_hosts");
+    let err = expect_err(start(server.target(), &SshPool::new()).await);
+    let text = err.to_string();
+    assert!(
+        matches!(err, ProviderError::Ssh { .. }) && text.contains("key exchange failed"),
+        "{text}"
+    );
+
+    // The same key signed with SHA-2 is fine.
+    drop(server);
+    let extra = format!(
+        "HostKey {}\nHostKeyAlgorithms rsa-sha2-512,rsa-sha2-256",
+        rsa.display()
+    );
+    let Some(server) = Sshd::start(&extra).await else {
+        return;
+    };
+    fs::write(
+        &server.known_hosts,
+        format!("[127.0.0.1]:{} {}\n", server.port, public.join(" ")),
+    )
+    .expect("known_hosts");
+    start(server.target(), &SshPool::new())
+        .await
+        .expect("rsa-sha2 host key signatures are accepted");
+}
+
+#[tokio::test]
+async fn a_strict_target_never_rides_a_session_accepted_on_first_use() {
+    // Two targets for the same user@host:port and key: a tunnel that trusts on first use, and
+    // a router whose known_hosts does not know the server. The router's commands must not run
+    // over the session the tunnel's policy accepted.
+    let Some(server) = Sshd::start("").await else {
+        return;
+    };
+    let files = tempfile::tempdir().expect("tempdir");
+    let pool = SshPool::new();
+    let echo = echo_server().await;
+    let mut lenient = server.target();
+    lenient.known_hosts = files.path().join("tunnel_known_hosts");
+    lenient.host_key_policy = HostKeyPolicy::AcceptNew;
+    let tunnel = SshProvider::new(
+        SshSpec {
+            target: lenient,
+            forward: Forward::Local {
+                to: echo.to_string(),
+            },
+        },
+        pool.clone(),
+    )
+    .start(&ctx())
+    .await
+    .expect("accept_new records the key and starts");
+    tunnel.dial(PATIENCE).await.expect("dial");
+    assert_eq!(pool.stats().sessions, 1);
+
+    let mut strict = server.target();
+    strict.known_hosts = files.path().join("router_known_hosts");
+    let err = pool
+        .exec(&strict, "echo ran", PATIENCE, 64)
+        .await
+        .expect_err("a strict target with an unknown host key must not run commands");
+    assert!(matches!(err, ProviderError::HostKey(_)), "{err}");
+    tunnel.stop().await;
+}

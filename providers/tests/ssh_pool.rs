@@ -308,3 +308,135 @@ async fn timings_of_connect_dial_and_exec() {
     assert_eq!(stats.opened, 1, "everything shared one session: {stats:?}");
     tunnel.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_sessions_bounds_sessions_and_queues_dials_first_come_first_served() {
+    let Some(server) = Sshd::start("").await else {
+        return;
+    };
+    let echo = echo_server().await;
+    let pool = SshPool::new();
+    let mut target = server.target();
+    target.max_channels = 5;
+    target.max_sessions = 2;
+    let tunnel = local_tunnel(target, &echo.to_string(), &pool).await;
+
+    // 40 connections at once, each held for 1.5 s: 10 fit (2 sessions × 5 channels), the rest
+    // queue; a dial waits at most 1 s, so some of those get in as the first ones finish... or
+    // not, and then they must fail naming the limit. Nothing may hang.
+    const CONNECTIONS: usize = 40;
+    const DIAL_TIMEOUT: Duration = Duration::from_secs(1);
+    const HOLD: Duration = Duration::from_millis(1500);
+    let most_sessions = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let watching = tokio::spawn({
+        let (pool, most) = (pool.clone(), most_sessions.clone());
+        async move {
+            loop {
+                most.fetch_max(pool.stats().sessions, std::sync::atomic::Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    });
+    let connections: Vec<_> = (0..CONNECTIONS)
+        .map(|i| {
+            let tunnel = tunnel.clone();
+            tokio::spawn(async move {
+                let mut stream = tunnel.dial(DIAL_TIMEOUT).await?;
+                let message = format!("connection {i}");
+                assert_eq!(
+                    round_trip(&mut stream, message.as_bytes()).await,
+                    message.as_bytes()
+                );
+                tokio::time::sleep(HOLD).await;
+                Ok::<_, ProviderError>(())
+            })
+        })
+        .collect();
+    let everything = async {
+        let mut results = Vec::new();
+        for connection in connections {
+            results.push(connection.await.expect("task"));
+        }
+        results
+    };
+    let results = tokio::time::timeout(Duration::from_secs(60), everything)
+        .await
+        .expect("every connection was served or refused: nothing hung");
+    watching.abort();
+    let served = results.iter().filter(|r| r.is_ok()).count();
+    let refused: Vec<String> = results
+        .iter()
+        .filter_map(|r| r.as_ref().err().map(ToString::to_string))
+        .collect();
+    for error in &refused {
+        assert!(
+            error.contains("ssh.max_sessions") && error.contains("the 2 sessions"),
+            "refused with another error: {error}"
+        );
+    }
+    eprintln!(
+        "served {served}, refused {}, stats {:?}",
+        refused.len(),
+        pool.stats()
+    );
+    assert!(served >= 10, "at least the first 10 fit");
+    assert!(
+        !refused.is_empty(),
+        "the 1 s queue wait must run out for some"
+    );
+    assert!(
+        most_sessions.load(std::sync::atomic::Ordering::SeqCst) <= 2,
+        "never more than 2 sessions"
+    );
+    // At the server too: every session ever opened logged in once.
+    let logins = server.log().matches("Accepted publickey").count();
+    assert!(logins <= 2, "sshd saw {logins} logins");
+    let stats = pool.stats();
+    let t = &stats.targets[0];
+    assert_eq!(t.max_sessions, 2);
+    assert!(t.queued_total >= 30, "{t:?}");
+    assert_eq!(t.queue_timeouts as usize, refused.len(), "{t:?}");
+    assert_eq!(t.queued, 0, "{t:?}");
+    tunnel.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_dials_are_served_in_arrival_order() {
+    let Some(server) = Sshd::start("").await else {
+        return;
+    };
+    let echo = echo_server().await;
+    let pool = SshPool::new();
+    let mut target = server.target();
+    target.max_channels = 1;
+    target.max_sessions = 1;
+    let tunnel = local_tunnel(target, &echo.to_string(), &pool).await;
+    let first = tunnel.dial(PATIENCE).await.expect("first dial");
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut waiting = Vec::new();
+    for i in 0..5 {
+        let (tunnel, order) = (tunnel.clone(), order.clone());
+        waiting.push(tokio::spawn(async move {
+            let stream = tunnel.dial(PATIENCE).await.expect("queued dial");
+            order.lock().expect("order").push(i);
+            // Hold briefly so the next one really has to wait for this one.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            drop(stream);
+        }));
+        // Each joins the queue before the next one starts.
+        assert!(
+            eventually(PATIENCE, || async { pool.stats().queued == i + 1 }).await,
+            "{:?}",
+            pool.stats()
+        );
+    }
+    let stats = pool.stats();
+    assert!(stats.targets[0].queued_wait_ms.is_some(), "{stats:?}");
+    drop(first);
+    for task in waiting {
+        task.await.expect("task");
+    }
+    assert_eq!(*order.lock().expect("order"), vec![0, 1, 2, 3, 4]);
+    assert_eq!(pool.stats().sessions, 1);
+    tunnel.stop().await;
+}

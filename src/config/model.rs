@@ -226,6 +226,8 @@ pub struct SshSection {
     pub keepalive_max: Option<u32>,
     /// Channels per session before the pool opens another (OpenSSH MaxSessions).
     pub max_channels: Option<u32>,
+    /// Sessions the pool opens to this target at most (0: no limit).
+    pub max_sessions: Option<u32>,
     /// An unused session closes after this long.
     #[serde(default, with = "humantime_serde")]
     pub idle_timeout: Option<Duration>,

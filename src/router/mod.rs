@@ -4,8 +4,9 @@
 //! [`SshPool`] by two tasks:
 //!
 //! - the **watcher** (module `watch`) reads the boot id on every check (every `check_interval`,
-//!   and every half second or so while the router cannot be reached, so a return is noticed at
-//!   once), tracks reachability (`router_connection_dropped` / `router_reconnected`), and
+//!   every half second or so while the router cannot be reached, and at once when the pool
+//!   reports a session to the router lost or opened, whoever's command found it), tracks
+//!   reachability (`router_connection_dropped` / `router_reconnected`), and
 //!   publishes `router_rebooted` when the boot id differs from the one persisted in
 //!   `state_dir/routers/NAME.boot_id` — so a daemon restart is not a reboot, and a reboot while
 //!   the daemon was down still is one. Without a usable boot id, `/proc/uptime` running
@@ -15,6 +16,13 @@
 //!   backoff on failure) and then the `verify` checks. It also runs `verify` every
 //!   `verify_interval`; a failing check is published as drift and healed. Events that arrive
 //!   together, and drift found by several checks of one round, make one provision.
+//!
+//! The two share a **boot gate**: the session counters ([`SessionEvents`]) the watcher last
+//! read the boot id after. Recovery runs nothing on the router until the gate has caught up
+//! with the pool (a session lost or opened since means: boot id first), and discards a verify
+//! round during which a session was lost or opened — so a reboot is always reported as
+//! `router_rebooted` and healed with cause `reboot`, never as drift. After a reconnect with an
+//! unchanged boot id the watcher asks for a verify round at once.
 //!
 //! [`Routers`] owns those tasks for every configured router and applies reloads as a diff;
 //! [`RouterBoard`] is the cheap, cloneable status reader for `/v1/status`.
@@ -27,10 +35,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
 use tokio::sync::{mpsc, watch as tokio_watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tunnelkeeper_providers::ssh::SshPool;
+use tunnelkeeper_providers::ssh::{SessionEvents, SshPool};
 
 use crate::bus::Bus;
 use crate::config::spec::RouterSpec;
@@ -246,6 +255,11 @@ impl Running {
         let cancel = parent.child_token();
         let (link_tx, link_rx) = tokio_watch::channel(false);
         let (verify_tx, verify_rx) = mpsc::unbounded_channel();
+        // The pool's session counters for the router's target (a target the pool cannot
+        // resolve has no sessions: its commands fail with the config error anyway).
+        let sessions = cx.pool.session_events(&spec.ssh).ok();
+        let (gate_tx, gate_rx) = tokio_watch::channel(SessionEvents::default());
+        let probe_now = Arc::new(Notify::new());
         // Subscribe before the watcher can publish anything, so that not even the first
         // `router_rebooted` can slip past the recovery task.
         let subscription = cx.bus.subscribe();
@@ -258,6 +272,9 @@ impl Running {
                 subscription,
                 link: link_rx,
                 verify_requests: verify_rx,
+                sessions: sessions.clone(),
+                gate: gate_rx,
+                probe_now: probe_now.clone(),
                 cancel: cancel.clone(),
             }
             .run(),
@@ -271,6 +288,9 @@ impl Running {
                 file: boot_id_file(&cx.state_dir, &spec.name),
                 link: link_tx,
                 verify_requests: verify_tx,
+                sessions,
+                gate: gate_tx,
+                probe_now,
                 cancel: cancel.clone(),
             }
             .run(),

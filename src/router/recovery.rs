@@ -13,6 +13,11 @@
 //! - rounds and runs are serialized on this one task, and it only starts them while the
 //!   watcher reports the router reachable (the watcher publishes a reboot before it says so).
 //!
+//! Nothing runs on the router before the watcher has read the boot id on the pool's current
+//! sessions (the boot gate, see the module `router`): after a reconnect a reboot is seen as one,
+//! never as drift. A verify round during which a session was lost or opened proves nothing
+//! (it may straddle a reboot): it is dropped and run again once the gate has caught up.
+//!
 //! A failed run is retried after a backoff (1 s doubling to 30 s), or as soon as the router is
 //! reachable again when it failed for want of a connection. Checks that still fail right after
 //! a successful run count as a failure too (the run did not heal them), so a provision that
@@ -22,10 +27,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures_util::FutureExt;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tunnelkeeper_providers::ssh::SshPool;
+use tunnelkeeper_providers::ssh::{SessionEvents, SshPool};
 
 use super::command::{self, Ran, Verdict};
 use super::{lock, Cause, ProvisionStatus, SharedState};
@@ -130,9 +135,26 @@ pub(super) struct Recovery {
     pub subscription: Subscription,
     /// Whether the watcher last found the router reachable.
     pub link: watch::Receiver<bool>,
-    /// The watcher's start-up verify request.
+    /// The watcher's verify requests (start-up, reconnect with the same boot id).
     pub verify_requests: mpsc::UnboundedReceiver<Cause>,
+    /// The pool's session counters for the router's target (`None`: unresolvable target).
+    pub sessions: Option<watch::Receiver<SessionEvents>>,
+    /// The boot gate: the counters as of the watcher's last boot id read.
+    pub gate: watch::Receiver<SessionEvents>,
+    /// Asks the watcher for a check now.
+    pub probe_now: Arc<Notify>,
     pub cancel: CancellationToken,
+}
+
+/// What the boot gate said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gate {
+    /// The boot id was read on the current sessions: go ahead.
+    Open,
+    /// The watcher has not caught up in time (the router is likely out of reach): not now.
+    Closed,
+    /// The task is being cancelled.
+    Cancelled,
 }
 
 impl Recovery {
@@ -238,6 +260,34 @@ impl Recovery {
         }
     }
 
+    /// The pool's session counters now.
+    fn sessions_now(&self) -> SessionEvents {
+        self.sessions
+            .as_ref()
+            .map(|s| *s.borrow())
+            .unwrap_or_default()
+    }
+
+    /// Waits (at most `command_timeout`) until the watcher has read the boot id after the last
+    /// session change, asking it to check now.
+    async fn boot_gate(&self) -> Gate {
+        let mut gate = self.gate.clone();
+        let until = Instant::now() + self.spec.command_timeout;
+        loop {
+            let now = self.sessions_now();
+            let checked = *gate.borrow_and_update();
+            if now.opened <= checked.opened && now.lost <= checked.lost {
+                return Gate::Open;
+            }
+            self.probe_now.notify_one();
+            tokio::select! {
+                _ = self.cancel.cancelled() => return Gate::Cancelled,
+                changed = gate.changed() => if changed.is_err() { return Gate::Cancelled },
+                _ = tokio::time::sleep_until(until) => return Gate::Closed,
+            }
+        }
+    }
+
     /// A periodic or requested verify round; drift makes a provision due at once.
     async fn scheduled_round(&self, plan: &mut Plan) -> bool {
         if self.spec.verify.is_empty() {
@@ -261,6 +311,15 @@ impl Recovery {
     /// Runs every `provision` command in order, then verifies. False if cancelled.
     async fn provision(&self, plan: &mut Plan, cause: Cause) -> bool {
         let name = &self.spec.name;
+        match self.boot_gate().await {
+            Gate::Open => {}
+            Gate::Cancelled => return false,
+            Gate::Closed => {
+                // The watcher is still finding out (reboot? gone?): its events decide.
+                plan.retry_at = Some(Instant::now() + VERIFY_RETRY);
+                return true;
+            }
+        }
         let started = Instant::now();
         tracing::info!(router = %name, cause = cause.as_str(), commands = self.spec.provision.len(), "provisioning");
         for command in &self.spec.provision {
@@ -341,6 +400,15 @@ impl Recovery {
     /// `router_verified`). `None` if cancelled.
     async fn verify(&self, plan: &mut Plan) -> Option<Round> {
         let name = &self.spec.name;
+        match self.boot_gate().await {
+            Gate::Open => {}
+            Gate::Cancelled => return None,
+            Gate::Closed => {
+                plan.verify_due = Instant::now() + VERIFY_RETRY;
+                return Some(Round::Inconclusive);
+            }
+        }
+        let sessions_before = self.sessions_now();
         let mut verdicts: Vec<Verdict> = Vec::with_capacity(self.spec.verify.len());
         for check in &self.spec.verify {
             let ran = tokio::select! {
@@ -359,6 +427,13 @@ impl Recovery {
                     return Some(Round::Inconclusive);
                 }
             });
+        }
+        if self.sessions_now() != sessions_before {
+            // A session was lost or opened mid-round: the answers may come from either side
+            // of a reboot. Run the round again once the boot id has been read.
+            tracing::debug!(router = %name, "ssh session changed during the verify round; verifying again");
+            plan.verify_due = Instant::now();
+            return Some(Round::Inconclusive);
         }
         let at = rfc3339(SystemTime::now());
         let failing: Vec<(&str, &Verdict)> = self

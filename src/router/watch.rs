@@ -1,10 +1,14 @@
 //! The watcher: one task per router that reads its boot id, tracks whether it can be reached,
 //! and publishes `router_connection_dropped`, `router_reconnected` and `router_rebooted`.
 //!
-//! The pool does not tell outsiders when a session dies, so reachability is learnt by asking:
-//! every `check_interval` while the router answers, and every [`UNREACHABLE_RETRY`] (or
-//! `check_interval`, if shorter) while it does not, so that a router coming back is seen within
-//! half a second rather than a whole check interval later.
+//! Reachability is learnt by asking: every `check_interval` while the router answers, every
+//! [`UNREACHABLE_RETRY`] (or `check_interval`, if shorter) while it does not, so that a router
+//! coming back is seen within half a second — and at once whenever the pool reports a session
+//! to the router lost or opened (by anyone: a verify round may be the first to find the drop).
+//! A session lost between two checks is a dropped connection even when the next check already
+//! reaches the router again: both events are published. After every such reconnect the boot id
+//! is read first (the boot gate, see the module `router`), and when it is unchanged a verify
+//! round is asked for at once.
 //!
 //! The boot id is compared with the last one seen, which is kept in
 //! `state_dir/routers/NAME.boot_id` (written atomically): a daemon restart is not a reboot, and
@@ -17,10 +21,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tunnelkeeper_providers::ssh::SshPool;
+use tunnelkeeper_providers::ssh::{SessionEvents, SshPool};
 
 use super::command::{self, Ran};
 use super::{lock, Cause, SharedState};
@@ -196,8 +200,15 @@ pub(super) struct Watcher {
     /// Tells the recovery task whether the router is reachable; set only after this task's
     /// events for the change are published.
     pub link: watch::Sender<bool>,
-    /// Asks the recovery task for the start-up verify round (with the cause its drift gets).
+    /// Asks the recovery task for a verify round (with the cause its drift gets): at start-up
+    /// and after a reconnect with an unchanged boot id.
     pub verify_requests: mpsc::UnboundedSender<Cause>,
+    /// The pool's session counters for the router's target (`None`: unresolvable target).
+    pub sessions: Option<watch::Receiver<SessionEvents>>,
+    /// The boot gate: the counters as of the last boot id read (published after its events).
+    pub gate: watch::Sender<SessionEvents>,
+    /// The recovery task asks for a check now (it waits at the gate).
+    pub probe_now: Arc<Notify>,
     pub cancel: CancellationToken,
 }
 
@@ -211,12 +222,20 @@ impl Watcher {
         let mut link: Option<bool> = None;
         let mut contacted = false;
         let retry = self.spec.check_interval.min(UNREACHABLE_RETRY);
+        let mut sessions = self.sessions.clone();
+        // The session counters as of the last successful check.
+        let mut checked = SessionEvents::default();
         loop {
             let started = Instant::now();
             let probe = tokio::select! {
                 _ = self.cancel.cancelled() => return,
                 probe = self.probe() => probe,
             };
+            // Read after the check: a session it opened is one whose boot id it read.
+            let now_sessions = sessions
+                .as_mut()
+                .map(|s| *s.borrow_and_update())
+                .unwrap_or_default();
             let wait = match probe {
                 Probe::Unreachable(reason) => {
                     {
@@ -255,7 +274,18 @@ impl Watcher {
                         }
                         known = Some(boot);
                     }
-                    let reconnected = link != Some(true);
+                    // A session died since the last check (whoever found it) while the router
+                    // looked fine: the connection did drop, even if this check got through.
+                    let lost_meanwhile = now_sessions.lost > checked.lost;
+                    if lost_meanwhile && link == Some(true) {
+                        let reason = "the ssh session to the router was lost".to_string();
+                        tracing::warn!(router = %name, %reason, "router connection dropped");
+                        self.bus.publish(EventKind::RouterConnectionDropped {
+                            router: name.clone(),
+                            reason,
+                        });
+                    }
+                    let reconnected = link != Some(true) || lost_meanwhile;
                     {
                         let mut state = lock(&self.state);
                         state.status.connected = true;
@@ -283,6 +313,15 @@ impl Watcher {
                     }
                     link = Some(true);
                     self.set_link(true);
+                    // The boot gate opens only now, after the events: recovery then sees the
+                    // reboot before it runs anything on the new session.
+                    checked = now_sessions;
+                    self.gate.send_replace(now_sessions);
+                    if contacted && reconnected && rebooted.is_none() {
+                        // Same boot, but the router was out of reach: check it at once rather
+                        // than at the next verify_interval.
+                        let _ = self.verify_requests.send(Cause::Drift);
+                    }
                     if !contacted {
                         contacted = true;
                         // A reboot brings its own provision and verify; otherwise check the
@@ -299,9 +338,23 @@ impl Watcher {
                     self.spec.check_interval
                 }
             };
+            let session_change = async {
+                match sessions.as_mut() {
+                    Some(s) => {
+                        if s.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
             tokio::select! {
                 _ = self.cancel.cancelled() => return,
                 _ = tokio::time::sleep_until(started + wait) => {}
+                _ = session_change => {
+                    tracing::debug!(router = %name, "ssh session to the router lost or opened; checking now");
+                }
+                _ = self.probe_now.notified() => {}
             }
         }
     }

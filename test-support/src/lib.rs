@@ -1,5 +1,5 @@
 //! Helpers shared by the tests of every workspace package and by the benches: one throwaway
-//! OpenSSH server ([`sshd::Sshd`]), loopback servers and ports ([`net`]), and process-tree
+//! OpenSSH server ([`sshd::Sshd`]), one throwaway dropbear ([`dropbear::Dropbear`]), loopback servers and ports ([`net`]), and process-tree
 //! lookups through `/proc` ([`procs`]).
 //!
 //! Not published; a dev-dependency of the packages whose tests need it (and a dependency of the
@@ -8,6 +8,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod dropbear;
 pub mod net;
 pub mod procs;
 pub mod sshd;

@@ -325,7 +325,7 @@ impl Drop for Sshd {
 }
 
 /// Whether something on `port` sends an SSH banner.
-async fn banner(port: u16) -> bool {
+pub(crate) async fn banner(port: u16) -> bool {
     let Ok(Ok(mut stream)) = tokio::time::timeout(
         Duration::from_millis(500),
         TcpStream::connect(("127.0.0.1", port)),

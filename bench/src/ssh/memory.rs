@@ -84,6 +84,8 @@ pub(crate) async fn measure(
     let pool = SshPool::new();
     let mut target = sshd.target();
     target.max_channels = 1;
+    // Measures the cost per session: as many as dials held (no `max_sessions` cap).
+    target.max_sessions = 0;
     target.idle_timeout = Duration::from_secs(3600);
     target.max_age = Duration::from_secs(7200);
     let tunnel = local_tunnel(&pool, target, echo, "memory").await?;

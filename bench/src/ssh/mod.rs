@@ -186,6 +186,8 @@ pub(crate) async fn ssh(settings: Settings) -> anyhow::Result<()> {
     );
     let mut target = sshd.target();
     target.max_channels = settings.max_channels;
+    // The waves measure how the pool spreads channels over sessions: no session cap.
+    target.max_sessions = 0;
     target.idle_timeout = Duration::from_secs(3600);
     let channels = match channels::measure(
         target,

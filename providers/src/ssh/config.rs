@@ -11,10 +11,14 @@ use std::path::PathBuf;
 
 use ssh2_config::{ParseRule, SshConfig};
 
-use super::spec::SshTarget;
+use super::spec::{HostKeyPolicy, SshTarget};
 use crate::ProviderError;
 
-/// Sessions are shared between everything that resolves to the same key.
+/// Sessions are shared between everything that resolves to the same key: the same server and
+/// login, and the same trust. A session carries the trust it was opened with (its host key was
+/// checked against one known_hosts file under one policy, its login used one method), so two
+/// targets that differ in any of these never share one: a `strict` target must not ride a
+/// session another target accepted on first use.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct PoolKey {
     /// Login user.
@@ -25,6 +29,14 @@ pub(crate) struct PoolKey {
     pub port: u16,
     /// Private key file, if any.
     pub identity: Option<PathBuf>,
+    /// The known_hosts file the host key was checked against.
+    pub known_hosts: PathBuf,
+    /// The policy it was checked under.
+    pub host_key_policy: HostKeyPolicy,
+    /// The other login methods: password file, ssh-agent.
+    pub password_file: Option<PathBuf>,
+    /// Whether the agent's keys were offered.
+    pub agent: bool,
 }
 
 impl fmt::Display for PoolKey {
@@ -92,6 +104,10 @@ pub(crate) fn resolve(target: &SshTarget) -> Result<Resolved, ProviderError> {
             host,
             port: port.unwrap_or(22),
             identity,
+            known_hosts: target.known_hosts.clone(),
+            host_key_policy: target.host_key_policy,
+            password_file: target.password_file.clone(),
+            agent: target.agent,
         },
         target: target.clone(),
     })
@@ -150,6 +166,31 @@ mod tests {
         other.ssh_config = Some(path);
         let resolved = resolve(&other).expect("resolve");
         assert_eq!(resolved.key.to_string(), "fallback@plain:22");
+    }
+
+    #[test]
+    fn trust_and_login_method_are_part_of_the_pool_key() {
+        let base = SshTarget::new("10.0.0.1", "/kh");
+        let key = |change: &dyn Fn(&mut SshTarget)| {
+            let mut target = base.clone();
+            target.user = Some("root".to_string());
+            change(&mut target);
+            resolve(&target).expect("resolve").key
+        };
+        let plain = key(&|_| {});
+        assert_eq!(plain, key(&|_| {}));
+        let variants = [
+            key(&|t| t.known_hosts = PathBuf::from("/other_kh")),
+            key(&|t| t.host_key_policy = HostKeyPolicy::AcceptNew),
+            key(&|t| t.password_file = Some(PathBuf::from("/pw"))),
+            key(&|t| t.agent = true),
+            key(&|t| t.identity_file = Some(PathBuf::from("/id"))),
+        ];
+        for variant in &variants {
+            assert_ne!(&plain, variant);
+            // Shown the same: they are the same server and login name.
+            assert_eq!(plain.to_string(), variant.to_string());
+        }
     }
 
     #[test]

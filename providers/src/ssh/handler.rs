@@ -1,6 +1,8 @@
 //! The russh client handler of one connection: checks the host key during key exchange, hands
-//! server-opened `forwarded-tcpip` channels to the remote forward they belong to, tracks which
-//! channels the server closed, and records why the connection ended.
+//! server-opened `forwarded-tcpip` channels to the remote forward they belong to, refuses every
+//! other channel a server may try to open (session, x11, agent, direct-tcpip, streamlocal: we
+//! never ask for them, and russh would accept them by default), tracks which channels the server
+//! closed, and records why the connection ended.
 //!
 //! It lives on russh's session task, so dropping it (when that task ends, however it ends) is
 //! the most reliable "connection gone" signal: it cancels [`Shared::closed`] on drop.
@@ -119,11 +121,82 @@ impl client::Handler for ClientHandler {
                     port = connected_port,
                     "forwarded connection for a port no tunnel holds; rejected"
                 );
+                let id = channel.id();
                 reply
                     .reject(ChannelOpenFailure::AdministrativelyProhibited)
                     .await;
+                self.shared.channel_rejected(id);
             }
         }
+        Ok(())
+    }
+
+    async fn server_channel_open_session(
+        &mut self,
+        _channel: Channel<Msg>,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.refuse("session", reply).await;
+        Ok(())
+    }
+
+    async fn server_channel_open_x11(
+        &mut self,
+        _channel: Channel<Msg>,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.refuse("x11", reply).await;
+        Ok(())
+    }
+
+    async fn server_channel_open_agent_forward(
+        &mut self,
+        _channel: Channel<Msg>,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.refuse("auth-agent@openssh.com", reply).await;
+        Ok(())
+    }
+
+    async fn server_channel_open_direct_tcpip(
+        &mut self,
+        _channel: Channel<Msg>,
+        _host_to_connect: &str,
+        _port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.refuse("direct-tcpip", reply).await;
+        Ok(())
+    }
+
+    async fn server_channel_open_forwarded_streamlocal(
+        &mut self,
+        _channel: Channel<Msg>,
+        _socket_path: &str,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.refuse("forwarded-streamlocal@openssh.com", reply)
+            .await;
+        Ok(())
+    }
+
+    async fn server_channel_open_direct_streamlocal(
+        &mut self,
+        _channel: Channel<Msg>,
+        _socket_path: &str,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.refuse("direct-streamlocal@openssh.com", reply).await;
         Ok(())
     }
 
@@ -166,6 +239,20 @@ impl client::Handler for ClientHandler {
             DisconnectReason::ReceivedDisconnect(_) => Ok(()),
             DisconnectReason::Error(err) => Err(err),
         }
+    }
+}
+
+impl ClientHandler {
+    /// Rejects a channel the server opened that we never asked for.
+    async fn refuse(&self, kind: &str, reply: client::ChannelOpenHandle) {
+        tracing::warn!(
+            target = %self.shared.key,
+            channel = kind,
+            "the server tried to open a channel tunnelkeeper never requested; refused"
+        );
+        reply
+            .reject(ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
     }
 }
 

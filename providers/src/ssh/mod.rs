@@ -1,7 +1,8 @@
 //! The `ssh` provider and the shared SSH session pool, on russh (no `ssh` binary is spawned).
 //!
 //! - [`SshPool`]: one per daemon. Every tunnel, probe and router command to the same server
-//!   (same user, host, port and identity after ssh_config resolution) shares its sessions.
+//!   (same user, host, port and identity after ssh_config resolution, and the same known_hosts,
+//!   host key policy and login methods) shares its sessions.
 //!   [`SshPool::exec`] runs router commands; [`SshPool::stats`] feeds `/v1/status`.
 //! - [`SshProvider`]: a remote forward (`-R`, the server listens and connections come back to
 //!   a local `to`) or a local forward (`-L`, `dial()` opens a `direct-tcpip` channel to `to`
@@ -30,6 +31,6 @@ pub mod spec;
 mod stream;
 
 pub use exec::ExecOutput;
-pub use pool::{PoolStats, SshPool, TargetStats};
+pub use pool::{PoolStats, SessionEvents, SshPool, TargetStats};
 pub use provider::SshProvider;
 pub use spec::*;

@@ -1,5 +1,6 @@
 //! The shared SSH session pool: one per daemon, shared by every SSH tunnel, probe and router
-//! command, keyed by (user, host, port, identity) after ssh_config resolution.
+//! command, keyed by (user, host, port, identity) after ssh_config resolution and by the trust a
+//! session carries (known_hosts, host key policy, login methods; see `config::PoolKey`).
 //!
 //! - A session carries up to `max_channels` channels; past that, or when the server refuses a
 //!   channel while others are open on the session (OpenSSH's `MaxSessions` caps `session`
@@ -15,8 +16,15 @@
 //!   a fresh session meanwhile), and removes it from the pool when the connection ends. The
 //!   task ends with the session, or when the pool is dropped (it then closes the session).
 //! - A new session to a target that lost one (not closed on purpose) counts as a reconnect.
+//! - Users learn at once when a session of their target is lost and when a new one is opened
+//!   ([`SshPool::session_events`]): the router watcher re-reads the boot id on every reconnect,
+//!   whoever's command found the drop.
+//! - At most `max_sessions` sessions per target (0: no limit). When every one is full, a channel
+//!   waits in a first-come-first-served queue until room appears (a channel closes, a session
+//!   ends) or its own deadline passes; it then fails with an error naming the limit. Once
+//!   someone waits, newcomers queue behind them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,12 +34,13 @@ use std::time::Duration;
 use russh::client::Msg;
 use russh::{Channel, ChannelOpenFailure};
 use serde::Serialize;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::config::{PoolKey, Resolved};
 use super::session::{self, ChannelGuard, Session};
+use super::spec::SshTarget;
 use crate::{ProviderError, Resolver};
 
 /// How many acquire latencies the percentiles are computed over (the most recent ones).
@@ -45,6 +54,9 @@ const MAX_RESERVE_ROUNDS: usize = 8;
 /// How long an abandoned channel open (its caller timed out) may still wait for the server.
 /// OpenSSH answers a `direct-tcpip` open once its own connect finishes, which the kernel bounds.
 const ABANDONED_OPEN_LIMIT: Duration = Duration::from_secs(300);
+/// How much longer than its own deadline a caller waits for a queued channel open, so the
+/// queue's "limit reached" error (which names the cause) arrives before a bare timeout.
+const QUEUE_ERROR_GRACE: Duration = Duration::from_millis(250);
 
 /// Snapshot of the pool, for `/v1/status`.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -59,6 +71,8 @@ pub struct PoolStats {
     pub closed: u64,
     /// Sessions opened to a target that had lost one.
     pub reconnects: u64,
+    /// Channels waiting for room at `max_sessions`, over every target.
+    pub queued: usize,
     /// Median time to get a session slot for a channel or tunnel, in microseconds, over the
     /// most recent acquisitions (includes opening a session when one was needed).
     pub acquire_p50_us: Option<u64>,
@@ -81,6 +95,35 @@ pub struct TargetStats {
     pub channels: usize,
     /// Tunnels attached to them.
     pub tunnels: usize,
+    /// Per-channel entries the sessions keep (close signals): back to at most `channels`
+    /// once the others are closed. More means a leak in our bookkeeping.
+    pub tracked_channels: usize,
+    /// Channels open at the SSH level, as russh's table holds them (confirmed and not yet
+    /// closed by the server). Back to at most `channels` once the others are closed.
+    pub ssh_channels: usize,
+    /// `max_sessions` of the target (0: no limit).
+    pub max_sessions: u32,
+    /// Channels waiting now for room (every session full, `max_sessions` reached).
+    pub queued: usize,
+    /// How long the longest-waiting of them has waited, in milliseconds.
+    pub queued_wait_ms: Option<u64>,
+    /// Channels that ever had to wait.
+    pub queued_total: u64,
+    /// Of them, those whose deadline passed in the queue (they failed naming the limit).
+    pub queue_timeouts: u64,
+    /// The longest wait in the queue that ended with room, in milliseconds.
+    pub queue_wait_max_ms: u64,
+}
+
+/// Session changes of one target, as counters that only grow: a watcher compares them with
+/// the values it last acted on. See [`SshPool::session_events`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionEvents {
+    /// Sessions opened to the target so far.
+    pub opened: u64,
+    /// Sessions that ended without the pool closing them (the server went away, keepalives
+    /// went unanswered).
+    pub lost: u64,
 }
 
 /// The shared session pool: one per daemon. Cheap to clone (an `Arc` inside).
@@ -133,6 +176,14 @@ struct Counters {
 
 /// The sessions of one pool key.
 struct Target {
+    /// `max_sessions` as last configured for this key (0: no limit).
+    max_sessions: std::sync::atomic::AtomicU32,
+    /// Woken whenever a session's usage changes or a session ends: room may have appeared.
+    room: Arc<Notify>,
+    /// Channels waiting for room, first come first served.
+    queue: Mutex<Queue>,
+    /// Sessions opened and lost, for [`SshPool::session_events`].
+    events: watch::Sender<SessionEvents>,
     state: Mutex<TargetState>,
     /// Held while a session to this target is being opened (one at a time).
     opener: tokio::sync::Mutex<OpenerState>,
@@ -145,6 +196,32 @@ struct TargetState {
     sessions: Vec<Arc<Session>>,
     /// A session ended without the pool closing it; the next one opened is a reconnect.
     lost: bool,
+}
+
+/// The waiting line of one target.
+#[derive(Default)]
+struct Queue {
+    next_ticket: u64,
+    /// Tickets and when they joined, oldest first.
+    waiting: VecDeque<(u64, Instant)>,
+    total: u64,
+    timeouts: u64,
+    wait_max: Duration,
+}
+
+/// A place in a target's queue; leaving it (however the wait ends) lets the next one try.
+struct Ticket {
+    target: Arc<Target>,
+    id: u64,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        lock(&self.target.queue)
+            .waiting
+            .retain(|(id, _)| *id != self.id);
+        self.target.room.notify_waiters();
+    }
 }
 
 #[derive(Default)]
@@ -271,12 +348,25 @@ impl SshPool {
             stats.acquire_p99_us = latency.percentile(99);
         }
         for (key, target) in targets {
-            let state = lock(&target.state);
             let mut entry = TargetStats {
                 target: key.to_string(),
                 identity: key.identity.as_ref().map(|p| p.display().to_string()),
+                max_sessions: target.max_sessions.load(Ordering::Relaxed),
                 ..TargetStats::default()
             };
+            {
+                let queue = lock(&target.queue);
+                entry.queued = queue.waiting.len();
+                entry.queued_wait_ms = queue
+                    .waiting
+                    .front()
+                    .map(|(_, since)| millis(since.elapsed()));
+                entry.queued_total = queue.total;
+                entry.queue_timeouts = queue.timeouts;
+                entry.queue_wait_max_ms = millis(queue.wait_max);
+            }
+            stats.queued += entry.queued;
+            let state = lock(&target.state);
             for session in state
                 .sessions
                 .iter()
@@ -286,6 +376,9 @@ impl SshPool {
                 entry.sessions += 1;
                 entry.channels += usage.channels as usize;
                 entry.tunnels += usage.leases as usize;
+                let (ours, ssh) = session.shared.tracked_channels();
+                entry.tracked_channels += ours;
+                entry.ssh_channels += ssh;
             }
             stats.sessions += entry.sessions;
             stats.channels_in_use += entry.channels;
@@ -295,19 +388,33 @@ impl SshPool {
         stats
     }
 
+    /// Follows the sessions of `target`: the receiver changes whenever one is opened or lost
+    /// (resolves the target, so only a config error fails). Opens nothing by itself.
+    pub fn session_events(
+        &self,
+        target: &SshTarget,
+    ) -> Result<watch::Receiver<SessionEvents>, ProviderError> {
+        let resolved = super::config::resolve(target)?;
+        Ok(self.target(&resolved.key).events.subscribe())
+    }
+
     /// A hold on a session to `resolved` for a tunnel (opens one if needed).
     pub(crate) async fn lease(&self, resolved: &Resolved) -> Result<Lease, ProviderError> {
-        let session = self.acquire(resolved, Slot::Lease).await?;
+        let deadline =
+            Instant::now() + resolved.target.connect_timeout + resolved.target.auth_timeout;
+        let session = self.acquire(resolved, Slot::Lease, deadline).await?;
         Ok(Lease { session })
     }
 
     /// Opens a channel with `open` on a pooled session to `resolved`, moving to another session
-    /// when the server refuses it for lack of room. `what` names the channel in errors.
+    /// when the server refuses it for lack of room. `what` names the channel in errors. A wait
+    /// for room at `max_sessions` ends at `deadline`.
     pub(crate) async fn open_channel<T, F, Fut>(
         &self,
         resolved: &Resolved,
         kind: ChannelKind,
         what: &str,
+        deadline: Instant,
         open: F,
     ) -> Result<(T, ChannelGuard, Arc<Session>), ProviderError>
     where
@@ -320,7 +427,7 @@ impl SshPool {
         };
         let mut last = None;
         for _ in 0..MAX_OPEN_ATTEMPTS {
-            let session = self.acquire(resolved, Slot::Channel).await?;
+            let session = self.acquire(resolved, Slot::Channel, deadline).await?;
             let guard = ChannelGuard::reserved(session.shared.clone());
             match open(session.clone()).await {
                 Ok(value) => return Ok((value, guard, session)),
@@ -380,8 +487,9 @@ impl SshPool {
         let pool = self.clone();
         let task_resolved = resolved.clone();
         let task_what = what.clone();
+        let deadline = Instant::now() + timeout;
         tokio::spawn(async move {
-            let opening = pool.open_channel(&task_resolved, kind, &task_what, open);
+            let opening = pool.open_channel(&task_resolved, kind, &task_what, deadline, open);
             let Ok(result) = tokio::time::timeout(ABANDONED_OPEN_LIMIT, opening).await else {
                 return;
             };
@@ -391,7 +499,7 @@ impl SshPool {
                 drop(guard);
             }
         });
-        match tokio::time::timeout(timeout, rx).await {
+        match tokio::time::timeout(timeout + QUEUE_ERROR_GRACE, rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(ProviderError::Timeout {
                 what: format!("{what} on {}", resolved.key),
@@ -409,9 +517,10 @@ impl SshPool {
         &self,
         resolved: &Resolved,
         slot: Slot,
+        deadline: Instant,
     ) -> Result<Arc<Session>, ProviderError> {
         let started = Instant::now();
-        let result = self.acquire_inner(resolved, slot).await;
+        let result = self.acquire_inner(resolved, slot, deadline).await;
         if result.is_ok() {
             lock(&self.inner.counters.latency).record(started.elapsed());
         }
@@ -422,11 +531,22 @@ impl SshPool {
         &self,
         resolved: &Resolved,
         slot: Slot,
+        deadline: Instant,
     ) -> Result<Arc<Session>, ProviderError> {
         let target = self.target(&resolved.key);
+        target
+            .max_sessions
+            .store(resolved.target.max_sessions, Ordering::Relaxed);
         for _ in 0..MAX_RESERVE_ROUNDS {
+            if target.someone_waits() {
+                // First come, first served: behind those already waiting.
+                return self.wait_for_room(&target, resolved, slot, deadline).await;
+            }
             if let Some(session) = target.try_reserve(slot, resolved.target.max_age) {
                 return Ok(session);
+            }
+            if target.at_limit() {
+                return self.wait_for_room(&target, resolved, slot, deadline).await;
             }
             let seen = target.generation.load(Ordering::SeqCst);
             let mut opener = target.opener.lock().await;
@@ -438,14 +558,83 @@ impl SshPool {
                 }
                 continue;
             }
-            return self
+            match self
                 .open_session(&target, &mut opener, resolved, slot)
-                .await;
+                .await?
+            {
+                Some(session) => return Ok(session),
+                None => {
+                    drop(opener);
+                    return self.wait_for_room(&target, resolved, slot, deadline).await;
+                }
+            }
         }
         // Every round someone else's new session filled up before we got to it: open our own.
         let mut opener = target.opener.lock().await;
-        self.open_session(&target, &mut opener, resolved, slot)
-            .await
+        match self
+            .open_session(&target, &mut opener, resolved, slot)
+            .await?
+        {
+            Some(session) => Ok(session),
+            None => {
+                drop(opener);
+                self.wait_for_room(&target, resolved, slot, deadline).await
+            }
+        }
+    }
+
+    /// Waits in the target's queue until, first in line, a slot is free on a session or a new
+    /// session may be opened; fails at `deadline` with an error naming `max_sessions`.
+    async fn wait_for_room(
+        &self,
+        target: &Arc<Target>,
+        resolved: &Resolved,
+        slot: Slot,
+        deadline: Instant,
+    ) -> Result<Arc<Session>, ProviderError> {
+        let joined = Instant::now();
+        let ticket = target.enqueue(joined);
+        loop {
+            // Registered before looking, so a wake-up between the look and the wait is kept.
+            let notified = target.room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if target.is_first(ticket.id) {
+                if let Some(session) = target.try_reserve(slot, resolved.target.max_age) {
+                    target.waited(joined.elapsed());
+                    return Ok(session);
+                }
+                if !target.at_limit() {
+                    let mut opener = target.opener.lock().await;
+                    if let Some(session) = self
+                        .open_session(target, &mut opener, resolved, slot)
+                        .await?
+                    {
+                        target.waited(joined.elapsed());
+                        return Ok(session);
+                    }
+                    continue;
+                }
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    let waiting = lock(&target.queue).waiting.len();
+                    lock(&target.queue).timeouts += 1;
+                    let max = target.max_sessions.load(Ordering::Relaxed);
+                    return Err(ProviderError::Ssh {
+                        target: resolved.key.to_string(),
+                        detail: format!(
+                            "no room: the {max} sessions allowed by ssh.max_sessions are all \
+                             full ({} channels each, ssh.max_channels); waited {:?} in a queue \
+                             of {waiting}",
+                            resolved.target.max_channels.max(1),
+                            joined.elapsed(),
+                        ),
+                    });
+                }
+            }
+        }
     }
 
     /// Opens a session (the caller holds the target's opener lock), adds it to the pool with a
@@ -456,14 +645,23 @@ impl SshPool {
         opener: &mut OpenerState,
         resolved: &Resolved,
         slot: Slot,
-    ) -> Result<Arc<Session>, ProviderError> {
+    ) -> Result<Option<Arc<Session>>, ProviderError> {
         // Room may have appeared while we waited for the lock (a channel closed).
         if let Some(session) = target.try_reserve(slot, resolved.target.max_age) {
-            return Ok(session);
+            return Ok(Some(session));
+        }
+        if target.at_limit() {
+            return Ok(None);
         }
         let counters = &self.inner.counters;
         let id = counters.next_id.fetch_add(1, Ordering::Relaxed) + 1;
-        let result = session::connect(resolved, self.inner.resolver.as_ref(), id).await;
+        let result = session::connect(
+            resolved,
+            self.inner.resolver.as_ref(),
+            id,
+            target.room.clone(),
+        )
+        .await;
         opener.generation += 1;
         target.generation.store(opener.generation, Ordering::SeqCst);
         let session = match result {
@@ -487,6 +685,7 @@ impl SshPool {
             std::mem::take(&mut state.lost)
         };
         counters.opened.fetch_add(1, Ordering::Relaxed);
+        target.events.send_modify(|events| events.opened += 1);
         if reconnect {
             counters.reconnects.fetch_add(1, Ordering::Relaxed);
         }
@@ -504,7 +703,7 @@ impl SshPool {
             resolved.target.idle_timeout,
             resolved.target.max_age,
         ));
-        Ok(session)
+        Ok(Some(session))
     }
 
     /// The pool entry of a key, created on first use.
@@ -513,6 +712,10 @@ impl SshPool {
             .entry(key.clone())
             .or_insert_with(|| {
                 Arc::new(Target {
+                    max_sessions: std::sync::atomic::AtomicU32::new(0),
+                    room: Arc::new(Notify::new()),
+                    queue: Mutex::new(Queue::default()),
+                    events: watch::Sender::new(SessionEvents::default()),
                     state: Mutex::new(TargetState::default()),
                     opener: tokio::sync::Mutex::new(OpenerState::default()),
                     generation: AtomicU64::new(0),
@@ -523,6 +726,48 @@ impl SshPool {
 }
 
 impl Target {
+    /// Whether another session would exceed `max_sessions`. Sessions still open count, even
+    /// when taken out of service: they are open at the server until they close.
+    fn at_limit(&self) -> bool {
+        let max = self.max_sessions.load(Ordering::Relaxed);
+        if max == 0 {
+            return false;
+        }
+        let open = lock(&self.state)
+            .sessions
+            .iter()
+            .filter(|s| !s.shared.closed.is_cancelled())
+            .count();
+        open >= max as usize
+    }
+
+    fn someone_waits(&self) -> bool {
+        !lock(&self.queue).waiting.is_empty()
+    }
+
+    /// Joins the queue.
+    fn enqueue(self: &Arc<Self>, now: Instant) -> Ticket {
+        let mut queue = lock(&self.queue);
+        queue.next_ticket += 1;
+        let id = queue.next_ticket;
+        queue.waiting.push_back((id, now));
+        queue.total += 1;
+        Ticket {
+            target: self.clone(),
+            id,
+        }
+    }
+
+    fn is_first(&self, ticket: u64) -> bool {
+        lock(&self.queue).waiting.front().map(|(id, _)| *id) == Some(ticket)
+    }
+
+    /// Records how long a wait that ended with room took.
+    fn waited(&self, took: Duration) {
+        let mut queue = lock(&self.queue);
+        queue.wait_max = queue.wait_max.max(took);
+    }
+
     /// Reserves a slot on the oldest session with room (packing keeps the session count low;
     /// idle ones then close).
     fn try_reserve(&self, slot: Slot, max_age: Duration) -> Option<Arc<Session>> {
@@ -614,12 +859,21 @@ async fn monitor(
             state.lost = true;
         }
     }
+    // One session fewer: a queued channel may open a new one.
+    target.room.notify_waiters();
+    if lost {
+        target.events.send_modify(|events| events.lost += 1);
+    }
     counters.closed.fetch_add(1, Ordering::Relaxed);
     if lost {
         tracing::warn!(target = %shared.key, session = shared.id, reason = %shared.reason(), "ssh session lost");
     } else {
         tracing::info!(target = %shared.key, session = shared.id, reason = %shared.reason(), "ssh session closed");
     }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Words for a channel refusal.

@@ -285,26 +285,36 @@ impl Forwarder {
         let Some(shared) = self.shared.upgrade() else {
             return;
         };
+        let id = channel.id();
         let Ok(permit) = self.limit.clone().try_acquire_owned() else {
             tracing::warn!(tunnel = %self.tag, %originator, "too many forwarded connections; refused");
             reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            shared.channel_rejected(id);
             return;
         };
         let guard = shared.track_channel();
         let dial = tokio::select! {
-            dial = self.resolver.dial(&self.to, self.connect_timeout) => dial,
-            _ = self.stopped.cancelled() => return,
-            _ = shared.closed.cancelled() => return,
+            dial = self.resolver.dial(&self.to, self.connect_timeout) => Some(dial),
+            _ = self.stopped.cancelled() => None,
+            _ = shared.closed.cancelled() => None,
         };
         let tcp = match dial {
-            Ok(Dial::Tcp(tcp)) => tcp,
-            Ok(Dial::Stream(_)) => {
+            Some(Ok(Dial::Tcp(tcp))) => tcp,
+            Some(Ok(Dial::Stream(_))) => {
                 reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                shared.channel_rejected(id);
                 return;
             }
-            Err(err) => {
+            Some(Err(err)) => {
                 tracing::debug!(tunnel = %self.tag, to = %self.to, %originator, error = %err, "forwarded connection: target unreachable");
                 reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                shared.channel_rejected(id);
+                return;
+            }
+            None => {
+                // Dropping the reply rejects the channel.
+                drop(reply);
+                shared.channel_rejected(id);
                 return;
             }
         };

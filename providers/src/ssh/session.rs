@@ -8,7 +8,7 @@
 //! signal for every tunnel on it at once.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -87,11 +87,19 @@ pub(crate) struct Shared {
     usage: Mutex<Usage>,
     /// Signalled whenever [`Usage`] changes, for the pool's idle monitor.
     pub usage_changed: Notify,
+    /// The target's "room may have appeared" signal (shared by its sessions), woken on every
+    /// usage change, for dials queued at `max_sessions`.
+    pub room: Arc<Notify>,
     routes: Mutex<Vec<Route>>,
     /// One token per open channel, cancelled when the server closes the channel (or the
     /// connection ends: they are children of `closed`). russh gives a writer no signal when
     /// the channel it waits on for window space is gone; these do.
     channel_tokens: Mutex<HashMap<ChannelId, CancellationToken>>,
+    /// Channels open at the SSH level: confirmed (or accepted) and not yet ended by the
+    /// server's CLOSE. This mirrors the channel table russh keeps on its session task (it
+    /// removes an entry exactly when it calls `channel_close`), so a count that stays above
+    /// the channels in use is a leak there.
+    ssh_channels: Mutex<HashSet<ChannelId>>,
     /// Cancelled when the connection has ended.
     pub closed: CancellationToken,
     reason: Mutex<Option<String>>,
@@ -138,6 +146,7 @@ impl Shared {
         };
         if changed {
             self.usage_changed.notify_one();
+            self.room.notify_waiters();
         }
         changed
     }
@@ -201,6 +210,22 @@ impl Shared {
         lock(&self.channel_tokens)
             .entry(id)
             .or_insert_with(|| self.closed.child_token());
+        lock(&self.ssh_channels).insert(id);
+    }
+
+    /// Forgets a server-opened channel that was rejected (it never became open).
+    pub(super) fn channel_rejected(&self, id: ChannelId) {
+        lock(&self.channel_tokens).remove(&id);
+        lock(&self.ssh_channels).remove(&id);
+    }
+
+    /// How many per-channel entries the session keeps: (ours, open at the SSH level). Both
+    /// fall back to the channels in use once the others are closed; see [`Shared::ssh_channels`].
+    pub fn tracked_channels(&self) -> (usize, usize) {
+        (
+            lock(&self.channel_tokens).len(),
+            lock(&self.ssh_channels).len(),
+        )
     }
 
     /// Drops the bookkeeping of a channel its user is done with (a no-op once it was closed).
@@ -209,6 +234,7 @@ impl Shared {
     }
 
     pub(super) fn channel_closed(&self, id: ChannelId) {
+        lock(&self.ssh_channels).remove(&id);
         if let Some(token) = lock(&self.channel_tokens).remove(&id) {
             token.cancel();
         }
@@ -397,16 +423,21 @@ impl Session {
 }
 
 /// Host key algorithms to ask for, those already recorded for this host first (as OpenSSH
-/// does): a server with several keys then presents the one we can check.
+/// does): a server with several keys then presents the one we can check. `ssh-rsa` (RSA
+/// signatures over SHA-1) is never offered: an RSA host key is still accepted, signed with
+/// `rsa-sha2-512`/`rsa-sha2-256` (OpenSSH 7.2+, dropbear 2020.79+).
 fn preferred_algorithms(known: &[Algorithm]) -> Preferred {
     let mut preferred = Preferred::default();
-    if known.is_empty() {
-        return preferred;
-    }
-    let all: Vec<Algorithm> = preferred.key.to_vec();
+    let all: Vec<Algorithm> = preferred
+        .key
+        .iter()
+        .filter(|a| !matches!(a, Algorithm::Rsa { hash: None }))
+        .cloned()
+        .collect();
     let is_known = |a: &Algorithm| known.iter().any(|k| hostkeys::same_type(k, a));
     let mut ordered: Vec<Algorithm> = all.iter().filter(|a| is_known(a)).cloned().collect();
     ordered.extend(all.iter().filter(|a| !is_known(a)).cloned());
+    // With nothing known, `ordered` is `all` in russh's order.
     preferred.key = Cow::Owned(ordered);
     preferred
 }
@@ -417,6 +448,7 @@ pub(crate) async fn connect(
     resolved: &Resolved,
     resolver: Option<&Resolver>,
     id: u64,
+    room: Arc<Notify>,
 ) -> Result<Session, ProviderError> {
     let target = &resolved.target;
     let key = &resolved.key;
@@ -468,8 +500,10 @@ pub(crate) async fn connect(
             retired: false,
         }),
         usage_changed: Notify::new(),
+        room,
         routes: Mutex::new(Vec::new()),
         channel_tokens: Mutex::new(HashMap::new()),
+        ssh_channels: Mutex::new(HashSet::new()),
         closed: closed.clone(),
         reason: Mutex::new(None),
         closed_on_purpose: AtomicBool::new(false),
@@ -551,10 +585,25 @@ mod tests {
     #[test]
     fn known_algorithms_go_first() {
         let preferred = preferred_algorithms(&[Algorithm::Rsa { hash: None }]);
-        assert!(matches!(preferred.key[0], Algorithm::Rsa { .. }));
-        assert!(matches!(preferred.key[1], Algorithm::Rsa { .. }));
-        assert_eq!(preferred.key.len(), Preferred::default().key.len());
+        assert!(matches!(preferred.key[0], Algorithm::Rsa { hash: Some(_) }));
+        assert!(matches!(preferred.key[1], Algorithm::Rsa { hash: Some(_) }));
+        assert_eq!(preferred.key.len(), Preferred::default().key.len() - 1);
         let untouched = preferred_algorithms(&[]);
         assert_eq!(untouched.key[0], Algorithm::Ed25519);
+    }
+
+    #[test]
+    fn sha1_rsa_is_never_offered() {
+        for known in [&[][..], &[Algorithm::Rsa { hash: None }][..]] {
+            let preferred = preferred_algorithms(known);
+            assert!(
+                !preferred
+                    .key
+                    .iter()
+                    .any(|a| matches!(a, Algorithm::Rsa { hash: None })),
+                "{:?}",
+                preferred.key
+            );
+        }
     }
 }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 /// What to do with a host key that is not in `known_hosts`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum HostKeyPolicy {
     /// Refuse unknown keys (the default), with the fingerprint and the line to add.
     #[default]
@@ -49,6 +49,9 @@ pub struct SshTarget {
     pub keepalive_max: u32,
     /// Channels one session carries before the pool opens another (OpenSSH MaxSessions).
     pub max_channels: u32,
+    /// Sessions the pool opens to this target at most (0: no limit). Past that, a channel
+    /// waits in a FIFO queue for room until its own timeout.
+    pub max_sessions: u32,
     /// An unused session closes after this long.
     pub idle_timeout: Duration,
     /// A session is replaced (once idle) after this long.
@@ -74,6 +77,7 @@ impl SshTarget {
             keepalive_interval: Duration::from_secs(5),
             keepalive_max: 3,
             max_channels: 10,
+            max_sessions: 4,
             idle_timeout: Duration::from_secs(300),
             max_age: Duration::from_secs(3600),
         }

@@ -171,6 +171,9 @@ impl Validator {
         if let Some(n) = ssh.max_channels {
             target.max_channels = n;
         }
+        if let Some(n) = ssh.max_sessions {
+            target.max_sessions = n;
+        }
         relative_to(&dir, &mut target.known_hosts);
         (self.issues.len() == before).then_some(target)
     }
