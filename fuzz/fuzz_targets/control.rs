@@ -148,6 +148,7 @@ fn status() -> DaemonStatus {
             name: "home".into(),
             primary: Some("lan".into()),
             degraded: false,
+            starting: false,
             reason: "highest priority up".into(),
             pin: None,
             mode: "priority".into(),
