@@ -172,7 +172,7 @@ async fn raw_http_works_like_curl_and_errors_are_json() {
 async fn peer_credentials_decide_who_may_read() {
     if !nix::unistd::geteuid().is_root() || Command::new("runuser").arg("--help").output().is_err()
     {
-        eprintln!("SKIP: needs root and runuser to act as another uid");
+        tunnelkeeper_test_support::skip("needs root and runuser to act as another uid");
         return;
     }
     let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();

@@ -131,7 +131,7 @@ fn root_status(socket: &Path) -> (std::process::Output, Duration) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_users_cannot_fill_the_control_socket() {
     if !as_root() {
-        eprintln!("SKIP: needs root to act as nobody");
+        tunnelkeeper_test_support::skip("needs root to act as nobody");
         return;
     }
     let echo = echo_server().await;
@@ -205,7 +205,7 @@ impl Drop for TempGroup {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn supplementary_groups_make_readers_and_a_reload_takes_access_away() {
     if !as_root() {
-        eprintln!("SKIP: needs root for groupadd and setpriv");
+        tunnelkeeper_test_support::skip("needs root for groupadd and setpriv");
         return;
     }
     let group = TempGroup::create();

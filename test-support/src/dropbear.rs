@@ -45,13 +45,13 @@ pub struct Dropbear {
 }
 
 impl Dropbear {
-    /// Starts dropbear; `None` if it cannot run here (printed as SKIPPED).
+    /// Starts dropbear; `None` if it cannot run here (see [`crate::skip`]).
     pub async fn start() -> Option<Dropbear> {
         for tool in [DROPBEAR, "/usr/bin/dropbearkey", "/usr/bin/unshare"] {
             if !Path::new(tool).exists() {
-                eprintln!(
-                    "SKIPPED: {tool} is not installed (apt-get install dropbear-bin util-linux)"
-                );
+                crate::skip(format!(
+                    "{tool} is not installed (apt-get install dropbear-bin util-linux)"
+                ));
                 return None;
             }
         }
@@ -60,7 +60,7 @@ impl Dropbear {
             .stderr(Stdio::null())
             .status();
         if !matches!(probe, Ok(status) if status.success()) {
-            eprintln!("SKIPPED: no private mount namespace here (unshare -m needs CAP_SYS_ADMIN)");
+            crate::skip("no private mount namespace here (unshare -m needs CAP_SYS_ADMIN)");
             return None;
         }
         let user_home = nix::unistd::User::from_name(&current_user())

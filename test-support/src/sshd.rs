@@ -71,11 +71,11 @@ pub struct Sshd {
 
 impl Sshd {
     /// For tests: starts sshd in a temporary directory with the default configuration plus
-    /// `extra` lines (which come first). `None` if sshd is not installed; panics on any other
+    /// `extra` lines (which come first). `None` if sshd is not installed (see [`crate::skip`]: a failure under `CI=true`); panics on any other
     /// failure.
     pub async fn start(extra: &str) -> Option<Sshd> {
         if !Path::new(SSHD).exists() {
-            eprintln!("SKIPPED: {SSHD} is not installed (apt-get install openssh-server)");
+            crate::skip(format!("{SSHD} is not installed (apt-get install openssh-server)"));
             return None;
         }
         let options = SshdOptions {
