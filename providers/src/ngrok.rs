@@ -30,11 +30,11 @@
 use std::fmt;
 use std::fs;
 use std::io::{self, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -43,6 +43,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::process::{self, Lines, SpawnSpec, Supervised};
+use crate::util::{free_loopback_addr, lock, parse_go_duration, quote};
 use crate::version::{self, Version};
 use crate::{
     http, Dial, Endpoint, Health, Provider, ProviderError, Resolver, StartContext, Tunnel,
@@ -112,7 +113,7 @@ impl fmt::Display for NgrokProto {
 
 /// Settings of an `ngrok` tunnel. Holds the *path* of the authtoken, never the token: the
 /// token is read at each start and goes only into the private config file.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NgrokSpec {
     /// The agent program; [`DEFAULT_BINARY`] in `PATH` when `None`.
     pub binary: Option<String>,
@@ -311,13 +312,6 @@ fn config_yaml(token: &Secret, web_addr: SocketAddr) -> String {
     )
 }
 
-/// A free port on 127.0.0.1 for the agent's local API. The port is released before the agent
-/// binds it; losing that race makes the agent fail its start, and the daemon retries.
-fn free_loopback_addr() -> Result<SocketAddr, ConfigFileError> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(ConfigFileError::WebAddr)?;
-    listener.local_addr().map_err(ConfigFileError::WebAddr)
-}
-
 /// Refuses a config directory another user could read or swap files in (a pre-made one in a
 /// shared place, a symlink): the token copy goes there.
 fn check_private_dir(dir: &Path) -> Result<(), ConfigFileError> {
@@ -376,10 +370,7 @@ fn remove_leftovers(dir: &Path, stem: &str) -> usize {
         return 0;
     };
     let ours = format!("{CONFIG_PREFIX}{stem}-");
-    let live = LIVE_CONFIGS
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .clone();
+    let live = lock(&LIVE_CONFIGS).clone();
     let mut removed = 0;
     for entry in entries.flatten() {
         let name = entry.file_name();
@@ -455,10 +446,7 @@ impl ConfigFile {
                 Err(source) => return Err(ConfigFileError::Write { path, source }),
             }
         };
-        LIVE_CONFIGS
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(path.clone());
+        lock(&LIVE_CONFIGS).push(path.clone());
         let guard = ConfigFile { path };
         let written = file
             // The umask can only have removed bits; make it exactly owner read/write.
@@ -482,10 +470,7 @@ impl ConfigFile {
 
 impl Drop for ConfigFile {
     fn drop(&mut self) {
-        LIVE_CONFIGS
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .retain(|p| p != &self.path);
+        lock(&LIVE_CONFIGS).retain(|p| p != &self.path);
         match fs::remove_file(&self.path) {
             Ok(()) => {}
             Err(err) if err.kind() == io::ErrorKind::NotFound => {}
@@ -641,7 +626,7 @@ fn health_from_status(body: &Value) -> Result<Health, String> {
                 latency = Some(latency.map_or(rtt, |best| best.min(rtt)));
                 shown.push(format!("{region} {raw}"));
             }
-            Err(err) => shown.push(format!("{region} ({err})")),
+            Err(err) => shown.push(format!("{region} (latency {err})")),
         }
     }
     let detail = if shown.is_empty() {
@@ -653,50 +638,6 @@ fn health_from_status(body: &Value) -> Result<Health, String> {
         latency,
         detail: Some(detail),
     })
-}
-
-/// A Go duration string that could not be read.
-#[derive(Debug, thiserror::Error)]
-#[error("latency {0:?} is not a duration")]
-struct BadDuration(String);
-
-/// Parses a Go `time.Duration` string as the agent prints it (`87ms`, `1.5s`, `250µs`,
-/// `1m2.5s`, `0s`).
-fn parse_go_duration(text: &str) -> Result<Duration, BadDuration> {
-    let bad = || BadDuration(text.to_string());
-    if text == "0" {
-        return Ok(Duration::ZERO);
-    }
-    let mut rest = text;
-    let mut total = 0f64;
-    if rest.is_empty() {
-        return Err(bad());
-    }
-    while !rest.is_empty() {
-        let number_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(bad)?;
-        let number: f64 = rest[..number_len].parse().map_err(|_| bad())?;
-        rest = &rest[number_len..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let nanos_per_unit = match &rest[..unit_len] {
-            "ns" => 1.0,
-            "us" | "µs" | "μs" => 1e3,
-            "ms" => 1e6,
-            "s" => 1e9,
-            "m" => 60e9,
-            "h" => 3600e9,
-            _ => return Err(bad()),
-        };
-        total += number * nanos_per_unit;
-        rest = &rest[unit_len..];
-    }
-    if !total.is_finite() || total > u64::MAX as f64 {
-        return Err(bad());
-    }
-    Ok(Duration::from_nanos(total.round() as u64))
 }
 
 /// Where `dial()` connects for a public URL: its host and port, the port defaulting to 443 for
@@ -746,7 +687,7 @@ impl Provider for NgrokProvider {
     async fn start(&self, ctx: &StartContext) -> crate::Result<Arc<dyn Tunnel>> {
         let spec = &self.spec;
         spec.validate()?;
-        let tag = format!("{}/{}", ctx.service, ctx.tunnel);
+        let tag = ctx.tag();
         version::require(
             vec![spec.binary().to_string(), "version".to_string()],
             &tag,
@@ -759,7 +700,9 @@ impl Provider for NgrokProvider {
             tracing::warn!(tunnel = %tag, %region, "ngrok `region` is deprecated by ngrok (the agent picks the lowest-latency region); passing --region anyway");
         }
         let token = read_authtoken(&spec.authtoken_file)?;
-        let web_addr = free_loopback_addr()?;
+        // The port is released before the agent binds it; losing that race makes the agent
+        // fail its start, and the daemon retries.
+        let web_addr = free_loopback_addr().map_err(ConfigFileError::WebAddr)?;
         let stem = file_stem(&tag);
         for dir in std::iter::once(&spec.config_dir).chain(&spec.old_config_dirs) {
             remove_leftovers(dir, &stem);
@@ -897,13 +840,6 @@ async fn wait_for_url(
     }
 }
 
-fn quote(line: Option<&str>) -> String {
-    match line {
-        Some(line) => format!("{line:?}"),
-        None => "(none)".to_string(),
-    }
-}
-
 /// The agent's own view of its session: `Ok` when `/api/status` says `online`.
 async fn agent_online(web_addr: SocketAddr) -> crate::Result<Health> {
     let api = format!("ngrok API at {web_addr}");
@@ -1019,10 +955,7 @@ impl NgrokTunnel {
         let answer = agent_online(self.web_addr).await;
         match answer {
             Ok(health) => {
-                *self
-                    .online_at
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+                *lock(&self.online_at) = Some(Instant::now());
                 Ok(health)
             }
             Err(ProviderError::Unhealthy(why)) => {
@@ -1055,11 +988,7 @@ impl Tunnel for NgrokTunnel {
         if let Some(reason) = self.closed_now() {
             return Err(ProviderError::Closed(reason));
         }
-        let fresh = self
-            .online_at
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_some_and(|at| at.elapsed() < ONLINE_CACHE);
+        let fresh = lock(&self.online_at).is_some_and(|at| at.elapsed() < ONLINE_CACHE);
         if !fresh {
             match self.online().await {
                 // The agent says its session is down: the edge would only serve its error page.
@@ -1103,11 +1032,7 @@ impl Tunnel for NgrokTunnel {
     async fn stop(&self) {
         self.watch.abort();
         self.child.terminate(self.stop_grace).await;
-        let config = self
-            .config
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
+        let config = lock(&self.config).take();
         drop(config);
     }
 }
@@ -1178,21 +1103,6 @@ mod tests {
         );
         assert_eq!(parse_log_line("ERROR:  authentication failed"), None);
         assert_eq!(parse_log_line(r#"{"lvl":"warn","err":"x"}"#), None);
-    }
-
-    #[test]
-    fn go_durations() {
-        let ok = |s: &str| parse_go_duration(s).ok();
-        assert_eq!(ok("87ms"), Some(Duration::from_millis(87)));
-        assert_eq!(ok("1.5s"), Some(Duration::from_millis(1500)));
-        assert_eq!(ok("250µs"), Some(Duration::from_micros(250)));
-        assert_eq!(ok("1m2.5s"), Some(Duration::from_millis(62_500)));
-        assert_eq!(ok("0s"), Some(Duration::ZERO));
-        assert_eq!(ok("0"), Some(Duration::ZERO));
-        assert_eq!(ok(""), None);
-        assert_eq!(ok("87"), None);
-        assert_eq!(ok("ms"), None);
-        assert_eq!(ok("87 ms"), None);
     }
 
     #[test]
