@@ -6,7 +6,7 @@
 //! parse returns at its key's position.
 
 use tunnelkeeper_providers::cloudflare::{CloudflareSettings, CloudflareSpec};
-use tunnelkeeper_providers::ngrok::{NgrokProto, NgrokSpec};
+use tunnelkeeper_providers::ngrok::{NgrokSettings, NgrokSpec};
 use tunnelkeeper_providers::spec::SpecError;
 use tunnelkeeper_providers::tailscale::{TailscaleSettings, TailscaleSpec};
 
@@ -71,56 +71,33 @@ impl Validator {
 
     pub(super) fn ngrok(&mut self, t: &TunnelSection, path: &KeyPath) -> Option<NgrokSpec> {
         let before = self.issues.len();
-        let proto = match t.proto.as_deref().unwrap_or("tcp") {
-            "tcp" => NgrokProto::Tcp,
-            "http" => NgrokProto::Http,
-            other => {
-                self.error(
-                    path.key("proto"),
-                    format!("unknown ngrok proto `{other}`: use `tcp` or `http`"),
-                );
-                return None;
-            }
-        };
-        let Some(to) = &t.to else {
-            self.error(
-                path.key("to"),
-                "ngrok needs `to`: the local host:port to expose".to_owned(),
-            );
-            return None;
-        };
-        self.check(&path.key("to"), check_host_port(to));
-        let Some(token) = self.secret_file(t.authtoken_file.as_ref(), &path.key("authtoken_file"))
-        else {
-            if t.authtoken_file.is_none() {
-                self.error(
-                    path.key("authtoken_file"),
-                    "ngrok needs `authtoken_file`: the file holding the agent's authtoken"
-                        .to_owned(),
-                );
-            }
-            return None;
-        };
-        // The agent's 0600 config file (a copy of the token) lives under the daemon's runtime
-        // directory, a tmpfs: a crash cannot leave it on persistent disk.
-        let mut spec = NgrokSpec::new(proto, to.clone(), token, self.runtime_dir.join("ngrok"));
-        // Where earlier versions wrote it: copies left there by a crash are removed at start.
-        spec.old_config_dirs = vec![self.state_dir.join("ngrok")];
-        spec.binary = t.binary.clone();
-        spec.url = t.url.clone();
-        spec.region = t.region.clone();
+        if let Some(to) = &t.to {
+            self.check(&path.key("to"), check_host_port(to));
+        }
         self.positive(t.start_timeout, &path.key("start_timeout"));
         self.positive(t.stop_grace, &path.key("stop_grace"));
         self.positive(t.reconnect_grace, &path.key("reconnect_grace"));
-        if let Some(d) = t.start_timeout {
-            spec.start_timeout = d;
-        }
-        if let Some(d) = t.reconnect_grace {
-            spec.reconnect_grace = d;
-        }
-        if let Some(d) = t.stop_grace {
-            spec.stop_grace = d;
-        }
+        let settings = NgrokSettings {
+            proto: t.proto.clone(),
+            binary: t.binary.clone(),
+            to: t.to.clone(),
+            authtoken_file: self.secret_file_as_given(
+                t.authtoken_file.as_ref(),
+                path,
+                "authtoken_file",
+            ),
+            url: t.url.clone(),
+            region: t.region.clone(),
+            start_timeout: t.start_timeout,
+            reconnect_grace: t.reconnect_grace,
+            stop_grace: t.stop_grace,
+            // The agent's 0600 config file (a copy of the token) lives under the daemon's
+            // runtime directory, a tmpfs: a crash cannot leave it on persistent disk.
+            config_dir: self.runtime_dir.join("ngrok"),
+            // Where earlier versions wrote it: copies left there by a crash are removed at start.
+            old_config_dirs: vec![self.state_dir.join("ngrok")],
+        };
+        let spec = self.built(settings.parse(), path)?;
         (self.issues.len() == before).then_some(spec)
     }
 
