@@ -297,10 +297,7 @@ mod tests {
         let only = |settings| {
             let errors = errors(settings);
             assert_eq!(errors.len(), 1, "{errors:?}");
-            errors
-                .into_iter()
-                .next()
-                .map(|(key, message)| (key, message))
+            errors.into_iter().next()
         };
         let (key, message) = only(CloudflareSettings {
             hostname: None,

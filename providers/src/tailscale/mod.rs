@@ -27,7 +27,7 @@
 //!   start) and, for a daemon that is not root, `tailscale set --operator=<its user>`.
 //!
 //! No process runs for the tunnel's lifetime: every CLI call is a one-shot
-//! [`process::run`] bounded by `check_timeout`. The hard signal therefore comes from a status
+//! [`crate::process::run`] bounded by `check_timeout`. The hard signal therefore comes from a status
 //! watcher, a task that reads `tailscale status --json` every `status_interval` and closes the
 //! tunnel the moment the backend is not `Running` or (peer mode) the peer is gone, or offline
 //! and not answering a ping, or once the status call has failed three times in a row

@@ -8,7 +8,7 @@ use crate::spec::{self, Problems, SpecError};
 
 use super::{DEFAULT_CHECK_TIMEOUT, DEFAULT_HTTPS_PORT, DEFAULT_STATUS_INTERVAL};
 
-/// The only HTTPS ports Funnel accepts (https://tailscale.com/kb/1223/funnel).
+/// The only HTTPS ports Funnel accepts (<https://tailscale.com/kb/1223/funnel>).
 pub const FUNNEL_PORTS: [u16; 3] = [443, 8443, 10000];
 
 /// Which way the tunnel uses the tailnet, with exactly what that way needs.
