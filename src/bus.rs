@@ -399,7 +399,7 @@ impl Bus {
     fn lock(&self) -> std::sync::MutexGuard<'_, Journal> {
         // A panic while holding this lock cannot leave the journal inconsistent (every update is
         // a single push/pop), so a poisoned lock is still safe to use.
-        self.journal.lock().unwrap_or_else(|p| p.into_inner())
+        tunnelkeeper_providers::util::lock(&self.journal)
     }
 }
 

@@ -345,7 +345,7 @@ impl ServiceHandle {
         provider_for: &dyn Fn(&TunnelSpec) -> Arc<dyn Provider>,
     ) -> anyhow::Result<TunnelChanges> {
         let mut changes = TunnelChanges::default();
-        let qualified = |name: &str| format!("{}/{name}", spec.name);
+        let qualified = |name: &str| tunnelkeeper_providers::util::log_tag(&spec.name, name);
         let mut old: Vec<Option<Slot>> = std::mem::take(&mut self.slots)
             .into_iter()
             .map(Some)

@@ -302,7 +302,7 @@ impl TunnelTask {
         let mut ticks = tokio::time::interval(spec.interval);
         // After a slow probe, wait a full interval rather than firing a burst to catch up.
         ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let tag = format!("{}/{}", self.service, self.spec.name);
+        let tag = tunnelkeeper_providers::util::log_tag(&self.service, &self.spec.name);
         // The provider's own health (cloudflared /ready, ngrok's API, `tailscale status`, an SSH
         // ping) runs on a slower clock than the end-to-end probe: some of those cost a CLI run.
         let native_every = spec.interval.max(NATIVE_CHECK_MIN_INTERVAL);

@@ -16,6 +16,7 @@ use regex::Regex;
 use tokio::time::Instant;
 
 use crate::process::{self, ExitInfo, Lines, SpawnSpec, Supervised};
+use crate::util::quote;
 use crate::{Dial, Endpoint, Health, Provider, ProviderError, Resolver, StartContext, Tunnel};
 
 /// How long start waits for the endpoint unless configured otherwise.
@@ -187,7 +188,7 @@ impl Provider for CommandProvider {
             redact: secret_values(&env),
             env,
             cwd: None,
-            tag: format!("{}/{}", ctx.service, ctx.tunnel),
+            tag: ctx.tag(),
         })
         .await?;
         let deadline = Instant::now() + self.spec.start_timeout;
@@ -321,13 +322,6 @@ fn exited_during_start(info: &ExitInfo, last: Option<&str>) -> ProviderError {
         "{info} during start; last output line: {}",
         quote(last)
     ))
-}
-
-fn quote(line: Option<&str>) -> String {
-    match line {
-        Some(line) => format!("{line:?}"),
-        None => "(none)".to_string(),
-    }
 }
 
 /// A running `command` tunnel: the supervised child and the endpoint it serves.

@@ -19,8 +19,10 @@ pub mod direct;
 pub mod http;
 pub mod process;
 pub mod resolve;
+pub mod spec;
 pub mod ssh;
 pub mod sys;
+pub mod util;
 pub mod version;
 
 use std::fmt;
@@ -223,6 +225,13 @@ pub struct StartContext {
     pub service: String,
     /// Name resolution honouring the daemon's `dns.nameservers`.
     pub resolver: Resolver,
+}
+
+impl StartContext {
+    /// The tag of this tunnel's log lines: `service/tunnel`.
+    pub fn tag(&self) -> String {
+        util::log_tag(&self.service, &self.tunnel)
+    }
 }
 
 /// Something that can bring up tunnels of one kind.

@@ -25,7 +25,7 @@ use std::io;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use nix::sys::signal::{killpg, Signal};
@@ -35,6 +35,7 @@ use tokio::process::{Child, Command};
 use tokio::runtime::Handle;
 use tokio::sync::{broadcast, oneshot, watch};
 
+use crate::util::lock;
 use crate::ProviderError;
 
 /// Where tracing puts child output and lifecycle lines.
@@ -245,12 +246,6 @@ struct OutputState {
 }
 
 type SharedOutput = Arc<Mutex<OutputState>>;
-
-/// Locks shared state even if a thread panicked while holding it: the data (lines, counters)
-/// stays meaningful, and a supervisor must keep supervising.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 /// A running child in its own process group. Dropping it kills the group if it still runs.
 pub struct Supervised {

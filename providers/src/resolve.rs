@@ -18,7 +18,8 @@ use hickory_resolver::TokioResolver;
 
 use tokio::time::Instant;
 
-use crate::{dial_tcp, Dial, ProviderError};
+use crate::util::{connect_any, ConnectFailure};
+use crate::{Dial, ProviderError};
 
 /// How long one query to one nameserver may take before the next attempt. Short, so that a dead
 /// first nameserver leaves time for the next one within a probe's one-second budget.
@@ -182,23 +183,21 @@ impl Resolver {
     pub async fn dial(&self, host_port: &str, timeout: Duration) -> Result<Dial, ProviderError> {
         let deadline = Instant::now() + timeout;
         let addrs = self.resolve_sockets(host_port, timeout).await?;
-        let mut last_error = None;
-        for (i, addr) in addrs.iter().enumerate() {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
-                break;
-            }
-            // Share what is left fairly, so one black-holed address cannot starve the others.
-            let left = u32::try_from(addrs.len() - i).unwrap_or(u32::MAX);
-            match dial_tcp(*addr, remaining / left).await {
-                Ok(stream) => return Ok(stream),
-                Err(err) => last_error = Some(err),
-            }
+        match connect_any(&addrs, deadline).await {
+            Ok(stream) => Ok(Dial::Tcp(stream)),
+            Err(ConnectFailure::Failed(addr, source)) => Err(ProviderError::Dial {
+                target: addr.to_string(),
+                source,
+            }),
+            Err(ConnectFailure::NoAnswer(addr, after)) => Err(ProviderError::Timeout {
+                what: format!("connect to {addr}"),
+                after,
+            }),
+            Err(ConnectFailure::NotTried) => Err(ProviderError::Timeout {
+                what: format!("connect to {host_port}"),
+                after: timeout,
+            }),
         }
-        Err(last_error.unwrap_or_else(|| ProviderError::Timeout {
-            what: format!("connect to {host_port}"),
-            after: timeout,
-        }))
     }
 }
 

@@ -18,8 +18,11 @@ use data_encoding::BASE64;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tunnelkeeper_providers::cloudflare::{CloudflareMode, CloudflareProvider, CloudflareSpec};
+use tunnelkeeper_providers::cloudflare::{
+    CloudflareMode, CloudflareProvider, CloudflareSettings, CloudflareSpec,
+};
 use tunnelkeeper_providers::process::{self, ExitInfo, RunSpec};
+use tunnelkeeper_providers::spec::Hostname;
 use tunnelkeeper_providers::{Provider, ProviderError, Tunnel};
 
 /// The emulator script, run through each test's wrapper.
@@ -181,10 +184,23 @@ impl Emu {
 
     /// A named tunnel whose public hostname is the loopback "edge".
     fn named(&self, token: &str) -> CloudflareSpec {
-        let mut spec = self.spec(CloudflareMode::Tunnel);
-        spec.token_file = Some(self.token_file(token));
-        spec.hostname = Some("127.0.0.1".to_string());
-        spec
+        self.spec(CloudflareMode::Named {
+            token_file: self.token_file(token),
+            hostname: host("127.0.0.1"),
+        })
+    }
+}
+
+/// A host name the tests know to be valid.
+fn host(name: &str) -> Hostname {
+    Hostname::parse(name).expect("a valid host name")
+}
+
+/// The token file of a named tunnel's spec.
+fn token_file_of(spec: &CloudflareSpec) -> PathBuf {
+    match &spec.mode {
+        CloudflareMode::Named { token_file, .. } => token_file.clone(),
+        other => panic!("not a named tunnel: {other:?}"),
     }
 }
 
@@ -319,7 +335,7 @@ async fn named_tunnel_comes_up_with_its_hostname_and_carries_bytes() {
     let echo = echo_server().await;
     let emu = Emu::new(&[("EMU_ORIGIN", echo.to_string())]);
     let spec = emu.named(&fresh_token());
-    let token_file = spec.token_file.clone().expect("token file");
+    let token_file = token_file_of(&spec);
     let tunnel = CloudflareProvider::new(spec)
         .start(&ctx())
         .await
@@ -533,12 +549,7 @@ async fn never_ready_times_out_and_leaves_no_process() {
     // Long enough for the emulator's metrics server to answer 503 on a loaded box (python
     // alone can take a second to start there).
     spec.ready_timeout = Duration::from_secs(4);
-    let marker = spec
-        .token_file
-        .clone()
-        .expect("token file")
-        .display()
-        .to_string();
+    let marker = token_file_of(&spec).display().to_string();
     let started = Instant::now();
     let result = CloudflareProvider::new(spec).start(&ctx()).await;
     match &result {
@@ -708,12 +719,7 @@ async fn token_is_in_no_cmdline_environment_log_line_or_debug_output() {
     let emu = Emu::new(&[("EMU_ORIGIN", echo.to_string())]);
     let token = fresh_token();
     let spec = emu.named(&token);
-    let token_path = spec
-        .token_file
-        .clone()
-        .expect("token file")
-        .display()
-        .to_string();
+    let token_path = token_file_of(&spec).display().to_string();
     let provider = CloudflareProvider::new(spec.clone());
     let tunnel = provider.start(&ctx()).await.expect("start");
     assert!(echoes(&tunnel).await);
@@ -774,7 +780,10 @@ async fn missing_or_empty_token_file_is_a_config_error() {
         Err(ProviderError::Config(msg)) => assert!(msg.contains("empty"), "{msg}"),
         _ => panic!("expected a config error, got {}", show(&result)),
     }
-    spec.token_file = Some(emu.dir.path().join("no-such-token"));
+    spec.mode = CloudflareMode::Named {
+        token_file: emu.dir.path().join("no-such-token"),
+        hostname: host("127.0.0.1"),
+    };
     let result = CloudflareProvider::new(spec).start(&ctx()).await;
     match &result {
         Err(ProviderError::Config(msg)) => assert!(msg.contains("no-such-token"), "{msg}"),
@@ -791,8 +800,7 @@ async fn quick_tunnel_hostname_comes_from_quicktunnel() {
     // No banner: the hostname can only come from GET /quicktunnel.
     let emu = Emu::new(&[("EMU_QUICK_BANNER", "0".to_string())]);
     let url = format!("http://{echo}");
-    let mut spec = emu.spec(CloudflareMode::Tunnel);
-    spec.url = Some(url.clone());
+    let spec = emu.spec(CloudflareMode::Quick { url: url.clone() });
     let tunnel = CloudflareProvider::new(spec)
         .start(&ctx())
         .await
@@ -813,8 +821,9 @@ async fn quick_tunnel_hostname_comes_from_quicktunnel() {
 async fn quick_tunnel_carries_bytes_to_its_url() {
     let echo = echo_server().await;
     let emu = Emu::new(&[("EMU_QUICK_HOSTNAME", "localhost".to_string())]);
-    let mut spec = emu.spec(CloudflareMode::Tunnel);
-    spec.url = Some(format!("http://{echo}"));
+    let spec = emu.spec(CloudflareMode::Quick {
+        url: format!("http://{echo}"),
+    });
     let tunnel = CloudflareProvider::new(spec)
         .start(&ctx())
         .await
@@ -834,8 +843,9 @@ async fn quick_tunnel_falls_back_to_the_banner_without_quicktunnel_route() {
             "banner-only-words-example.trycloudflare.com".to_string(),
         ),
     ]);
-    let mut spec = emu.spec(CloudflareMode::Tunnel);
-    spec.url = Some("http://127.0.0.1:9".to_string());
+    let spec = emu.spec(CloudflareMode::Quick {
+        url: "http://127.0.0.1:9".to_string(),
+    });
     let tunnel = CloudflareProvider::new(spec)
         .start(&ctx())
         .await
@@ -854,8 +864,10 @@ async fn quick_tunnel_falls_back_to_the_banner_without_quicktunnel_route() {
 async fn access_mode_dials_the_local_listener() {
     let echo = echo_server().await;
     let emu = Emu::new(&[("EMU_ORIGIN", echo.to_string())]);
-    let mut spec = emu.spec(CloudflareMode::Access);
-    spec.hostname = Some("ssh.example.com".to_string());
+    let spec = emu.spec(CloudflareMode::Access {
+        hostname: host("ssh.example.com"),
+        service_token: None,
+    });
     let tunnel = CloudflareProvider::new(spec)
         .start(&ctx())
         .await
@@ -900,9 +912,10 @@ async fn access_service_token_reaches_cloudflared_in_its_environment_only() {
     let secret_file = emu.dir.path().join("cf_secret");
     std::fs::write(&id_file, format!("{id}\n")).expect("id");
     std::fs::write(&secret_file, format!("{secret}\n")).expect("secret");
-    let mut spec = emu.spec(CloudflareMode::Access);
-    spec.hostname = Some("ssh.example.com".to_string());
-    spec.service_token = Some((id_file, secret_file));
+    let spec = emu.spec(CloudflareMode::Access {
+        hostname: host("ssh.example.com"),
+        service_token: Some((id_file, secret_file)),
+    });
     let tunnel = CloudflareProvider::new(spec)
         .start(&ctx())
         .await
@@ -916,8 +929,10 @@ async fn access_service_token_reaches_cloudflared_in_its_environment_only() {
     tunnel.stop().await;
 
     // Without the token the stand-in refuses the stream, as Access would.
-    let mut spec = emu.spec(CloudflareMode::Access);
-    spec.hostname = Some("ssh.example.com".to_string());
+    let spec = emu.spec(CloudflareMode::Access {
+        hostname: host("ssh.example.com"),
+        service_token: None,
+    });
     let tunnel = CloudflareProvider::new(spec)
         .start(&ctx())
         .await
@@ -933,8 +948,9 @@ async fn access_service_token_reaches_cloudflared_in_its_environment_only() {
 async fn missing_binary_names_cloudflared_and_how_to_install_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let absent = dir.path().join("cloudflared").display().to_string();
-    let mut spec = CloudflareSpec::new(CloudflareMode::Tunnel);
-    spec.url = Some("http://127.0.0.1:8080".to_string());
+    let mut spec = CloudflareSpec::new(CloudflareMode::Quick {
+        url: "http://127.0.0.1:8080".to_string(),
+    });
     spec.binary = Some(absent.clone());
     let result = CloudflareProvider::new(spec.clone()).start(&ctx()).await;
     match &result {
@@ -967,23 +983,36 @@ async fn missing_binary_names_cloudflared_and_how_to_install_it() {
     }
 }
 
-#[tokio::test]
-async fn settings_that_cannot_work_fail_before_spawning() {
-    let mut access = CloudflareSpec::new(CloudflareMode::Access);
-    access.binary = Some("/nonexistent/cloudflared".to_string());
-    let result = CloudflareProvider::new(access).start(&ctx()).await;
-    match &result {
-        Err(ProviderError::Config(msg)) => assert!(msg.contains("hostname"), "{msg}"),
-        _ => panic!("expected a config error, got {}", show(&result)),
-    }
-    let mut tunnel = CloudflareSpec::new(CloudflareMode::Tunnel);
-    tunnel.binary = Some("/nonexistent/cloudflared".to_string());
-    let result = CloudflareProvider::new(tunnel).start(&ctx()).await;
-    match &result {
-        Err(ProviderError::Config(msg)) => {
-            assert!(msg.contains("token_file") && msg.contains("url"), "{msg}")
+#[test]
+fn settings_that_cannot_work_cannot_be_built() {
+    // What start used to refuse before spawning cannot be a spec at all: each rule says so
+    // once, at its key.
+    let access = CloudflareSettings {
+        mode: Some("access".to_string()),
+        binary: Some("/nonexistent/cloudflared".to_string()),
+        ..CloudflareSettings::default()
+    };
+    match access.parse() {
+        Err(errors) => {
+            assert_eq!(errors.len(), 1, "{errors:?}");
+            assert_eq!(errors[0].key, "hostname");
         }
-        _ => panic!("expected a config error, got {}", show(&result)),
+        Ok(spec) => panic!("built {spec:?}"),
+    }
+    let tunnel = CloudflareSettings {
+        binary: Some("/nonexistent/cloudflared".to_string()),
+        ..CloudflareSettings::default()
+    };
+    match tunnel.parse() {
+        Err(errors) => {
+            assert_eq!(errors.len(), 1, "{errors:?}");
+            let message = &errors[0].message;
+            assert!(
+                message.contains("token_file") && message.contains("url"),
+                "{message}"
+            );
+        }
+        Ok(spec) => panic!("built {spec:?}"),
     }
 }
 

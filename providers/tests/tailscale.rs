@@ -14,7 +14,9 @@ use std::time::Duration;
 use common::{ctx, echo_server, eventually, round_trip, PATIENCE};
 use tokio::net::UdpSocket;
 use tokio::time::Instant;
-use tunnelkeeper_providers::tailscale::{TailscaleMode, TailscaleProvider, TailscaleSpec};
+use tunnelkeeper_providers::tailscale::{
+    Handler, TailscaleMode, TailscaleProvider, TailscaleSettings, TailscaleSpec,
+};
 use tunnelkeeper_providers::{Provider, ProviderError, Resolver, StartContext, Tunnel};
 
 /// The status watcher's period in these tests: short, so hard signals arrive quickly.
@@ -114,9 +116,7 @@ impl Emu {
     }
 
     fn peer_spec(&self, peer: &str, port: u16) -> TailscaleSpec {
-        let mut spec = self.spec(TailscaleMode::Peer, port);
-        spec.peer = Some(peer.to_string());
-        spec
+        self.spec(TailscaleMode::peer(peer), port)
     }
 }
 
@@ -276,7 +276,7 @@ async fn needs_login_fails_start_with_the_auth_url() {
     let emu = Emu::new("needslogin");
     for spec in [
         emu.peer_spec("homebox", 22),
-        emu.spec(TailscaleMode::Serve, 8080),
+        emu.spec(TailscaleMode::serve(), 8080),
     ] {
         match start_err(spec).await {
             ProviderError::Unhealthy(reason) => {
@@ -410,7 +410,7 @@ async fn serve_exposes_the_port_reads_the_url_and_turns_it_off_on_stop() {
     let echo = echo_server().await;
     let dns = dns_server(Ipv4Addr::LOCALHOST).await;
     let emu = Emu::new("running");
-    let mut spec = emu.spec(TailscaleMode::Serve, 8080);
+    let mut spec = emu.spec(TailscaleMode::serve(), 8080);
     // The URL's host resolves (through the daemon's resolver) to loopback, where the echo
     // server stands in for Tailscale's HTTPS proxy: tests cannot bind 443.
     spec.dial_address = Some(format!("{SELF_HOST}:{}", echo.port()));
@@ -465,7 +465,7 @@ async fn funnel_exposes_to_the_internet_and_turns_it_off_on_stop() {
         resolver: Resolver::with_nameserver_addrs(&[dns]).expect("resolver"),
         ..ctx()
     };
-    let tunnel = TailscaleProvider::new(emu.spec(TailscaleMode::Funnel, 3000))
+    let tunnel = TailscaleProvider::new(emu.spec(TailscaleMode::funnel(), 3000))
         .start(&ctx)
         .await
         .expect("start");
@@ -560,8 +560,13 @@ async fn stopping_serve_leaves_the_operators_own_handlers() {
     let operator =
         serde_json::json!({"443": {"/": {"mode": "serve", "proxy": "http://127.0.0.1:9000"}}});
     emu.preset_serve(operator.clone());
-    let mut spec = emu.spec(TailscaleMode::Serve, 8080);
-    spec.serve_path = "/tk".to_string();
+    let spec = emu.spec(
+        TailscaleMode::Serve(Handler {
+            path: "/tk".to_string(),
+            ..Handler::default()
+        }),
+        8080,
+    );
     let tunnel = start_ok(spec).await;
     assert_eq!(
         tunnel.endpoint().display,
@@ -586,7 +591,7 @@ async fn a_handler_someone_else_holds_is_not_overwritten() {
     let operator =
         serde_json::json!({"443": {"/": {"mode": "serve", "proxy": "http://127.0.0.1:9000"}}});
     emu.preset_serve(operator.clone());
-    match start_err(emu.spec(TailscaleMode::Serve, 8080)).await {
+    match start_err(emu.spec(TailscaleMode::serve(), 8080)).await {
         ProviderError::Config(msg) => {
             assert!(msg.contains("http://127.0.0.1:9000"), "{msg}");
             assert!(msg.contains("serve_path"), "{msg}");
@@ -601,7 +606,7 @@ async fn a_handler_someone_else_holds_is_not_overwritten() {
 async fn funnel_not_enabled_on_the_tailnet_fails_with_the_enable_url() {
     let emu = Emu::new("running");
     emu.setting("EMU_SERVE_ENABLE", "never");
-    let mut spec = emu.spec(TailscaleMode::Funnel, 3000);
+    let mut spec = emu.spec(TailscaleMode::funnel(), 3000);
     spec.check_timeout = Duration::from_secs(2);
     match start_err(spec.clone()).await {
         ProviderError::Spawn(msg) => {
@@ -625,7 +630,7 @@ async fn funnel_not_enabled_on_the_tailnet_fails_with_the_enable_url() {
 async fn serve_below_the_version_floor_is_refused_naming_the_minimum() {
     let emu = Emu::new("running");
     emu.setting("EMU_VERSION", "1.50.1");
-    match start_err(emu.spec(TailscaleMode::Serve, 8080)).await {
+    match start_err(emu.spec(TailscaleMode::serve(), 8080)).await {
         ProviderError::Config(msg) => {
             assert!(msg.contains("1.50.1") && msg.contains("1.52.0"), "{msg}")
         }
@@ -637,7 +642,7 @@ async fn serve_below_the_version_floor_is_refused_naming_the_minimum() {
 #[tokio::test]
 async fn dropping_an_exposure_without_stop_still_turns_it_off() {
     let emu = Emu::new("running");
-    let tunnel = start_ok(emu.spec(TailscaleMode::Funnel, 3000)).await;
+    let tunnel = start_ok(emu.spec(TailscaleMode::funnel(), 3000)).await;
     drop(tunnel);
     assert!(
         eventually(PATIENCE, || async {
@@ -677,7 +682,7 @@ async fn socket_flag_goes_on_every_call_and_a_dead_socket_is_a_hard_signal() {
     );
     tunnel.stop().await;
 
-    let mut spec = emu.spec(TailscaleMode::Serve, 8080);
+    let mut spec = emu.spec(TailscaleMode::serve(), 8080);
     spec.socket = Some(socket);
     match start_err(spec).await {
         ProviderError::Unhealthy(reason) => {
@@ -695,8 +700,7 @@ async fn socket_flag_goes_on_every_call_and_a_dead_socket_is_a_hard_signal() {
 async fn missing_binary_is_named_with_an_install_hint() {
     let dir = tempfile::tempdir().expect("tempdir");
     let absent = dir.path().join("tailscale").display().to_string();
-    let mut spec = TailscaleSpec::new(TailscaleMode::Peer, 22);
-    spec.peer = Some("homebox".to_string());
+    let mut spec = TailscaleSpec::new(TailscaleMode::peer("homebox"), 22);
     spec.binary = Some(absent.clone());
     match start_err(spec.clone()).await {
         ProviderError::MissingBinary { binary, hint } => {
@@ -717,27 +721,30 @@ async fn missing_binary_is_named_with_an_install_hint() {
     }
 }
 
-#[tokio::test]
-async fn settings_that_cannot_work_are_config_errors() {
-    let emu = Emu::new("running");
-    let mut no_peer = emu.spec(TailscaleMode::Peer, 22);
-    no_peer.peer = Some("  ".to_string());
-    let flag_peer = emu.peer_spec("--help", 22);
-    let mut serve_with_peer = emu.spec(TailscaleMode::Serve, 8080);
-    serve_with_peer.peer = Some("homebox".to_string());
-    for spec in [
-        emu.spec(TailscaleMode::Peer, 22),
-        no_peer,
-        flag_peer,
-        emu.peer_spec("homebox", 0),
-        serve_with_peer,
+#[test]
+fn settings_that_cannot_work_cannot_be_built() {
+    // What start used to refuse before running the CLI cannot be a spec at all.
+    let peer = |peer: Option<&str>, mode: &str, port: u16| TailscaleSettings {
+        mode: Some(mode.to_string()),
+        peer: peer.map(str::to_string),
+        port: Some(port),
+        ..TailscaleSettings::default()
+    };
+    for (settings, key) in [
+        (peer(None, "peer", 22), "peer"),
+        (peer(Some("  "), "peer", 22), "peer"),
+        (peer(Some("--help"), "peer", 22), "peer"),
+        (peer(Some("homebox"), "peer", 0), "port"),
+        (peer(Some("homebox"), "serve", 8080), "peer"),
     ] {
-        assert!(
-            matches!(start_err(spec).await, ProviderError::Config(_)),
-            "not a config error"
-        );
+        match settings.clone().parse() {
+            Err(errors) => {
+                assert_eq!(errors.len(), 1, "{settings:?}: {errors:?}");
+                assert_eq!(errors[0].key, key, "{settings:?}");
+            }
+            Ok(spec) => panic!("built {spec:?}"),
+        }
     }
-    assert!(emu.calls().is_empty(), "a bad config still ran the CLI");
 }
 
 #[tokio::test]

@@ -682,7 +682,7 @@ services:
             panic!("expected cloudflare");
         };
         assert_eq!(
-            cf.service_token,
+            cf.service_token().cloned(),
             Some((
                 PathBuf::from("/etc/tk/cf_id"),
                 PathBuf::from("/etc/tk/cf_secret")

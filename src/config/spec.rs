@@ -284,18 +284,11 @@ impl PartialEq for ProviderSpec {
                     && *start_timeout == b.start_timeout
                     && *stop_grace == b.stop_grace
             }
-            // SshSpec derives PartialEq over plain data (paths, not secrets).
+            // These derive PartialEq over plain data (settings and secret *paths*, not secrets).
             (ProviderSpec::Ssh(a), ProviderSpec::Ssh(b)) => a == b,
-            // These hold settings and secret *paths* only, all shown by Debug.
-            (ProviderSpec::Cloudflare(a), ProviderSpec::Cloudflare(b)) => {
-                format!("{a:?}") == format!("{b:?}")
-            }
-            (ProviderSpec::Tailscale(a), ProviderSpec::Tailscale(b)) => {
-                format!("{a:?}") == format!("{b:?}")
-            }
-            (ProviderSpec::Ngrok(a), ProviderSpec::Ngrok(b)) => {
-                format!("{a:?}") == format!("{b:?}")
-            }
+            (ProviderSpec::Cloudflare(a), ProviderSpec::Cloudflare(b)) => a == b,
+            (ProviderSpec::Tailscale(a), ProviderSpec::Tailscale(b)) => a == b,
+            (ProviderSpec::Ngrok(a), ProviderSpec::Ngrok(b)) => a == b,
             _ => false,
         }
     }

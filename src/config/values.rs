@@ -3,10 +3,11 @@
 //! Each function takes the text as written and says precisely why it is not acceptable, without
 //! quoting the whole input (callers add the key and the value).
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::Ipv6Addr;
 
 use nix::unistd::{Group, User};
 use regex::Regex;
+use tunnelkeeper_providers::spec::Hostname;
 
 use super::spec::Reader;
 
@@ -67,39 +68,10 @@ pub(super) fn parse_reader(text: &str) -> Result<Reader, String> {
 }
 
 /// A host name (RFC 1123 labels, underscores tolerated for internal names) or an IPv4
-/// address. Says why not, without quoting the input (callers do).
+/// address, by the providers crate's one rule. Says why not, without quoting the input
+/// (callers do).
 pub(super) fn check_hostname(host: &str) -> Result<(), String> {
-    if host.is_empty() {
-        return Err("the host is empty".to_owned());
-    }
-    if host.parse::<Ipv4Addr>().is_ok() {
-        return Ok(());
-    }
-    if host.chars().all(|c| c.is_ascii_digit() || c == '.') {
-        return Err(format!("`{host}` is not a valid IPv4 address"));
-    }
-    let name = host.strip_suffix('.').unwrap_or(host);
-    if name.len() > 253 {
-        return Err("a host name may have at most 253 characters".to_owned());
-    }
-    for label in name.split('.') {
-        if label.is_empty() {
-            return Err(format!("`{host}` has an empty label"));
-        }
-        if label.len() > 63 {
-            return Err(format!("label `{label}` is longer than 63 characters"));
-        }
-        if let Some(bad) = label
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_')))
-        {
-            return Err(format!("{bad:?} is not allowed in a host name"));
-        }
-        if label.starts_with('-') || label.ends_with('-') {
-            return Err(format!("label `{label}` starts or ends with `-`"));
-        }
-    }
-    Ok(())
+    Hostname::parse(host).map(drop)
 }
 
 /// `host:port` where host is a name, an IPv4 address or a bracketed IPv6 address.

@@ -32,7 +32,7 @@ mod recovery;
 mod watch;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
@@ -40,6 +40,9 @@ use tokio::sync::{mpsc, watch as tokio_watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tunnelkeeper_providers::ssh::{SessionEvents, SshPool};
+// Every update of a router's state is a handful of field assignments: a poisoned lock is
+// still usable.
+use tunnelkeeper_providers::util::lock;
 
 use crate::bus::Bus;
 use crate::config::spec::RouterSpec;
@@ -185,12 +188,6 @@ impl State {
 }
 
 type SharedState = Arc<Mutex<State>>;
-
-fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
-    // Every update is a handful of field assignments: a panic mid-way cannot leave the status
-    // inconsistent enough to matter, so a poisoned lock is still usable.
-    state.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 /// A cheap, cloneable reader of every router's status; it follows reconfigurations.
 #[derive(Clone, Default)]

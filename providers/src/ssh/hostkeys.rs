@@ -20,7 +20,7 @@ use std::fs::OpenOptions;
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::Mutex;
 
 use data_encoding::BASE64;
 use hmac::{Hmac, KeyInit, Mac};
@@ -28,6 +28,7 @@ use russh::keys::{Algorithm, HashAlg, PublicKey};
 use sha1::Sha1;
 
 use super::spec::HostKeyPolicy;
+use crate::util::lock;
 
 /// Serialises appends to known_hosts files within the daemon: two sessions to a new host that
 /// accept its key at the same moment must not both append the line.
@@ -213,7 +214,7 @@ impl HostKeyCheck {
     /// Appends the key's line (accept-new), re-checking under the lock so concurrent sessions
     /// record it once, and so a key recorded meanwhile by someone else is judged properly.
     fn record(&self, key: &PublicKey) -> Result<Accepted, String> {
-        let _guard = APPEND_LOCK.lock().unwrap_or_else(PoisonError::into_inner);
+        let _guard = lock(&APPEND_LOCK);
         let content = std::fs::read_to_string(&self.path).unwrap_or_default();
         match check(&content, &self.host, self.port, key) {
             Verdict::Known => return Ok(Accepted::Known),

@@ -6,7 +6,7 @@
 //! the held session has passed `max_age`, the lease moves to the session of the next dial, so
 //! the old one can close once its channels are done.
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -19,6 +19,7 @@ use super::pool::{ChannelKind, Lease, SshPool};
 use super::provider::{ping, split_host_port};
 use super::session::Session;
 use super::stream::SshStream;
+use crate::util::lock;
 use crate::{Dial, Endpoint, Health, ProviderError, Tunnel};
 
 /// A running local forward.
@@ -57,7 +58,7 @@ impl LocalTunnel {
     }
 
     fn lease(&self) -> MutexGuard<'_, Option<Lease>> {
-        self.lease.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.lease)
     }
 
     /// The held session, if the tunnel is usable.

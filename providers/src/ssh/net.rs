@@ -20,6 +20,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::config::PoolKey;
+use crate::util::{connect_any, ConnectFailure};
 use crate::{ProviderError, Resolver};
 
 /// Resolves the host and connects to the first address that accepts, before `deadline`.
@@ -55,24 +56,12 @@ pub(crate) async fn tcp_connect(
             }
         }
     };
-    let mut last_error = None;
-    for (i, addr) in addrs.iter().enumerate() {
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        if remaining.is_zero() {
-            break;
-        }
-        // Share what is left fairly, so one black-holed address cannot starve the others.
-        let left = u32::try_from(addrs.len() - i).unwrap_or(u32::MAX);
-        match tokio::time::timeout(remaining / left, TcpStream::connect(addr)).await {
-            Ok(Ok(stream)) => {
-                // Interactive traffic (SSH keystrokes, probes) suffers from Nagle.
-                let _ = stream.set_nodelay(true);
-                return Ok(stream);
-            }
-            Ok(Err(err)) => last_error = Some(format!("{addr}: {err}")),
-            Err(_) => last_error = Some(format!("{addr}: no answer")),
-        }
-    }
+    let last_error = match connect_any(&addrs, deadline).await {
+        Ok(stream) => return Ok(stream),
+        Err(ConnectFailure::Failed(addr, err)) => Some(format!("{addr}: {err}")),
+        Err(ConnectFailure::NoAnswer(addr, _)) => Some(format!("{addr}: no answer")),
+        Err(ConnectFailure::NotTried) => None,
+    };
     match last_error {
         Some(detail) if Instant::now() < deadline => Err(ProviderError::Ssh {
             target: key.to_string(),

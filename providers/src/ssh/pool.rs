@@ -28,7 +28,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use russh::client::Msg;
@@ -41,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 use super::config::{PoolKey, Resolved};
 use super::session::{self, ChannelGuard, Session};
 use super::spec::SshTarget;
+use crate::util::lock;
 use crate::{ProviderError, Resolver};
 
 /// How many acquire latencies the percentiles are computed over (the most recent ones).
@@ -300,11 +301,6 @@ impl ChannelKind {
 enum Slot {
     Channel,
     Lease,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Plain lists and counters stay consistent even if a holder panicked.
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl SshPool {

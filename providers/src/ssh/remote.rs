@@ -10,7 +10,7 @@
 //! retries with backoff, like OpenSSH's `ExitOnForwardFailure`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -23,6 +23,7 @@ use super::pool::{ChannelKind, Lease, SshPool};
 use super::provider::{join_host_port, ping, split_host_port};
 use super::session::{Incoming, IncomingSink, Session, Shared};
 use super::stream::{bridge, SshStream};
+use crate::util::lock;
 use crate::{Dial, Endpoint, Health, ProviderError, Resolver, StartContext, Tunnel};
 
 /// Forwarded connections one tunnel bridges at once; more are refused (resource shortage)
@@ -86,7 +87,7 @@ impl RemoteTunnel {
             limit: Arc::new(Semaphore::new(MAX_FORWARDED_CONNECTIONS)),
             shared: Arc::downgrade(&session.shared),
             stopped: stopped.clone(),
-            tag: format!("{}/{}", ctx.service, ctx.tunnel),
+            tag: ctx.tag(),
         });
         let sink: IncomingSink = Arc::new(move |incoming| {
             let forwarder = forwarder.clone();
@@ -170,11 +171,7 @@ impl Drop for RemoteTunnel {
         }
         self.stopped.cancel();
         self.session.shared.remove_route(self.route);
-        let lease = self
-            .lease
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
+        let lease = lock(&self.lease).take();
         if let (Some(lease), Ok(runtime)) = (lease, tokio::runtime::Handle::try_current()) {
             let (host, port) = (self.request_host.clone(), self.port);
             runtime.spawn(async move {
@@ -241,11 +238,7 @@ impl Tunnel for RemoteTunnel {
 
     /// Cancels the forward on the server (bounded), ends the bridges, releases the session.
     async fn stop(&self) {
-        let lease = self
-            .lease
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
+        let lease = lock(&self.lease).take();
         let Some(lease) = lease else { return };
         self.stopped.cancel();
         self.session.shared.remove_route(self.route);

@@ -12,7 +12,7 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use russh::client::{self, Handle, Msg};
@@ -28,6 +28,7 @@ use super::config::{PoolKey, Resolved};
 use super::handler::{describe_error, inactivity_timeout, ClientHandler, HandlerError};
 use super::hostkeys::{self, HostKeyCheck};
 use super::net;
+use crate::util::lock;
 use crate::{ProviderError, Resolver};
 
 /// How long a polite close (SSH `DISCONNECT`) may take before the socket is shut down under it.
@@ -119,12 +120,6 @@ impl fmt::Debug for Shared {
             .field("closed", &self.closed.is_cancelled())
             .finish()
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // The data behind these locks stays consistent even if a holder panicked mid-way (plain
-    // counters and lists), so a poisoned lock is still usable.
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Shared {

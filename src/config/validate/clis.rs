@@ -1,12 +1,14 @@
 //! Validation of the tunnels run by a provider's own CLI: `cloudflare`, `tailscale`, `ngrok`.
 //!
-//! Each resolves into the providers crate's spec with its defaults; what the CLI would only
-//! reject at start (a missing hostname, a mode that needs a peer, an unreadable secret path
-//! form) is caught here, at its key.
+//! Each resolves into the providers crate's spec with its defaults. The rules about which keys
+//! a mode needs or refuses live in that crate's `Settings::parse`, the one place they are
+//! written; this layer expands secret paths, hands the keys over, and reports each error the
+//! parse returns at its key's position.
 
-use tunnelkeeper_providers::cloudflare::{CloudflareMode, CloudflareSpec};
-use tunnelkeeper_providers::ngrok::{NgrokProto, NgrokSpec};
-use tunnelkeeper_providers::tailscale::{TailscaleMode, TailscaleSpec};
+use tunnelkeeper_providers::cloudflare::{CloudflareSettings, CloudflareSpec};
+use tunnelkeeper_providers::ngrok::{NgrokSettings, NgrokSpec};
+use tunnelkeeper_providers::spec::SpecError;
+use tunnelkeeper_providers::tailscale::{TailscaleSettings, TailscaleSpec};
 
 use super::Validator;
 use crate::config::locate::KeyPath;
@@ -20,245 +22,82 @@ impl Validator {
         path: &KeyPath,
     ) -> Option<CloudflareSpec> {
         let before = self.issues.len();
-        let mode = match t.mode.as_deref().unwrap_or("tunnel") {
-            "tunnel" => CloudflareMode::Tunnel,
-            "access" => CloudflareMode::Access,
-            other => {
-                self.error(
-                    path.key("mode"),
-                    format!("unknown cloudflare mode `{other}`: use `tunnel` or `access`"),
-                );
-                return None;
-            }
-        };
-        let mut spec = CloudflareSpec::new(mode);
-        spec.binary = t.binary.clone();
-        spec.token_file = self.secret_file(t.token_file.as_ref(), &path.key("token_file"));
-        spec.hostname = t.hostname.clone();
-        spec.url = t.url.clone();
-        // The same rules the provider enforces before spawning, reported here at their keys.
-        let named = t.token_file.is_some();
-        let problems: [(bool, &str, &str); 6] = [
-            (
-                mode == CloudflareMode::Tunnel && named && t.hostname.is_none(),
-                "hostname",
-                "a named tunnel (`token_file`) needs `hostname`: the public name its probe dials",
-            ),
-            (
-                mode == CloudflareMode::Tunnel && named && t.url.is_some(),
-                "url",
-                "`url` is for a quick tunnel; a named tunnel (`token_file`) routes by its own ingress",
-            ),
-            (
-                mode == CloudflareMode::Tunnel && !named && t.url.is_none(),
-                "token_file",
-                "give `token_file` (a named tunnel) or `url` (a quick tunnel to that local service)",
-            ),
-            (
-                mode == CloudflareMode::Tunnel && !named && t.hostname.is_some() && t.url.is_some(),
-                "hostname",
-                "a quick tunnel gets its hostname from Cloudflare; drop `hostname` or add `token_file`",
-            ),
-            (
-                mode == CloudflareMode::Access && t.hostname.is_none(),
-                "hostname",
-                "access mode needs `hostname`: the Access application to reach",
-            ),
-            (
-                mode == CloudflareMode::Access && (named || t.url.is_some()),
-                if named { "token_file" } else { "url" },
-                "access mode takes only `hostname` (it logs in through Access and listens locally)",
-            ),
-        ];
-        for (bad, key, message) in problems {
-            if bad {
-                self.error(path.key(key), message.to_owned());
-            }
-        }
-        if let Some(hostname) = &t.hostname {
-            if hostname.contains("://") || hostname.contains('/') || hostname.contains(':') {
-                self.error(
-                    path.key("hostname"),
-                    format!("`{hostname}` must be a bare host name (no scheme, port or path; the port is `port`)"),
-                );
-            }
-        }
-        let id_file = self.secret_file(
-            t.service_token_id_file.as_ref(),
-            &path.key("service_token_id_file"),
-        );
-        let secret_file = self.secret_file(
-            t.service_token_secret_file.as_ref(),
-            &path.key("service_token_secret_file"),
-        );
-        match (&t.service_token_id_file, &t.service_token_secret_file) {
-            (Some(_), None) => self.error(
-                path.key("service_token_id_file"),
-                "an Access service token needs `service_token_secret_file` too".to_owned(),
-            ),
-            (None, Some(_)) => self.error(
-                path.key("service_token_secret_file"),
-                "an Access service token needs `service_token_id_file` too".to_owned(),
-            ),
-            (Some(_), Some(_)) if mode != CloudflareMode::Access => self.error(
-                path.key("service_token_id_file"),
-                "an Access service token is for `mode: access`".to_owned(),
-            ),
-            _ => {}
-        }
-        if let (Some(id), Some(secret)) = (id_file, secret_file) {
-            spec.service_token = Some((id, secret));
-        }
-        if let Some(port) = t.port {
-            self.nonzero_port(port, &path.key("port"));
-            spec.port = port;
-        }
         self.positive(t.ready_timeout, &path.key("ready_timeout"));
         self.positive(t.stop_grace, &path.key("stop_grace"));
-        if let Some(d) = t.ready_timeout {
-            spec.ready_timeout = d;
-        }
-        if let Some(d) = t.stop_grace {
-            spec.stop_grace = d;
-        }
+        let settings = CloudflareSettings {
+            mode: t.mode.clone(),
+            binary: t.binary.clone(),
+            token_file: self.secret_file_as_given(t.token_file.as_ref(), path, "token_file"),
+            hostname: t.hostname.clone(),
+            url: t.url.clone(),
+            port: t.port,
+            ready_timeout: t.ready_timeout,
+            stop_grace: t.stop_grace,
+            service_token_id_file: self.secret_file_as_given(
+                t.service_token_id_file.as_ref(),
+                path,
+                "service_token_id_file",
+            ),
+            service_token_secret_file: self.secret_file_as_given(
+                t.service_token_secret_file.as_ref(),
+                path,
+                "service_token_secret_file",
+            ),
+        };
+        let spec = self.built(settings.parse(), path)?;
         (self.issues.len() == before).then_some(spec)
     }
 
     pub(super) fn tailscale(&mut self, t: &TunnelSection, path: &KeyPath) -> Option<TailscaleSpec> {
         let before = self.issues.len();
-        let mode = match t.mode.as_deref().unwrap_or("peer") {
-            "peer" => TailscaleMode::Peer,
-            "serve" => TailscaleMode::Serve,
-            "funnel" => TailscaleMode::Funnel,
-            other => {
-                self.error(
-                    path.key("mode"),
-                    format!("unknown tailscale mode `{other}`: use `peer`, `serve` or `funnel`"),
-                );
-                return None;
-            }
-        };
-        let Some(port) = t.port else {
-            self.error(
-                path.key("port"),
-                "tailscale needs `port`: the service's port on the peer, or the local port to \
-                 serve"
-                    .to_owned(),
-            );
-            return None;
-        };
-        self.nonzero_port(port, &path.key("port"));
-        let mut spec = TailscaleSpec::new(mode, port);
-        spec.binary = t.binary.clone();
-        spec.socket = t.socket.clone();
-        spec.peer = t.peer.clone();
-        match (mode, &t.peer) {
-            (TailscaleMode::Peer, None) => self.error(
-                path.key("peer"),
-                "peer mode needs `peer`: the node's HostName, MagicDNS name or Tailscale IP"
-                    .to_owned(),
-            ),
-            (TailscaleMode::Serve | TailscaleMode::Funnel, Some(_)) => self.error(
-                path.key("peer"),
-                "`peer` is for `mode: peer`; serve and funnel expose this node's own port"
-                    .to_owned(),
-            ),
-            _ => {}
-        }
         self.positive(t.check_timeout, &path.key("check_timeout"));
-        if let Some(d) = t.check_timeout {
-            spec.check_timeout = d;
-        }
         if let Some(address) = &t.dial_address {
             self.check(&path.key("dial_address"), check_host_port(address));
-            spec.dial_address = Some(address.clone());
         }
-        let exposes = matches!(mode, TailscaleMode::Serve | TailscaleMode::Funnel);
-        if let Some(https_port) = t.https_port {
-            self.nonzero_port(https_port, &path.key("https_port"));
-            if mode == TailscaleMode::Funnel && ![443, 8443, 10000].contains(&https_port) {
-                self.error(
-                    path.key("https_port"),
-                    format!("funnel accepts 443, 8443 or 10000, not {https_port}"),
-                );
-            }
-            spec.https_port = https_port;
-        }
-        if let Some(serve_path) = &t.serve_path {
-            if !serve_path.starts_with('/') || serve_path.contains(char::is_whitespace) {
-                self.error(
-                    path.key("serve_path"),
-                    format!("`{serve_path}` must be a URL path starting with `/`, e.g. /ssh"),
-                );
-            }
-            spec.serve_path = serve_path.clone();
-        }
-        if !exposes && (t.https_port.is_some() || t.serve_path.is_some()) {
-            let key = if t.https_port.is_some() {
-                "https_port"
-            } else {
-                "serve_path"
-            };
-            self.error(
-                path.key(key),
-                "`https_port` and `serve_path` are for `mode: serve` or `funnel`".to_owned(),
-            );
-        }
+        let settings = TailscaleSettings {
+            mode: t.mode.clone(),
+            binary: t.binary.clone(),
+            socket: t.socket.clone(),
+            peer: t.peer.clone(),
+            port: t.port,
+            check_timeout: t.check_timeout,
+            dial_address: t.dial_address.clone(),
+            https_port: t.https_port,
+            serve_path: t.serve_path.clone(),
+        };
+        let spec = self.built(settings.parse(), path)?;
         (self.issues.len() == before).then_some(spec)
     }
 
     pub(super) fn ngrok(&mut self, t: &TunnelSection, path: &KeyPath) -> Option<NgrokSpec> {
         let before = self.issues.len();
-        let proto = match t.proto.as_deref().unwrap_or("tcp") {
-            "tcp" => NgrokProto::Tcp,
-            "http" => NgrokProto::Http,
-            other => {
-                self.error(
-                    path.key("proto"),
-                    format!("unknown ngrok proto `{other}`: use `tcp` or `http`"),
-                );
-                return None;
-            }
-        };
-        let Some(to) = &t.to else {
-            self.error(
-                path.key("to"),
-                "ngrok needs `to`: the local host:port to expose".to_owned(),
-            );
-            return None;
-        };
-        self.check(&path.key("to"), check_host_port(to));
-        let Some(token) = self.secret_file(t.authtoken_file.as_ref(), &path.key("authtoken_file"))
-        else {
-            if t.authtoken_file.is_none() {
-                self.error(
-                    path.key("authtoken_file"),
-                    "ngrok needs `authtoken_file`: the file holding the agent's authtoken"
-                        .to_owned(),
-                );
-            }
-            return None;
-        };
-        // The agent's 0600 config file (a copy of the token) lives under the daemon's runtime
-        // directory, a tmpfs: a crash cannot leave it on persistent disk.
-        let mut spec = NgrokSpec::new(proto, to.clone(), token, self.runtime_dir.join("ngrok"));
-        // Where earlier versions wrote it: copies left there by a crash are removed at start.
-        spec.old_config_dirs = vec![self.state_dir.join("ngrok")];
-        spec.binary = t.binary.clone();
-        spec.url = t.url.clone();
-        spec.region = t.region.clone();
+        if let Some(to) = &t.to {
+            self.check(&path.key("to"), check_host_port(to));
+        }
         self.positive(t.start_timeout, &path.key("start_timeout"));
         self.positive(t.stop_grace, &path.key("stop_grace"));
         self.positive(t.reconnect_grace, &path.key("reconnect_grace"));
-        if let Some(d) = t.start_timeout {
-            spec.start_timeout = d;
-        }
-        if let Some(d) = t.reconnect_grace {
-            spec.reconnect_grace = d;
-        }
-        if let Some(d) = t.stop_grace {
-            spec.stop_grace = d;
-        }
+        let settings = NgrokSettings {
+            proto: t.proto.clone(),
+            binary: t.binary.clone(),
+            to: t.to.clone(),
+            authtoken_file: self.secret_file_as_given(
+                t.authtoken_file.as_ref(),
+                path,
+                "authtoken_file",
+            ),
+            url: t.url.clone(),
+            region: t.region.clone(),
+            start_timeout: t.start_timeout,
+            reconnect_grace: t.reconnect_grace,
+            stop_grace: t.stop_grace,
+            // The agent's 0600 config file (a copy of the token) lives under the daemon's
+            // runtime directory, a tmpfs: a crash cannot leave it on persistent disk.
+            config_dir: self.runtime_dir.join("ngrok"),
+            // Where earlier versions wrote it: copies left there by a crash are removed at start.
+            old_config_dirs: vec![self.state_dir.join("ngrok")],
+        };
+        let spec = self.built(settings.parse(), path)?;
         (self.issues.len() == before).then_some(spec)
     }
 
@@ -279,9 +118,29 @@ impl Validator {
         }
     }
 
-    fn nonzero_port(&mut self, port: u16, path: &KeyPath) {
-        if port == 0 {
-            self.error(path.clone(), "0 is not a valid port (1-65535)".to_owned());
+    /// A spec the providers crate built, or its errors reported at their keys.
+    fn built<T>(&mut self, parsed: Result<T, Vec<SpecError>>, path: &KeyPath) -> Option<T> {
+        match parsed {
+            Ok(spec) => Some(spec),
+            Err(errors) => {
+                for error in errors {
+                    self.error(path.key(error.key), error.message);
+                }
+                None
+            }
         }
+    }
+
+    /// [`Self::secret_file`], but a path that cannot be expanded (already reported) is passed
+    /// on as written, so that the provider's rules about which keys go together still judge
+    /// the rest of the tunnel, and report nothing twice.
+    fn secret_file_as_given(
+        &mut self,
+        file: Option<&std::path::PathBuf>,
+        path: &KeyPath,
+        key: &str,
+    ) -> Option<std::path::PathBuf> {
+        self.secret_file(file, &path.key(key))
+            .or_else(|| file.cloned())
     }
 }
