@@ -9,7 +9,8 @@ use tunnelkeeper_providers::ngrok::{NgrokProto, NgrokSpec};
 use tunnelkeeper_providers::tailscale::{TailscaleMode, TailscaleSpec};
 
 use super::Validator;
-use crate::config::locate::KeyPath;
+use crate::config::path::KeyPath;
+use crate::config::scalar::Port;
 use crate::config::model::TunnelSection;
 use crate::config::values::{check_host_port, credential_path};
 
@@ -110,16 +111,13 @@ impl Validator {
             spec.service_token = Some((id, secret));
         }
         if let Some(port) = t.port {
-            self.nonzero_port(port, &path.key("port"));
-            spec.port = port;
+            spec.port = port.get();
         }
-        self.positive(t.ready_timeout, &path.key("ready_timeout"));
-        self.positive(t.stop_grace, &path.key("stop_grace"));
         if let Some(d) = t.ready_timeout {
-            spec.ready_timeout = d;
+            spec.ready_timeout = d.get();
         }
         if let Some(d) = t.stop_grace {
-            spec.stop_grace = d;
+            spec.stop_grace = d.get();
         }
         (self.issues.len() == before).then_some(spec)
     }
@@ -138,7 +136,7 @@ impl Validator {
                 return None;
             }
         };
-        let Some(port) = t.port else {
+        let Some(port) = t.port.map(Port::get) else {
             self.error(
                 path.key("port"),
                 "tailscale needs `port`: the service's port on the peer, or the local port to \
@@ -147,7 +145,6 @@ impl Validator {
             );
             return None;
         };
-        self.nonzero_port(port, &path.key("port"));
         let mut spec = TailscaleSpec::new(mode, port);
         spec.binary = t.binary.clone();
         spec.socket = t.socket.clone();
@@ -165,17 +162,15 @@ impl Validator {
             ),
             _ => {}
         }
-        self.positive(t.check_timeout, &path.key("check_timeout"));
         if let Some(d) = t.check_timeout {
-            spec.check_timeout = d;
+            spec.check_timeout = d.get();
         }
         if let Some(address) = &t.dial_address {
             self.check(&path.key("dial_address"), check_host_port(address));
             spec.dial_address = Some(address.clone());
         }
         let exposes = matches!(mode, TailscaleMode::Serve | TailscaleMode::Funnel);
-        if let Some(https_port) = t.https_port {
-            self.nonzero_port(https_port, &path.key("https_port"));
+        if let Some(https_port) = t.https_port.map(Port::get) {
             if mode == TailscaleMode::Funnel && ![443, 8443, 10000].contains(&https_port) {
                 self.error(
                     path.key("https_port"),
@@ -247,17 +242,14 @@ impl Validator {
         spec.binary = t.binary.clone();
         spec.url = t.url.clone();
         spec.region = t.region.clone();
-        self.positive(t.start_timeout, &path.key("start_timeout"));
-        self.positive(t.stop_grace, &path.key("stop_grace"));
-        self.positive(t.reconnect_grace, &path.key("reconnect_grace"));
         if let Some(d) = t.start_timeout {
-            spec.start_timeout = d;
+            spec.start_timeout = d.get();
         }
         if let Some(d) = t.reconnect_grace {
-            spec.reconnect_grace = d;
+            spec.reconnect_grace = d.get();
         }
         if let Some(d) = t.stop_grace {
-            spec.stop_grace = d;
+            spec.stop_grace = d.get();
         }
         (self.issues.len() == before).then_some(spec)
     }
@@ -276,12 +268,6 @@ impl Validator {
                 self.error(path.clone(), message);
                 None
             }
-        }
-    }
-
-    fn nonzero_port(&mut self, port: u16, path: &KeyPath) {
-        if port == 0 {
-            self.error(path.clone(), "0 is not a valid port (1-65535)".to_owned());
         }
     }
 }

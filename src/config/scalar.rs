@@ -1,0 +1,237 @@
+//! Values that are correct by construction: ports that are not 0, durations with a unit and a
+//! sane size, counts of at least one.
+//!
+//! The model ([`super::model`]) holds these types, so each rule is written once, here, with
+//! one message, and applies wherever a key of that kind appears (parse, don't validate). The
+//! messages name the accepted range and, for durations, the format.
+
+use std::fmt;
+use std::num::{NonZeroU16, NonZeroU32};
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, Unexpected, Visitor};
+use serde::Deserialize;
+
+/// The longest duration any key accepts. Nothing the daemon waits for is measured in months;
+/// a larger value is a typo (`99999999999d`) that would leave a tunnel waiting forever.
+pub const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 60 * 60);
+
+/// [`MAX_DURATION`] as an operator writes it.
+const MAX_DURATION_TEXT: &str = "30d";
+
+/// How a duration is written, for messages.
+const DURATION_FORMAT: &str = "a number and a unit, e.g. 500ms, 30s, 5m or 2h";
+
+/// A TCP port, 1-65535.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Port(NonZeroU16);
+
+impl Port {
+    /// The port number.
+    pub fn get(self) -> u16 {
+        self.0.get()
+    }
+}
+
+impl From<Port> for u16 {
+    fn from(port: Port) -> u16 {
+        port.get()
+    }
+}
+
+impl<'de> Deserialize<'de> for Port {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct PortVisitor;
+        impl Visitor<'_> for PortVisitor {
+            type Value = Port;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a port from 1 to 65535")
+            }
+            fn visit_u16<E: de::Error>(self, port: u16) -> Result<Port, E> {
+                NonZeroU16::new(port)
+                    .map(Port)
+                    .ok_or_else(|| E::invalid_value(Unexpected::Unsigned(0), &self))
+            }
+            fn visit_u64<E: de::Error>(self, port: u64) -> Result<Port, E> {
+                match u16::try_from(port) {
+                    Ok(port) => self.visit_u16(port),
+                    Err(_) => Err(E::invalid_value(Unexpected::Unsigned(port), &self)),
+                }
+            }
+            fn visit_i64<E: de::Error>(self, port: i64) -> Result<Port, E> {
+                match u16::try_from(port) {
+                    Ok(port) => self.visit_u16(port),
+                    Err(_) => Err(E::invalid_value(Unexpected::Signed(port), &self)),
+                }
+            }
+        }
+        deserializer.deserialize_u16(PortVisitor)
+    }
+}
+
+/// A count of at least one (probes in a row, channels per session, connections).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Count(NonZeroU32);
+
+impl Count {
+    /// The count.
+    pub fn get(self) -> u32 {
+        self.0.get()
+    }
+}
+
+impl From<Count> for u32 {
+    fn from(count: Count) -> u32 {
+        count.get()
+    }
+}
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct CountVisitor;
+        impl Visitor<'_> for CountVisitor {
+            type Value = Count;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "a whole number from 1 to {}", u32::MAX)
+            }
+            fn visit_u32<E: de::Error>(self, count: u32) -> Result<Count, E> {
+                NonZeroU32::new(count)
+                    .map(Count)
+                    .ok_or_else(|| E::invalid_value(Unexpected::Unsigned(0), &self))
+            }
+            fn visit_u64<E: de::Error>(self, count: u64) -> Result<Count, E> {
+                match u32::try_from(count) {
+                    Ok(count) => self.visit_u32(count),
+                    Err(_) => Err(E::invalid_value(Unexpected::Unsigned(count), &self)),
+                }
+            }
+            fn visit_i64<E: de::Error>(self, count: i64) -> Result<Count, E> {
+                match u32::try_from(count) {
+                    Ok(count) => self.visit_u32(count),
+                    Err(_) => Err(E::invalid_value(Unexpected::Signed(count), &self)),
+                }
+            }
+        }
+        deserializer.deserialize_u32(CountVisitor)
+    }
+}
+
+/// Reads a duration written as text (`500ms`, `1m 30s`), at most [`MAX_DURATION`].
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text.trim()) {
+        Ok(duration) if duration > MAX_DURATION => Err(format!(
+            "`{text}` is too long: a duration may be at most {MAX_DURATION_TEXT}"
+        )),
+        Ok(duration) => Ok(duration),
+        Err(humantime::DurationError::NumberOverflow) => Err(format!(
+            "`{text}` is too long: a duration may be at most {MAX_DURATION_TEXT}"
+        )),
+        Err(_) => Err(format!(
+            "`{text}` is not a duration: write {DURATION_FORMAT}"
+        )),
+    }
+}
+
+/// Reads a duration from a scalar; numbers are read as their text so that `interval: 5` gets
+/// the "needs a unit" message rather than a type error.
+fn deserialize_duration<'de, D: Deserializer<'de>>(
+    deserializer: D,
+    positive: bool,
+) -> Result<Duration, D::Error> {
+    struct DurationVisitor(bool);
+    impl Visitor<'_> for DurationVisitor {
+        type Value = Duration;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "a duration: {DURATION_FORMAT}")
+        }
+        fn visit_str<E: de::Error>(self, text: &str) -> Result<Duration, E> {
+            let duration = parse_duration(text).map_err(E::custom)?;
+            if self.0 && duration.is_zero() {
+                return Err(E::custom(format!(
+                    "`{text}` is zero: this duration must be greater than 0"
+                )));
+            }
+            Ok(duration)
+        }
+        fn visit_u64<E: de::Error>(self, n: u64) -> Result<Duration, E> {
+            self.visit_str(&n.to_string())
+        }
+        fn visit_i64<E: de::Error>(self, n: i64) -> Result<Duration, E> {
+            self.visit_str(&n.to_string())
+        }
+        fn visit_f64<E: de::Error>(self, n: f64) -> Result<Duration, E> {
+            self.visit_str(&n.to_string())
+        }
+    }
+    deserializer.deserialize_str(DurationVisitor(positive))
+}
+
+/// A duration greater than zero and at most [`MAX_DURATION`]: timeouts, intervals, delays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PositiveDuration(Duration);
+
+impl PositiveDuration {
+    /// The duration.
+    pub fn get(self) -> Duration {
+        self.0
+    }
+}
+
+impl From<PositiveDuration> for Duration {
+    fn from(duration: PositiveDuration) -> Duration {
+        duration.0
+    }
+}
+
+impl<'de> Deserialize<'de> for PositiveDuration {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserialize_duration(deserializer, true).map(PositiveDuration)
+    }
+}
+
+/// A duration that may be zero (`0s`: at once, or never, as the key says), at most
+/// [`MAX_DURATION`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Delay(Duration);
+
+impl Delay {
+    /// The duration.
+    pub fn get(self) -> Duration {
+        self.0
+    }
+}
+
+impl From<Delay> for Duration {
+    fn from(duration: Delay) -> Duration {
+        duration.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Delay {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserialize_duration(deserializer, false).map(Delay)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_name_their_format_and_bound() {
+        assert_eq!(parse_duration("1m 30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("30d"), Ok(MAX_DURATION));
+        let err = parse_duration("-1s").unwrap_err();
+        assert_eq!(
+            err,
+            "`-1s` is not a duration: write a number and a unit, e.g. 500ms, 30s, 5m or 2h"
+        );
+        assert_eq!(
+            parse_duration("31d").unwrap_err(),
+            "`31d` is too long: a duration may be at most 30d"
+        );
+        assert!(parse_duration("99999999999999999999999d")
+            .unwrap_err()
+            .contains("too long"));
+    }
+}
