@@ -107,7 +107,8 @@ mod tests {
         let deep = temp.path().join("a").join("b").join("control.sock");
         let err = prepare_dir(&deep).expect_err("two missing levels");
         assert!(
-            err.to_string().contains("does not exist, nor does its parent"),
+            err.to_string()
+                .contains("does not exist, nor does its parent"),
             "{err}"
         );
         assert!(!temp.path().join("a").exists(), "nothing was created");

@@ -548,7 +548,11 @@ impl<'de> de::Deserializer<'de> for De<'_> {
         }
     }
 
-    fn deserialize_tuple<V: Visitor<'de>>(self, _len: usize, visitor: V) -> Result<V::Value, Error> {
+    fn deserialize_tuple<V: Visitor<'de>>(
+        self,
+        _len: usize,
+        visitor: V,
+    ) -> Result<V::Value, Error> {
         self.deserialize_seq(visitor)
     }
 
@@ -600,7 +604,10 @@ impl<'de> de::Deserializer<'de> for De<'_> {
             Some(text) => {
                 self.problem(match did_you_mean(text, variants) {
                     Some(meant) => format!("unknown value `{text}`: did you mean `{meant}`?"),
-                    None => format!("unknown value `{text}`, expected one of {}", one_of(variants)),
+                    None => format!(
+                        "unknown value `{text}`, expected one of {}",
+                        one_of(variants)
+                    ),
                 });
                 Placeholder.deserialize_enum(name, variants, visitor)
             }
@@ -755,7 +762,10 @@ impl<'a> Map<'a> {
 impl<'de> MapAccess<'de> for Map<'_> {
     type Error = Error;
 
-    fn next_key_seed<K: DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>, Error> {
+    fn next_key_seed<K: DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, Error> {
         let index = self.next;
         self.next += 1;
         if let Some((key, value)) = self.entries.get(index) {
@@ -870,9 +880,15 @@ impl<'de> de::Deserializer<'de> for Placeholder {
         visitor.visit_newtype_struct(self)
     }
     fn deserialize_seq<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
-        visitor.visit_seq(de::value::SeqDeserializer::new(std::iter::empty::<Placeholder>()))
+        visitor.visit_seq(de::value::SeqDeserializer::new(std::iter::empty::<
+            Placeholder,
+        >()))
     }
-    fn deserialize_tuple<V: Visitor<'de>>(self, _len: usize, visitor: V) -> Result<V::Value, Error> {
+    fn deserialize_tuple<V: Visitor<'de>>(
+        self,
+        _len: usize,
+        visitor: V,
+    ) -> Result<V::Value, Error> {
         self.deserialize_seq(visitor)
     }
     fn deserialize_tuple_struct<V: Visitor<'de>>(

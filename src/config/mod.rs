@@ -78,12 +78,8 @@ fn scan_control_socket(text: &str) -> Option<String> {
 pub fn parse(text: &str, path: &Path) -> Result<spec::Config, ConfigError> {
     // Editors do not count a byte-order mark as a column; neither do the diagnostics.
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let root = yaml::parse(text).map_err(|errors| {
-        invalid(
-            path,
-            errors.into_iter().map(|e| (e.at, e.path, e.message)),
-        )
-    })?;
+    let root = yaml::parse(text)
+        .map_err(|errors| invalid(path, errors.into_iter().map(|e| (e.at, e.path, e.message))))?;
     let Some(root) = root.filter(|root| !root.is_null()) else {
         return Err(invalid(
             path,

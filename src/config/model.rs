@@ -5,9 +5,9 @@
 //! "set to the default". Turning this model into the resolved specs the daemon runs on is the
 //! job of the private `validate` module, run by [`super::parse`]; nothing here checks meaning.
 
+use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use serde::Deserialize;
 
 use super::scalar::{Count, Delay, Port, PositiveDuration};
 
@@ -411,7 +411,7 @@ pub struct TunnelSection {
     /// `command`: how long to wait for `endpoint_regex`.
     pub start_timeout: Option<PositiveDuration>,
     /// `command`: SIGTERM → SIGKILL grace on stop.
-    pub stop_grace: Option<PositiveDuration>,
+    pub stop_grace: Option<Delay>,
     /// `command`: extra environment for the program.
     #[serde(default)]
     pub env: BTreeMap<String, String>,

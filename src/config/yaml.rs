@@ -137,7 +137,10 @@ pub(crate) fn parse(text: &str) -> Result<Option<Node>, Vec<SyntaxError>> {
         };
         // Blanking a line can only move the next error down the file; an error at or above
         // the last one is a consequence of the patch, not a mistake of the operator's.
-        if errors.last().is_some_and(|last| error.at.line <= last.at.line) {
+        if errors
+            .last()
+            .is_some_and(|last| error.at.line <= last.at.line)
+        {
             return Err(errors);
         }
         let (line, terminal) = (error.at.line, error.terminal);
@@ -231,7 +234,9 @@ fn parse_once(text: &str) -> Result<Option<Node>, SyntaxError> {
                 }
             }
             Event::Scalar(text, style, anchor, tag) => {
-                let is_str_tag = tag.as_ref().is_some_and(|t| t.is_yaml_core_schema_tag("str"));
+                let is_str_tag = tag
+                    .as_ref()
+                    .is_some_and(|t| t.is_yaml_core_schema_tag("str"));
                 let node = Node {
                     at,
                     value: Value::Scalar {
@@ -254,9 +259,13 @@ fn parse_once(text: &str) -> Result<Option<Node>, SyntaxError> {
             }),
             Event::SequenceEnd | Event::MappingEnd => {
                 let (node, anchor) = match builder.stack.pop() {
-                    Some(Frame::Seq { at, anchor, items }) => {
-                        (Node { at, value: Value::Seq(items) }, anchor)
-                    }
+                    Some(Frame::Seq { at, anchor, items }) => (
+                        Node {
+                            at,
+                            value: Value::Seq(items),
+                        },
+                        anchor,
+                    ),
                     Some(Frame::Map {
                         at,
                         anchor,
@@ -353,9 +362,7 @@ impl Builder<'_> {
         // tab, and the key on its line, are what the operator must fix.
         if message.contains("tab") {
             if let Some(tab) = self.next_tab(at) {
-                if tab.line > at.line
-                    && matches!(path.segments().last(), Some(Segment::Key(_)))
-                {
+                if tab.line > at.line && matches!(path.segments().last(), Some(Segment::Key(_))) {
                     path = path.parent();
                 }
                 at = tab;
@@ -366,7 +373,9 @@ impl Builder<'_> {
         // When the parser stops before a key on its line, that key is the one to blame, not
         // the last one read.
         let reading_key = match self.stack.last() {
-            Some(Frame::Map { pending, .. }) => pending.is_none() || path.segments().is_empty() || at.line > marker.line(),
+            Some(Frame::Map { pending, .. }) => {
+                pending.is_none() || path.segments().is_empty() || at.line > marker.line()
+            }
             _ => false,
         };
         let reading_key = reading_key || message.contains("tab");
@@ -378,7 +387,14 @@ impl Builder<'_> {
                 }
             }
         }
-        let message = if line.chars().take(at.column).any(|c| c == '\t') {
+        // Text after the root value: the file is probably not YAML (an INI file, say), and
+        // every following line would be reported the same way.
+        let trailing = message.contains("expected <document start>");
+        let message = if trailing {
+            "text after the end of the document: a configuration is one YAML mapping of \
+             `key: value` lines (is this file YAML?)"
+                .to_owned()
+        } else if line.chars().take(at.column).any(|c| c == '\t') {
             format!("{message} (a tab indents this line: YAML indents with spaces only)")
         } else {
             message
@@ -387,7 +403,7 @@ impl Builder<'_> {
             at,
             path,
             message,
-            terminal: false,
+            terminal: trailing,
         }
     }
 
@@ -399,7 +415,11 @@ impl Builder<'_> {
             .skip(from.line - 1)
             .take(2)
             .find_map(|(index, line)| {
-                let skip = if index + 1 == from.line { from.column - 1 } else { 0 };
+                let skip = if index + 1 == from.line {
+                    from.column - 1
+                } else {
+                    0
+                };
                 line.chars()
                     .enumerate()
                     .skip(skip)
@@ -523,7 +543,10 @@ services:
     fn empty_documents_have_no_root() {
         for empty in ["", "\n\n", "# only a comment\n", "---\n"] {
             let root = parse(empty).expect("parses");
-            assert!(root.is_none() || root.as_ref().is_some_and(Node::is_null), "{empty:?}");
+            assert!(
+                root.is_none() || root.as_ref().is_some_and(Node::is_null),
+                "{empty:?}"
+            );
         }
     }
 
@@ -535,7 +558,11 @@ services:
             .iter()
             .map(|e| (e.at.line, e.path.to_string()))
             .collect();
-        assert_eq!(found[0], (4, "services[0].tunnels".to_owned()), "{errors:#?}");
+        assert_eq!(
+            found[0],
+            (4, "services[0].tunnels".to_owned()),
+            "{errors:#?}"
+        );
         assert!(errors[0].message.contains("tab"), "{errors:#?}");
         assert!(errors.len() >= 2, "{errors:#?}");
         assert!(errors[1].at.line >= 6, "{errors:#?}");
@@ -551,7 +578,12 @@ services:
     #[test]
     fn aliases_expand_within_a_budget() {
         let root = root("a: &x { k: 1 }\nb: *x\n").expect("a document");
-        assert_eq!(root.get("b").and_then(|b| b.get("k")).and_then(Node::as_str), Some("1"));
+        assert_eq!(
+            root.get("b")
+                .and_then(|b| b.get("k"))
+                .and_then(Node::as_str),
+            Some("1")
+        );
         // Each level doubles the document: 2^20 nodes is over the budget.
         let mut laughs = String::from("l0: &l0 [x, x]\n");
         for i in 1..=20 {

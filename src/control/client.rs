@@ -205,3 +205,38 @@ fn pin_path(service: &str) -> String {
         .collect();
     format!("/v1/services/{encoded}/pin")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_errors_say_what_to_do() {
+        let socket = Path::new("/nonexistent-dir-tk/control.sock");
+        let denied = connect_error(
+            socket,
+            &std::io::Error::from_raw_os_error(nix::libc::EACCES),
+        );
+        assert!(
+            denied.starts_with(
+                "permission denied on /nonexistent-dir-tk/control.sock: the daemon is running"
+            ) && denied.contains("usermod -aG")
+                && denied.contains("daemon.readers")
+                && !denied.contains("is the daemon running"),
+            "{denied}"
+        );
+        let missing = connect_error(
+            socket,
+            &std::io::Error::from_raw_os_error(nix::libc::ENOENT),
+        );
+        assert!(
+            missing.contains("no such socket (is the daemon running?"),
+            "{missing}"
+        );
+        let refused = connect_error(
+            socket,
+            &std::io::Error::from_raw_os_error(nix::libc::ECONNREFUSED),
+        );
+        assert!(refused.contains("the daemon is not running"), "{refused}");
+    }
+}

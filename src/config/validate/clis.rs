@@ -9,9 +9,9 @@ use tunnelkeeper_providers::ngrok::{NgrokProto, NgrokSpec};
 use tunnelkeeper_providers::tailscale::{TailscaleMode, TailscaleSpec};
 
 use super::Validator;
+use crate::config::model::TunnelSection;
 use crate::config::path::KeyPath;
 use crate::config::scalar::Port;
-use crate::config::model::TunnelSection;
 use crate::config::values::{check_host_port, credential_path};
 
 impl Validator {

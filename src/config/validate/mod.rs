@@ -24,13 +24,13 @@ mod clis;
 pub(crate) mod collisions;
 mod ssh;
 
+use crate::config::model::{
+    ConfigFile, DaemonSection, DefaultsSection, DnsSection, HookCommand, HookSection, OnFailover,
+    ProbeSection, ProviderKind, RestartSection, RouterSection, ServiceSection, Standby,
+    TunnelSection,
+};
 use crate::config::path::KeyPath;
 use crate::config::scalar::{Count, Delay, PositiveDuration};
-use crate::config::model::{
-    ConfigFile, DaemonSection, DefaultsSection, DnsSection, HookCommand,
-    HookSection, OnFailover, ProbeSection, ProviderKind, RestartSection, RouterSection,
-    ServiceSection, Standby, TunnelSection,
-};
 use crate::config::spec::{
     default, Config, DaemonSpec, ExtraCheck, HookSpec, ListenSpec, ProbeSpec, ProviderSpec,
     RestartSpec, RouterSpec, ServiceSpec, TunnelSpec, VerifySpec,
@@ -718,7 +718,9 @@ impl Validator {
         HookSpec {
             on: hook.on.clone(),
             argv: Vec::from(&hook.run),
-            timeout: hook.timeout.map_or(default::HOOK_TIMEOUT, PositiveDuration::get),
+            timeout: hook
+                .timeout
+                .map_or(default::HOOK_TIMEOUT, PositiveDuration::get),
         }
     }
 
@@ -1031,9 +1033,7 @@ impl Validator {
             start_timeout: tunnel
                 .start_timeout
                 .map_or(default::START_TIMEOUT, PositiveDuration::get),
-            stop_grace: tunnel
-                .stop_grace
-                .map_or(default::STOP_GRACE, PositiveDuration::get),
+            stop_grace: tunnel.stop_grace.map_or(default::STOP_GRACE, Delay::get),
         })
     }
 }

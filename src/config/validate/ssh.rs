@@ -11,9 +11,9 @@ use std::time::Duration;
 use tunnelkeeper_providers::ssh::{Forward, HostKeyPolicy, SshSpec, SshTarget};
 
 use super::Validator;
+use crate::config::model::{HostKeyPolicyName, SshSection, TunnelSection};
 use crate::config::path::KeyPath;
 use crate::config::scalar::{Port, PositiveDuration};
-use crate::config::model::{HostKeyPolicyName, SshSection, TunnelSection};
 use crate::config::values::{check_bind_address, check_host_port, credential_path};
 
 impl Validator {
