@@ -22,99 +22,74 @@ const MAX_DURATION_TEXT: &str = "30d";
 /// How a duration is written, for messages.
 const DURATION_FORMAT: &str = "a number and a unit, e.g. 500ms, 30s, 5m or 2h";
 
-/// A TCP port, 1-65535.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Port(NonZeroU16);
+/// A whole number type of the model whose zero is refused: the newtype, the non-zero integer it
+/// wraps, its plain integer, serde's method and visit names, and the expected range in words.
+macro_rules! nonzero {
+    ($(#[$doc:meta])* $name:ident($nonzero:ty, $int:ty, $deserialize:ident, $visit:ident, $expected:expr)) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name($nonzero);
 
-impl Port {
-    /// The port number.
-    pub fn get(self) -> u16 {
-        self.0.get()
-    }
-}
-
-impl From<Port> for u16 {
-    fn from(port: Port) -> u16 {
-        port.get()
-    }
-}
-
-impl<'de> Deserialize<'de> for Port {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct PortVisitor;
-        impl Visitor<'_> for PortVisitor {
-            type Value = Port;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a port from 1 to 65535")
-            }
-            fn visit_u16<E: de::Error>(self, port: u16) -> Result<Port, E> {
-                NonZeroU16::new(port)
-                    .map(Port)
-                    .ok_or_else(|| E::invalid_value(Unexpected::Unsigned(0), &self))
-            }
-            fn visit_u64<E: de::Error>(self, port: u64) -> Result<Port, E> {
-                match u16::try_from(port) {
-                    Ok(port) => self.visit_u16(port),
-                    Err(_) => Err(E::invalid_value(Unexpected::Unsigned(port), &self)),
-                }
-            }
-            fn visit_i64<E: de::Error>(self, port: i64) -> Result<Port, E> {
-                match u16::try_from(port) {
-                    Ok(port) => self.visit_u16(port),
-                    Err(_) => Err(E::invalid_value(Unexpected::Signed(port), &self)),
-                }
+        impl $name {
+            /// The number.
+            pub fn get(self) -> $int {
+                self.0.get()
             }
         }
-        deserializer.deserialize_u16(PortVisitor)
-    }
-}
 
-/// A count of at least one (probes in a row, channels per session, connections).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Count(NonZeroU32);
-
-impl Count {
-    /// The count.
-    pub fn get(self) -> u32 {
-        self.0.get()
-    }
-}
-
-impl From<Count> for u32 {
-    fn from(count: Count) -> u32 {
-        count.get()
-    }
-}
-
-impl<'de> Deserialize<'de> for Count {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct CountVisitor;
-        impl Visitor<'_> for CountVisitor {
-            type Value = Count;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "a whole number from 1 to {}", u32::MAX)
-            }
-            fn visit_u32<E: de::Error>(self, count: u32) -> Result<Count, E> {
-                NonZeroU32::new(count)
-                    .map(Count)
-                    .ok_or_else(|| E::invalid_value(Unexpected::Unsigned(0), &self))
-            }
-            fn visit_u64<E: de::Error>(self, count: u64) -> Result<Count, E> {
-                match u32::try_from(count) {
-                    Ok(count) => self.visit_u32(count),
-                    Err(_) => Err(E::invalid_value(Unexpected::Unsigned(count), &self)),
-                }
-            }
-            fn visit_i64<E: de::Error>(self, count: i64) -> Result<Count, E> {
-                match u32::try_from(count) {
-                    Ok(count) => self.visit_u32(count),
-                    Err(_) => Err(E::invalid_value(Unexpected::Signed(count), &self)),
-                }
+        impl From<$name> for $int {
+            fn from(value: $name) -> $int {
+                value.get()
             }
         }
-        deserializer.deserialize_u32(CountVisitor)
-    }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                struct NonZeroVisitor;
+                impl Visitor<'_> for NonZeroVisitor {
+                    type Value = $name;
+                    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                        f.write_str(&$expected)
+                    }
+                    fn $visit<E: de::Error>(self, value: $int) -> Result<$name, E> {
+                        <$nonzero>::new(value)
+                            .map($name)
+                            .ok_or_else(|| E::invalid_value(Unexpected::Unsigned(0), &self))
+                    }
+                    fn visit_u64<E: de::Error>(self, value: u64) -> Result<$name, E> {
+                        match <$int>::try_from(value) {
+                            Ok(value) => self.$visit(value),
+                            Err(_) => Err(E::invalid_value(Unexpected::Unsigned(value), &self)),
+                        }
+                    }
+                    fn visit_i64<E: de::Error>(self, value: i64) -> Result<$name, E> {
+                        match <$int>::try_from(value) {
+                            Ok(value) => self.$visit(value),
+                            Err(_) => Err(E::invalid_value(Unexpected::Signed(value), &self)),
+                        }
+                    }
+                }
+                deserializer.$deserialize(NonZeroVisitor)
+            }
+        }
+    };
 }
+
+nonzero!(
+    /// A TCP port, 1-65535.
+    Port(NonZeroU16, u16, deserialize_u16, visit_u16, "a port from 1 to 65535")
+);
+
+nonzero!(
+    /// A count of at least one (probes in a row, channels per session, connections).
+    Count(
+        NonZeroU32,
+        u32,
+        deserialize_u32,
+        visit_u32,
+        format!("a whole number from 1 to {}", u32::MAX)
+    )
+);
 
 /// Reads a duration written as text (`500ms`, `1m 30s`), at most [`MAX_DURATION`].
 fn parse_duration(text: &str) -> Result<Duration, String> {

@@ -395,7 +395,9 @@ impl Builder<'_> {
              `key: value` lines (is this file YAML?)"
                 .to_owned()
         } else if line.chars().take(at.column).any(|c| c == '\t') {
-            format!("{message} (a tab indents this line: YAML indents with spaces only)")
+            "a tab indents this line: YAML indents with spaces only (replace the tab with \
+             spaces)"
+                .to_owned()
         } else {
             message
         };
