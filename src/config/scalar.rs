@@ -141,52 +141,46 @@ fn deserialize_duration<'de, D: Deserializer<'de>>(
     deserializer.deserialize_str(DurationVisitor(positive))
 }
 
-/// A duration greater than zero and at most [`MAX_DURATION`]: timeouts, intervals, delays.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PositiveDuration(Duration);
+/// A duration newtype of the model: its name, whether zero is refused, and its doc.
+macro_rules! duration {
+    ($(#[$doc:meta])* $name:ident, positive: $positive:expr) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(Duration);
 
-impl PositiveDuration {
-    /// The duration.
-    pub fn get(self) -> Duration {
-        self.0
-    }
+        impl $name {
+            /// The duration.
+            pub fn get(self) -> Duration {
+                self.0
+            }
+        }
+
+        impl From<$name> for Duration {
+            fn from(duration: $name) -> Duration {
+                duration.0
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                deserialize_duration(deserializer, $positive).map($name)
+            }
+        }
+    };
 }
 
-impl From<PositiveDuration> for Duration {
-    fn from(duration: PositiveDuration) -> Duration {
-        duration.0
-    }
-}
+duration!(
+    /// A duration greater than zero and at most [`MAX_DURATION`]: timeouts, intervals, delays.
+    PositiveDuration,
+    positive: true
+);
 
-impl<'de> Deserialize<'de> for PositiveDuration {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserialize_duration(deserializer, true).map(PositiveDuration)
-    }
-}
-
-/// A duration that may be zero (`0s`: at once, or never, as the key says), at most
-/// [`MAX_DURATION`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Delay(Duration);
-
-impl Delay {
-    /// The duration.
-    pub fn get(self) -> Duration {
-        self.0
-    }
-}
-
-impl From<Delay> for Duration {
-    fn from(duration: Delay) -> Duration {
-        duration.0
-    }
-}
-
-impl<'de> Deserialize<'de> for Delay {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserialize_duration(deserializer, false).map(Delay)
-    }
-}
+duration!(
+    /// A duration that may be zero (`0s`: at once, or never, as the key says), at most
+    /// [`MAX_DURATION`].
+    Delay,
+    positive: false
+);
 
 #[cfg(test)]
 mod tests {
