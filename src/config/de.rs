@@ -4,11 +4,11 @@
 //! serde stops at the first error, so this deserializer never lets one it finds itself escape:
 //! a value of the wrong type, an out-of-range number, an unknown key or enum value, a repeated
 //! key is recorded with its position and key path, and a stand-in ([`Placeholder`]: the
-//! smallest valid value of the requested shape) is read in its place. An error raised by a
-//! type's own rule (a zero port, a malformed duration) or by serde's derive (a missing key)
-//! does escape; it is recorded where it surfaces, that node is marked to be read as a stand-in,
-//! and the model is read again. Every pass finds at least one new error or ends the loop, and
-//! the number of passes is bounded.
+//! smallest valid value of the requested shape) is read in its place. The model's own types
+//! (`super::scalar`: a zero port, a duration without a unit) do the same through [`report`].
+//! What still escapes (a missing key, raised by serde's derive) is recorded where it surfaces,
+//! the key is supplied as a stand-in, and the model is read again: every pass finds at least
+//! one new error or ends the loop, and the number of passes is bounded.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
@@ -22,7 +22,7 @@ use serde::de::{
 use super::path::{KeyPath, Position};
 use super::yaml::{Entry, Node, Value};
 
-/// Passes at most: each one reveals at least one error a type's own rule raised.
+/// Passes at most: each one reveals at least one error that escaped (a missing key).
 const MAX_PASSES: usize = 64;
 
 /// The text a stand-in string holds: also a valid duration, so duration types accept it.
@@ -39,9 +39,59 @@ pub(crate) struct Problem {
     pub(crate) message: String,
 }
 
+thread_local! {
+    /// While [`read`] runs on this thread: the node being read and the rule violations its
+    /// value's type reported through [`report`].
+    static SOFT: RefCell<Option<Soft>> = const { RefCell::new(None) };
+}
+
+/// See [`SOFT`].
+struct Soft {
+    at: Position,
+    path: KeyPath,
+    problems: Vec<Problem>,
+}
+
+/// Called by a type of the model whose rule a value breaks (a zero port, a duration without a
+/// unit). Inside [`read`] the problem is recorded at the value being read and `true` is
+/// returned: the type then stands in a valid value and reading goes on in the same pass (a file
+/// with a thousand such mistakes is read once, not a thousand times). Elsewhere `false`: the
+/// type returns the error as usual.
+pub(crate) fn report(message: &str) -> bool {
+    SOFT.with(|soft| match soft.borrow_mut().as_mut() {
+        Some(soft) => {
+            let problem = Problem {
+                at: soft.at,
+                path: soft.path.clone(),
+                message: message.to_owned(),
+            };
+            soft.problems.push(problem);
+            true
+        }
+        None => false,
+    })
+}
+
+/// Ends the [`SOFT`] collection when [`read`] returns, however it returns.
+struct SoftGuard;
+
+impl Drop for SoftGuard {
+    fn drop(&mut self) {
+        SOFT.with(|soft| soft.borrow_mut().take());
+    }
+}
+
 /// Reads a `T` from `root`, or every problem found, in file order.
 pub(crate) fn read<T: DeserializeOwned>(root: &Node) -> Result<T, Vec<Problem>> {
     let state = State::default();
+    SOFT.with(|soft| {
+        *soft.borrow_mut() = Some(Soft {
+            at: root.at,
+            path: KeyPath::root(),
+            problems: Vec::new(),
+        });
+    });
+    let _guard = SoftGuard;
     for _ in 0..MAX_PASSES {
         let marks = state.marks();
         let de = De {
@@ -49,7 +99,17 @@ pub(crate) fn read<T: DeserializeOwned>(root: &Node) -> Result<T, Vec<Problem>> 
             path: KeyPath::root(),
             state: &state,
         };
-        match T::deserialize(de) {
+        let result = T::deserialize(de);
+        let reported = SOFT.with(|soft| {
+            soft.borrow_mut()
+                .as_mut()
+                .map(|soft| std::mem::take(&mut soft.problems))
+                .unwrap_or_default()
+        });
+        for problem in reported {
+            state.problem(problem.at, problem.path, problem.message);
+        }
+        match result {
             Ok(value) if state.problems.borrow().is_empty() => return Ok(value),
             Ok(_) => break,
             Err(error) => {
@@ -349,6 +409,16 @@ struct De<'a> {
 }
 
 impl De<'_> {
+    /// Marks this node as the one being read, for [`report`].
+    fn here(&self) {
+        SOFT.with(|soft| {
+            if let Some(soft) = soft.borrow_mut().as_mut() {
+                soft.at = self.node.at;
+                soft.path = self.path.clone();
+            }
+        });
+    }
+
     fn problem(&self, message: String) {
         self.state.problem(self.node.at, self.path.clone(), message);
     }
@@ -456,7 +526,10 @@ macro_rules! integers {
     ($($method:ident $visit:ident $ty:ty,)*) => {$(
         fn $method<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
             match self.int::<$ty>(&visitor) {
-                Ok(n) => visitor.$visit(n),
+                Ok(n) => {
+                    self.here();
+                    visitor.$visit(n)
+                }
                 Err(()) => Placeholder.$method(visitor),
             }
         }
@@ -538,7 +611,10 @@ impl<'de> de::Deserializer<'de> for De<'_> {
     fn deserialize_str<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
         // Any scalar reads as its text (`run: [sleep, 5]` is two strings), except nothing.
         match &self.node.value {
-            Value::Scalar { text, .. } if !self.node.is_null() => visitor.visit_str(text),
+            Value::Scalar { text, .. } if !self.node.is_null() => {
+                self.here();
+                visitor.visit_str(text)
+            }
             _ => {
                 self.mismatch(&visitor);
                 Placeholder.deserialize_str(visitor)

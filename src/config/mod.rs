@@ -491,6 +491,20 @@ services:
     }
 
     #[test]
+    fn a_thousand_rule_errors_are_all_reported() {
+        let mut text = String::from("version: 1\nservices:\n  - name: a\n    tunnels:\n");
+        for i in 0..500 {
+            text.push_str(&format!(
+                "      - {{ name: t{i}, provider: direct, address: 127.0.0.1:1, probe: \
+                 {{ interval: 5, rise: 0 }} }}\n"
+            ));
+        }
+        let diagnostics = errors(&text);
+        assert_eq!(diagnostics.len(), 1000);
+        assert_eq!(diagnostics[999].key, "services[0].tunnels[499].probe.rise");
+    }
+
+    #[test]
     fn absurd_durations_are_refused() {
         let text = "version: 1\nservices:\n  - name: a\n    probe: { interval: 99999999999d }\n";
         assert_eq!(

@@ -9,7 +9,7 @@ use std::fmt;
 use std::num::{NonZeroU16, NonZeroU32};
 use std::time::Duration;
 
-use serde::de::{self, Deserializer, Unexpected, Visitor};
+use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
 /// The longest duration any key accepts. Nothing the daemon waits for is measured in months;
@@ -21,6 +21,21 @@ const MAX_DURATION_TEXT: &str = "30d";
 
 /// How a duration is written, for messages.
 const DURATION_FORMAT: &str = "a number and a unit, e.g. 500ms, 30s, 5m or 2h";
+
+/// The one message for a number outside its type's range. Inside the config reader the problem
+/// is recorded and `stand_in` read in its place (see `super::de::report`).
+fn out_of_range<T, E: de::Error>(
+    value: impl fmt::Display,
+    expected: &dyn de::Expected,
+    stand_in: T,
+) -> Result<T, E> {
+    let message = format!("{value} is out of range: expected {expected}");
+    if super::de::report(&message) {
+        Ok(stand_in)
+    } else {
+        Err(E::custom(message))
+    }
+}
 
 /// A whole number type of the model whose zero is refused: the newtype, the non-zero integer it
 /// wraps, its plain integer, serde's method and visit names, and the expected range in words.
@@ -52,20 +67,21 @@ macro_rules! nonzero {
                         f.write_str(&$expected)
                     }
                     fn $visit<E: de::Error>(self, value: $int) -> Result<$name, E> {
-                        <$nonzero>::new(value)
-                            .map($name)
-                            .ok_or_else(|| E::invalid_value(Unexpected::Unsigned(0), &self))
+                        match <$nonzero>::new(value) {
+                            Some(value) => Ok($name(value)),
+                            None => out_of_range(0, &self, $name(<$nonzero>::MIN)),
+                        }
                     }
                     fn visit_u64<E: de::Error>(self, value: u64) -> Result<$name, E> {
                         match <$int>::try_from(value) {
                             Ok(value) => self.$visit(value),
-                            Err(_) => Err(E::invalid_value(Unexpected::Unsigned(value), &self)),
+                            Err(_) => out_of_range(value, &self, $name(<$nonzero>::MIN)),
                         }
                     }
                     fn visit_i64<E: de::Error>(self, value: i64) -> Result<$name, E> {
                         match <$int>::try_from(value) {
                             Ok(value) => self.$visit(value),
-                            Err(_) => Err(E::invalid_value(Unexpected::Signed(value), &self)),
+                            Err(_) => out_of_range(value, &self, $name(<$nonzero>::MIN)),
                         }
                     }
                 }
@@ -120,13 +136,21 @@ fn deserialize_duration<'de, D: Deserializer<'de>>(
             write!(f, "a duration: {DURATION_FORMAT}")
         }
         fn visit_str<E: de::Error>(self, text: &str) -> Result<Duration, E> {
-            let duration = parse_duration(text).map_err(E::custom)?;
-            if self.0 && duration.is_zero() {
-                return Err(E::custom(format!(
-                    "`{text}` is zero: this duration must be greater than 0"
-                )));
+            let checked = parse_duration(text).and_then(|duration| {
+                if self.0 && duration.is_zero() {
+                    Err(format!(
+                        "`{text}` is zero: this duration must be greater than 0"
+                    ))
+                } else {
+                    Ok(duration)
+                }
+            });
+            match checked {
+                Ok(duration) => Ok(duration),
+                // Inside the config reader: recorded, and one second stands in.
+                Err(message) if super::de::report(&message) => Ok(Duration::from_secs(1)),
+                Err(message) => Err(E::custom(message)),
             }
-            Ok(duration)
         }
         fn visit_u64<E: de::Error>(self, n: u64) -> Result<Duration, E> {
             self.visit_str(&n.to_string())
