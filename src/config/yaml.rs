@@ -100,6 +100,20 @@ impl Node {
         }
     }
 
+    /// Levels of nesting in this subtree (1 for a scalar). Every tree held here is at most
+    /// twice [`MAX_DEPTH`] deep, so the recursion is bounded.
+    fn depth(&self) -> usize {
+        1 + match &self.value {
+            Value::Scalar { .. } => 0,
+            Value::Seq(items) => items.iter().map(Node::depth).max().unwrap_or(0),
+            Value::Map(entries) => entries
+                .iter()
+                .map(|e| e.key.depth().max(e.value.depth()))
+                .max()
+                .unwrap_or(0),
+        }
+    }
+
     /// Number of nodes in this subtree (bounded by the depth limit).
     fn size(&self) -> usize {
         1 + match &self.value {
@@ -291,6 +305,19 @@ fn parse_once(text: &str) -> Result<Option<Node>, SyntaxError> {
                         plain: true,
                     },
                 });
+                // An alias inside an anchor inside an alias… could nest without end; the
+                // tree (and every recursion over it) stays within twice the parser's limit.
+                if builder.stack.len() + node.depth() > 2 * MAX_DEPTH {
+                    return Err(SyntaxError {
+                        at,
+                        path: builder.path(),
+                        message: format!(
+                            "aliases nest the document deeper than {} levels",
+                            2 * MAX_DEPTH
+                        ),
+                        terminal: true,
+                    });
+                }
                 let extra = node.size().saturating_sub(1);
                 builder.nodes = builder.nodes.saturating_add(extra);
                 builder.add(node, 0, at)?;
@@ -593,6 +620,18 @@ services:
         }
         let errors = parse(&laughs).expect_err("too big");
         assert!(errors[0].message.contains("more than"), "{errors:#?}");
+    }
+
+    #[test]
+    fn aliases_cannot_nest_without_end() {
+        // Each anchor wraps the previous one in 60 more levels.
+        let wrap = |inner: &str| format!("{}{inner}{}", "[".repeat(60), "]".repeat(60));
+        let mut text = format!("a0: &a0 {}\n", wrap("1"));
+        for i in 1..10 {
+            text.push_str(&format!("a{i}: &a{i} {}\n", wrap(&format!("*a{}", i - 1))));
+        }
+        let errors = parse(&text).expect_err("too deep");
+        assert!(errors[0].message.contains("deeper than"), "{errors:#?}");
     }
 
     #[test]
