@@ -6,6 +6,10 @@
 //! a live socket is another process's, and anything else — a regular file, a directory, a
 //! symlink — is refused without touching it, so a typo in `control_socket:` can never delete a
 //! file. [`SocketFile`] removes what we bound if the start fails or the socket is let go.
+//!
+//! The socket's directory is created only the way systemd's `RuntimeDirectory=` would create
+//! it: the last directory of the path, under a parent that exists, and the daemon says so
+//! ([`prepare_dir`]). A longer missing path is a typo more often than not, and is refused.
 
 use std::io;
 use std::os::unix::fs::FileTypeExt;
@@ -24,6 +28,40 @@ pub fn not_a_socket(path: &Path) -> Option<String> {
         )),
         _ => None,
     }
+}
+
+/// Makes sure the directory of socket `path` exists. Only its last component is created (mode
+/// 0750, as the unit's `RuntimeDirectoryMode=`), and only when its parent exists: that is what
+/// `RuntimeDirectory=` does for `/run/tunnelkeeper`, so running outside systemd works the same,
+/// while a mistyped path (`/rnu/tunnelkeeper/control.sock`) is refused instead of built.
+pub fn prepare_dir(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    if !parent.as_os_str().is_empty() && !parent.is_dir() {
+        bail!(
+            "the directory {} of socket {} does not exist, nor does its parent {}: create it \
+             first or choose another path (tunnelkeeper creates only the last directory, as \
+             systemd's RuntimeDirectory= does)",
+            dir.display(),
+            path.display(),
+            parent.display()
+        );
+    }
+    std::fs::DirBuilder::new()
+        .mode(0o750)
+        .create(dir)
+        .with_context(|| format!("creating socket directory {}", dir.display()))?;
+    tracing::info!(
+        "created socket directory {} (mode 0750), as systemd's RuntimeDirectory= would",
+        dir.display()
+    );
+    Ok(())
 }
 
 /// Makes `path` free for `bind(2)`: nothing there, or a stale socket that is then removed.
@@ -51,6 +89,29 @@ pub async fn clear_stale(path: &Path) -> anyhow::Result<()> {
                 path.display()
             )
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_last_directory_is_created() {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let one = temp.path().join("run").join("control.sock");
+        prepare_dir(&one).expect("the last directory is created");
+        assert!(temp.path().join("run").is_dir());
+        // Already there: nothing to do.
+        prepare_dir(&one).expect("existing directory");
+        let deep = temp.path().join("a").join("b").join("control.sock");
+        let err = prepare_dir(&deep).expect_err("two missing levels");
+        assert!(
+            err.to_string()
+                .contains("does not exist, nor does its parent"),
+            "{err}"
+        );
+        assert!(!temp.path().join("a").exists(), "nothing was created");
     }
 }
 

@@ -256,6 +256,32 @@ fn status_without_a_daemon_is_a_clear_runtime_error() {
     );
 }
 
+/// A socket the user may not open (EACCES) means the daemon runs and the user lacks the group:
+/// the advice is the group and `readers`, not "is the daemon running". Runs as root (as the test
+/// command does) to act as `nobody`.
+#[test]
+fn a_user_denied_by_the_socket_file_is_told_to_join_the_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("control.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o660)).unwrap();
+    let out = Command::new("runuser")
+        .args(["-u", "nobody", "--", BIN, "status", "--socket"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("permission denied on {}", socket.display()))
+            && stderr.contains("sudo usermod -aG root $USER")
+            && stderr.contains("daemon.readers")
+            && !stderr.contains("is the daemon running"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn demo_runs_end_to_end_and_leaves_nothing_behind() {
     let out = Command::new(BIN)

@@ -7,9 +7,15 @@
 //! # expect: 9:9 services[0].tunnels[0].address | out of range
 //! ```
 //!
-//! that is `LINE:COLUMN KEY`, then optionally `|` and a piece of the message. `check` must exit
-//! with 2 and print exactly one `FILE:LINE:COLUMN: KEY: MESSAGE` line per expectation, so adding
-//! a case is adding a file. Files in `tests/configs/valid/` (edge values, unusual but legal
+//! that is `LINE:COLUMN KEY`, then optionally `|` and a piece of the message, or `=` and the
+//! whole message:
+//!
+//! ```text
+//! # expect: 4:12 defaults.probe.fall = 4294967296 is out of range: expected a whole number from 1 to 4294967295
+//! ```
+//!
+//! `check` must exit with 2 and print exactly one `FILE:LINE:COLUMN: KEY: MESSAGE` line per
+//! expectation, so adding a case is adding a file. Files in `tests/configs/valid/` (edge values, unusual but legal
 //! shapes) must pass. The shipped configurations must pass `check`, the example must
 //! document every key the model accepts, and no input may make the parser panic.
 
@@ -37,6 +43,8 @@ struct Expectation {
     position: String,
     key: String,
     message: Option<String>,
+    /// `=`: the message is the whole message, not a piece of it.
+    exact: bool,
 }
 
 /// The `# expect:` lines at the top of `text` (comments before the first other line).
@@ -45,7 +53,15 @@ fn expectations(text: &str) -> Vec<Expectation> {
         .take_while(|line| line.starts_with('#'))
         .filter_map(|line| line.strip_prefix("# expect:"))
         .map(|spec| {
-            let (place, message) = match spec.split_once('|') {
+            let exact = spec
+                .find(" = ")
+                .is_some_and(|eq| spec.find('|').is_none_or(|bar| eq < bar));
+            let split = if exact {
+                spec.split_once(" = ")
+            } else {
+                spec.split_once('|')
+            };
+            let (place, message) = match split {
                 Some((place, message)) => (place, Some(message.trim().to_owned())),
                 None => (spec, None),
             };
@@ -56,6 +72,7 @@ fn expectations(text: &str) -> Vec<Expectation> {
                 position,
                 key,
                 message,
+                exact,
             }
         })
         .collect()
@@ -107,11 +124,14 @@ fn judge(file: &Path) -> Result<(), String> {
             expectation.key
         );
         let found = reported.iter().any(|line| {
-            line.starts_with(&head)
-                && expectation
-                    .message
-                    .as_deref()
-                    .is_none_or(|message| line.contains(message))
+            let Some(rest) = line.strip_prefix(&head) else {
+                return false;
+            };
+            match expectation.message.as_deref() {
+                None => true,
+                Some(message) if expectation.exact => rest == message,
+                Some(message) => rest.contains(message),
+            }
         });
         if !found {
             return Err(format!(
@@ -148,6 +168,21 @@ fn every_invalid_config_is_rejected_at_the_expected_key() {
     );
 }
 
+/// The corpus of operator mistakes (issue 18): at least 40 files pin the exact line `check`
+/// prints, so a message cannot silently get worse.
+#[test]
+fn at_least_forty_bad_files_pin_their_exact_message() {
+    let exact = yaml_files(&repo().join("tests/configs/invalid"))
+        .iter()
+        .filter(|file| {
+            let text = std::fs::read_to_string(file).expect("readable");
+            let expected = expectations(&text);
+            !expected.is_empty() && expected.iter().all(|e| e.exact && e.message.is_some())
+        })
+        .count();
+    assert!(exact >= 40, "only {exact} files give their exact messages");
+}
+
 #[test]
 fn the_expectation_format_is_read_correctly() {
     let found = expectations("# expect: 4:7 a.b[0] | some text\n# other\n# expect: 1:1 x\nkey: 1\n# expect: 9:9 ignored\n");
@@ -155,8 +190,13 @@ fn the_expectation_format_is_read_correctly() {
     assert_eq!(found[0].position, "4:7");
     assert_eq!(found[0].key, "a.b[0]");
     assert_eq!(found[0].message.as_deref(), Some("some text"));
+    assert!(!found[0].exact);
     assert_eq!(found[1].key, "x");
     assert_eq!(found[1].message, None);
+    let exact = expectations("# expect: 1:2 a = b | c = d\n");
+    assert!(exact[0].exact);
+    assert_eq!(exact[0].key, "a");
+    assert_eq!(exact[0].message.as_deref(), Some("b | c = d"));
 }
 
 #[test]
@@ -248,18 +288,22 @@ fn example_config_resolves_as_documented() {
     assert_eq!(service.hooks.len(), 2);
 }
 
-/// The keys one section of the model accepts, read from the error for an unknown key (serde
-/// lists them), so this test follows the model without a second list to maintain.
+/// The keys one section of the model accepts, read from the error for an unknown key (it lists
+/// them when the key resembles none), so this test follows the model without a second list to
+/// maintain.
 fn accepted_keys(document: &str) -> Vec<String> {
     let err = config::parse(document, Path::new("probe.yaml")).expect_err("unknown key");
-    let text = err.to_string();
-    // serde says "expected `a`", "expected `a` or `b`" or "expected one of `a`, `b`, `c`".
-    let (_, list) = text
-        .split_once("expected ")
-        .unwrap_or_else(|| panic!("no key list in {text}"));
-    let list = list.strip_prefix("one of ").unwrap_or(list);
+    let message = err
+        .diagnostics()
+        .iter()
+        .map(|d| d.message.as_str())
+        .find(|m| m.starts_with("unknown key `ZZZ`"))
+        .unwrap_or_else(|| panic!("no unknown-key error in {err}"));
+    // "unknown key `ZZZ`, expected one of `a`, `b`, `c`".
+    let (_, list) = message
+        .split_once("expected one of ")
+        .unwrap_or_else(|| panic!("no key list in {message}"));
     list.split(", ")
-        .flat_map(|part| part.split(" or "))
         .map(|key| key.trim().trim_matches('`').to_owned())
         .collect()
 }

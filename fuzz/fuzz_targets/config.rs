@@ -57,7 +57,7 @@ fn tolerate_known_findings() -> bool {
 /// Finding 1 (fuzz/regressions/config/empty-top-level-key): a top-level key that is the empty
 /// string gives an empty key path.
 fn finding_empty_key(d: &Diagnostic) -> bool {
-    d.key.is_empty() && d.message.starts_with("unknown field ``")
+    d.key.is_empty() && d.message.starts_with("unknown key ``")
 }
 
 /// Finding 2 (fuzz/regressions/config/line-break-in-key): a quoted key holding a line break

@@ -1,26 +1,31 @@
 //! Configuration: the YAML file operators write, and the resolved settings the daemon runs on.
 //!
-//! [`load`] and [`parse`] go from text to [`spec::Config`] in three steps: serde_yaml reads the
-//! text into [`model::ConfigFile`] (every unknown key is an error), `validate` layers defaults
-//! and checks meaning, and `locate` turns the key path of every problem into a line and
-//! column. A syntax or type error stops at that one error; semantic problems are all reported
-//! together. Either way the result is a [`ConfigError`] whose lines read
-//! `FILE:LINE:COLUMN: KEY: MESSAGE`.
+//! [`load`] and [`parse`] go from text to [`spec::Config`] in three steps, all on one parse:
+//! `yaml` reads the text into a tree of nodes that know their line and column, `de` reads the
+//! typed [`model::ConfigFile`] from the tree (values of the model's [`scalar`] types carry their
+//! own rules), and `validate` layers defaults and checks meaning. Each step reports every
+//! problem it finds, not just the first; a later step runs only when the earlier ones found
+//! nothing (it would otherwise report consequences). Either way the result is a
+//! [`ConfigError`] whose lines read `FILE:LINE:COLUMN: KEY: MESSAGE`.
 
 pub mod model;
+pub mod scalar;
 pub mod spec;
 
+mod de;
 mod error;
-mod locate;
+mod path;
 mod validate;
 mod values;
+mod yaml;
 
 use std::path::Path;
 
 pub use error::{ConfigError, Diagnostic};
+pub use validate::collisions::{collisions, Collision};
 
-use locate::{KeyPath, Locator, Position, Segment};
 use model::ConfigFile;
+use path::{KeyPath, Position};
 
 /// Reads, parses and validates a config file.
 pub fn load(path: &Path) -> Result<spec::Config, ConfigError> {
@@ -40,11 +45,12 @@ pub fn control_socket(path: &Path) -> Result<std::path::PathBuf, ConfigError> {
         source,
     })?;
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
-    let socket = match serde_yaml::from_str::<serde_yaml::Value>(text) {
-        Ok(value) => value
-            .get("daemon")
-            .and_then(|d| d.get("control_socket"))
-            .and_then(serde_yaml::Value::as_str)
+    let socket = match yaml::parse(text) {
+        Ok(root) => root
+            .as_ref()
+            .and_then(|root| root.get("daemon"))
+            .and_then(|daemon| daemon.get("control_socket"))
+            .and_then(yaml::Node::as_str)
             .map(str::to_owned),
         // Not even YAML: look for the key by its text.
         Err(_) => scan_control_socket(text),
@@ -72,32 +78,54 @@ fn scan_control_socket(text: &str) -> Option<String> {
 pub fn parse(text: &str, path: &Path) -> Result<spec::Config, ConfigError> {
     // Editors do not count a byte-order mark as a column; neither do the diagnostics.
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let deserializer = serde_yaml::Deserializer::from_str(text);
-    let file: ConfigFile = serde_path_to_error::deserialize(deserializer)
-        .map_err(|err| ConfigError::Invalid(vec![serde_diagnostic(text, path, &err)]))?;
+    let root = yaml::parse(text)
+        .map_err(|errors| invalid(path, errors.into_iter().map(|e| (e.at, e.path, e.message))))?;
+    let Some(root) = root.filter(|root| !root.is_null()) else {
+        return Err(invalid(
+            path,
+            [(
+                Position::START,
+                KeyPath::root().key("version"),
+                "the file is empty: a configuration needs at least `version: 1` and one service"
+                    .to_owned(),
+            )],
+        ));
+    };
+    let file: ConfigFile = de::read(&root).map_err(|problems| {
+        invalid(
+            path,
+            problems.into_iter().map(|p| (p.at, p.path, p.message)),
+        )
+    })?;
     validate::validate(&file, path).map_err(|issues| {
-        let locator = Locator::new(text);
-        let mut diagnostics: Vec<Diagnostic> = issues
-            .into_iter()
-            .map(|issue| {
-                let at = locator.locate(&issue.path);
-                diagnostic(path, at, &issue.path, issue.message)
-            })
-            .collect();
-        // Stable, so issues at one position keep the order validation found them in.
-        diagnostics.sort_by_key(|d| (d.line, d.column));
-        ConfigError::Invalid(diagnostics)
+        invalid(
+            path,
+            issues.into_iter().map(|issue| {
+                let at = yaml::locate(Some(&root), &issue.path);
+                (at, issue.path, issue.message)
+            }),
+        )
     })
 }
 
-fn diagnostic(file: &Path, at: Position, key: &KeyPath, message: String) -> Diagnostic {
-    Diagnostic {
-        file: file.to_path_buf(),
-        line: at.line,
-        column: at.column,
-        key: one_line(&key.to_string()),
-        message: one_line(&message),
-    }
+/// The error for a list of problems, sorted into file order (stable, so problems at one
+/// position keep the order they were found in).
+fn invalid(
+    file: &Path,
+    problems: impl IntoIterator<Item = (Position, KeyPath, String)>,
+) -> ConfigError {
+    let mut diagnostics: Vec<Diagnostic> = problems
+        .into_iter()
+        .map(|(at, key, message)| Diagnostic {
+            file: file.to_path_buf(),
+            line: at.line,
+            column: at.column,
+            key: one_line(&key.to_string()),
+            message: one_line(&message),
+        })
+        .collect();
+    diagnostics.sort_by_key(|d| (d.line, d.column));
+    ConfigError::Invalid(diagnostics)
 }
 
 /// Escapes line breaks and other control characters, so that every diagnostic stays on one
@@ -112,111 +140,6 @@ fn one_line(text: &str) -> String {
             }
         })
         .collect()
-}
-
-/// Turns serde's error into a diagnostic: the key path from serde_path_to_error, the position
-/// from serde_yaml where it has one that fits, and the message without the path and position
-/// serde_yaml already wrote into it.
-fn serde_diagnostic(
-    text: &str,
-    file: &Path,
-    err: &serde_path_to_error::Error<serde_yaml::Error>,
-) -> Diagnostic {
-    let mut path = KeyPath::from(err.path());
-    let inner = err.inner();
-    let reported = inner.location().map(|location| Position {
-        line: location.line(),
-        column: location.column(),
-    });
-    let message = clean_message(&inner.to_string(), reported, &err.path().to_string());
-    let locator = Locator::new(text);
-
-    if let Some(field) = quoted_after(&message, "unknown field `") {
-        // The path usually ends in the unknown key already; make sure it does.
-        if path.segments().last() != Some(&Segment::Key(field.to_owned())) {
-            path = path.key(field);
-        }
-        return diagnostic(file, locator.locate(&path), &path, message);
-    }
-    if let Some(field) = quoted_after(&message, "missing field `") {
-        // Reported at the mapping that lacks it, under the name of the key to add.
-        let at = locator.locate(&path);
-        let key = path.key(field);
-        let message = if is_empty_document(text) {
-            "the file is empty: a configuration needs at least `version: 1` and one service"
-                .to_owned()
-        } else {
-            message
-        };
-        return diagnostic(file, at, &key, message);
-    }
-    if let Some(field) = quoted_after(&message, "duplicate field `") {
-        let at = locator
-            .locate_duplicate(&path, field)
-            .or(reported)
-            .unwrap_or_else(|| locator.locate(&path));
-        return diagnostic(file, at, &path.key(field), message);
-    }
-    let at = reported.unwrap_or_else(|| locator.locate(&path));
-    diagnostic(file, at, &path, message)
-}
-
-/// The text between `prefix` and the next backtick.
-fn quoted_after<'m>(message: &'m str, prefix: &str) -> Option<&'m str> {
-    let start = message.find(prefix)? + prefix.len();
-    let rest = message.get(start..)?;
-    rest.split('`').next()
-}
-
-/// serde_yaml's message minus what the diagnostic already says: the leading key path it adds
-/// itself and the trailing "at line L column C"; and with Rust type names replaced by words an
-/// operator knows.
-fn clean_message(raw: &str, at: Option<Position>, path: &str) -> String {
-    let mut message = raw.to_owned();
-    if let Some(at) = at {
-        let suffix = format!(" at line {} column {}", at.line, at.column);
-        if let Some(index) = message.find(&suffix) {
-            message.replace_range(index..index + suffix.len(), "");
-        }
-    }
-    // serde_yaml prefixes "PATH: " where PATH is where it was (a prefix of the full path).
-    if let Some((head, tail)) = message.split_once(": ") {
-        if !head.is_empty() && !head.contains(' ') && path.starts_with(head) {
-            message = tail.to_owned();
-        }
-    }
-    if let Some(index) = message.find("expected struct ") {
-        let end = message
-            .get(index + "expected struct ".len()..)
-            .and_then(|rest| rest.find(|c: char| !c.is_alphanumeric() && c != '_'))
-            .map_or(message.len(), |len| index + "expected struct ".len() + len);
-        message.replace_range(index..end, "expected a mapping");
-    }
-    // Rust type names mean nothing to an operator.
-    for (rust, words) in [
-        ("expected u16", "expected a whole number from 0 to 65535"),
-        ("expected u32", "expected a whole number of at least 0"),
-        ("expected i64", "expected a whole number"),
-        ("expected f64", "expected a number"),
-        ("expected field identifier", "expected a key name"),
-    ] {
-        if let Some(head) = message.strip_suffix(rust) {
-            message = format!("{head}{words}");
-        }
-    }
-    if message.contains("untagged enum HookCommand") {
-        message =
-            "expected a command line (a string) or an argv list (a list of strings)".to_owned();
-    }
-    message
-}
-
-/// Whether the text holds no YAML value at all (empty, blank, or only comments).
-fn is_empty_document(text: &str) -> bool {
-    matches!(
-        serde_yaml::from_str::<serde_yaml::Value>(text),
-        Ok(serde_yaml::Value::Null)
-    )
 }
 
 #[cfg(test)]
@@ -245,7 +168,7 @@ mod control_socket_tests {
         // Not YAML at all (a tab and an unclosed bracket), flow style.
         let broken =
             "daemon: { control_socket: \"/tmp/b.sock\", state_dir: /x }\nservices: [\n\t- x";
-        assert!(serde_yaml::from_str::<serde_yaml::Value>(broken).is_err());
+        assert!(yaml::parse(broken).is_err());
         assert_eq!(socket_of(broken), Path::new("/tmp/b.sock"));
         // Not set: the built-in default.
         assert_eq!(
@@ -494,50 +417,101 @@ services:
     }
 
     #[test]
-    fn serde_errors_carry_path_and_position() {
+    fn type_errors_carry_path_and_position() {
         let text = "version: 1\nservices:\n  - name: a\n    bogus: 1\n";
         assert_eq!(
             one_error(text),
-            "4:5 services[0].bogus: unknown field `bogus`, expected one of `name`, `listen`, \
+            "4:5 services[0].bogus: unknown key `bogus`, expected one of `name`, `listen`, \
              `connect_timeout`, `on_failover`, `retries`, `max_connections`, `idle_timeout`, \
              `replay_unanswered`, `standby`, `failover`, `probe`, `restart`, `hooks`, `tunnels`"
         );
         let text = "version: 1\nservices:\n  - name: a\n    tunnels:\n      - { name: x, provider: wireguard }\n";
-        let error = one_error(text);
-        assert!(
-            error.starts_with("5:30 services[0].tunnels[0].provider: unknown variant `wireguard`"),
-            "{error}"
-        );
-        let text = "version: 1\nservices:\n  - name: a\n    probe: { interval: 5 parsecs }\n";
-        let error = one_error(text);
-        assert!(
-            error.starts_with(
-                "4:24 services[0].probe.interval: invalid value: string \"5 parsecs\""
-            ),
-            "{error}"
-        );
-        let text = "version: 1\nservices:\n  - tunnels: []\n";
         assert_eq!(
             one_error(text),
-            "3:5 services[0].name: missing field `name`"
+            "5:30 services[0].tunnels[0].provider: unknown value `wireguard`, expected one of \
+             `direct`, `command`, `ssh`, `cloudflare`, `tailscale`, `ngrok`"
         );
+        let text = "version: 1\nservices:\n  - name: a\n    probe: { interval: 5 parsecs }\n";
+        assert_eq!(
+            one_error(text),
+            "4:24 services[0].probe.interval: `5 parsecs` is not a duration: write a number and \
+             a unit, e.g. 500ms, 30s, 5m or 2h"
+        );
+        let text = "version: 1\nservices:\n  - tunnels: []\n";
+        assert_eq!(one_error(text), "3:5 services[0].name: missing key `name`");
         let text = "version: 1\nservices:\n  - name: a\n    probe: 5\n";
         assert_eq!(
             one_error(text),
-            "4:12 services[0].probe: invalid type: integer `5`, expected a mapping"
+            "4:12 services[0].probe: expected a mapping, found the number 5"
         );
         let text =
             "version: 1\nservices:\n  - name: a\n    hooks: [{ on: [tunnel_up], run: {a: 1} }]\n";
-        let error = one_error(text);
-        assert!(error.starts_with("4:13 services[0].hooks[0]"), "{error}");
-        assert!(
-            error.ends_with(
-                "expected a command line (a string) or an argv list (a list of strings)"
-            ),
-            "{error}"
+        assert_eq!(
+            one_error(text),
+            "4:37 services[0].hooks[0].run: expected a command line (a string) or an argv list \
+             (a list of strings), found a mapping"
         );
         let text = "version: 1\nservices: []\nversion: 2\n";
-        assert_eq!(one_error(text), "3:1 version: duplicate field `version`");
+        assert_eq!(
+            one_error(text),
+            "3:1 version: `version` is given twice (first at line 1)"
+        );
+    }
+
+    #[test]
+    fn every_type_error_is_reported_at_once() {
+        let text = "\
+version: 1
+services:
+  - name: a
+    probe: { interval: -1s, rise: 0, fall: 4294967296 }
+    tunnels:
+      - { name: x, provider: direct, address: 127.0.0.1:1, priority: 99999999999999999999 }
+      - { name: y, provider: direct, provder: direct }
+";
+        let found: Vec<String> = errors(text)
+            .iter()
+            .map(|d| format!("{}:{} {}: {}", d.line, d.column, d.key, d.message))
+            .collect();
+        assert_eq!(
+            found,
+            vec![
+                "4:24 services[0].probe.interval: `-1s` is not a duration: write a number and a \
+                 unit, e.g. 500ms, 30s, 5m or 2h",
+                "4:35 services[0].probe.rise: 0 is out of range: expected a whole number from 1 \
+                 to 4294967295",
+                "4:44 services[0].probe.fall: 4294967296 is out of range: expected a whole number \
+                 from 1 to 4294967295",
+                "6:70 services[0].tunnels[0].priority: 99999999999999999999 is out of range: \
+                 expected a whole number from -9223372036854775808 to 9223372036854775807",
+                "7:38 services[0].tunnels[1].provder: unknown key `provder`: did you mean \
+                 `provider`?",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_thousand_rule_errors_are_all_reported() {
+        let mut text = String::from("version: 1\nservices:\n  - name: a\n    tunnels:\n");
+        for i in 0..500 {
+            text.push_str(&format!(
+                "      - {{ name: t{i}, provider: direct, address: 127.0.0.1:1, probe: \
+                 {{ interval: 5, rise: 0 }} }}\n"
+            ));
+        }
+        let diagnostics = errors(&text);
+        assert_eq!(diagnostics.len(), 1000);
+        assert_eq!(diagnostics[999].key, "services[0].tunnels[499].probe.rise");
+    }
+
+    #[test]
+    fn absurd_durations_are_refused() {
+        let text = "version: 1\nservices:\n  - name: a\n    probe: { interval: 99999999999d }\n";
+        assert_eq!(
+            one_error(text),
+            "4:24 services[0].probe.interval: `99999999999d` is too long: a duration may be at \
+             most 30d"
+        );
     }
 
     #[test]
@@ -550,14 +524,11 @@ services:
             );
         }
         let error = one_error("version: 1\nservices: [\n");
-        assert_eq!(
-            error,
-            "3:1 services: did not find expected node content, while parsing a flow node"
-        );
+        assert_eq!(error, "2:11 services: unclosed bracket '['");
         let error = one_error("just some words");
         assert_eq!(
             error,
-            "1:1 (root): invalid type: string \"just some words\", expected a mapping"
+            "1:1 (root): expected a mapping, found the text `just some words`"
         );
         let error = one_error("\u{0}\u{1}binary");
         assert!(error.starts_with("1:1 (root): "), "{error}");

@@ -5,11 +5,11 @@
 //! "set to the default". Turning this model into the resolved specs the daemon runs on is the
 //! job of the private `validate` module, run by [`super::parse`]; nothing here checks meaning.
 
+use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::Duration;
 
-use serde::Deserialize;
+use super::scalar::{Count, Delay, Port, PositiveDuration};
 
 use crate::election::{Failback, Mode};
 
@@ -50,8 +50,7 @@ pub struct DaemonSection {
     /// TCP address for Prometheus metrics.
     pub metrics_listen: Option<String>,
     /// How long shutdown waits for children and connections.
-    #[serde(default, with = "humantime_serde")]
-    pub shutdown_grace: Option<Duration>,
+    pub shutdown_grace: Option<Delay>,
 }
 
 /// `dns:`
@@ -83,15 +82,13 @@ pub struct DefaultsSection {
 #[serde(deny_unknown_fields)]
 pub struct ProbeSection {
     /// Time between probes.
-    #[serde(default, with = "humantime_serde")]
-    pub interval: Option<Duration>,
+    pub interval: Option<PositiveDuration>,
     /// Limit for one probe (must not exceed `interval`).
-    #[serde(default, with = "humantime_serde")]
-    pub timeout: Option<Duration>,
+    pub timeout: Option<PositiveDuration>,
     /// Consecutive successes that mark a tunnel up.
-    pub rise: Option<u32>,
+    pub rise: Option<Count>,
     /// Consecutive failures that mark a tunnel down.
-    pub fall: Option<u32>,
+    pub fall: Option<Count>,
     /// Bytes written on the dialled stream before reading.
     pub send: Option<String>,
     /// Prefix the reply (or the banner) must start with.
@@ -115,19 +112,15 @@ pub struct FailoverSection {
     /// `priority` or `latency`.
     pub mode: Option<Mode>,
     /// Latency mode: how much better a challenger must be.
-    #[serde(default, with = "humantime_serde")]
-    pub tolerance: Option<Duration>,
+    pub tolerance: Option<Delay>,
     /// Above this smoothed latency a tunnel is degraded.
-    #[serde(default, with = "humantime_serde")]
-    pub max_latency: Option<Duration>,
+    pub max_latency: Option<PositiveDuration>,
     /// `auto` or `manual`.
     pub failback: Option<Failback>,
     /// How long a better tunnel must stay up before it takes over.
-    #[serde(default, with = "humantime_serde")]
-    pub failback_hold: Option<Duration>,
+    pub failback_hold: Option<Delay>,
     /// How long the first election of a service waits for every tunnel's first verdict.
-    #[serde(default, with = "humantime_serde")]
-    pub settle: Option<Duration>,
+    pub settle: Option<Delay>,
 }
 
 /// `restart:` in `defaults`, a service or a tunnel.
@@ -135,18 +128,15 @@ pub struct FailoverSection {
 #[serde(deny_unknown_fields)]
 pub struct RestartSection {
     /// First backoff delay.
-    #[serde(default, with = "humantime_serde")]
-    pub initial: Option<Duration>,
+    pub initial: Option<PositiveDuration>,
     /// Backoff cap.
-    #[serde(default, with = "humantime_serde")]
-    pub max: Option<Duration>,
+    pub max: Option<PositiveDuration>,
     /// Growth factor per attempt.
     pub multiplier: Option<f64>,
     /// Random spread, as a fraction of the delay (0..1).
     pub jitter: Option<f64>,
     /// A tunnel with a process that probes have held down this long is restarted (0 = never).
-    #[serde(default, with = "humantime_serde")]
-    pub when_down: Option<Duration>,
+    pub when_down: Option<Delay>,
 }
 
 /// One entry of `routers:`.
@@ -160,8 +150,7 @@ pub struct RouterSection {
     /// Prints the current boot id.
     pub boot_id_command: Option<String>,
     /// How often the boot id is re-read.
-    #[serde(default, with = "humantime_serde")]
-    pub check_interval: Option<Duration>,
+    pub check_interval: Option<PositiveDuration>,
     /// Commands re-applied after a reboot or drift.
     #[serde(default)]
     pub provision: Vec<String>,
@@ -169,11 +158,9 @@ pub struct RouterSection {
     #[serde(default)]
     pub verify: Vec<VerifySection>,
     /// How often `verify` runs.
-    #[serde(default, with = "humantime_serde")]
-    pub verify_interval: Option<Duration>,
+    pub verify_interval: Option<PositiveDuration>,
     /// Limit for each command run on the router (boot id, provision, verify).
-    #[serde(default, with = "humantime_serde")]
-    pub command_timeout: Option<Duration>,
+    pub command_timeout: Option<PositiveDuration>,
 }
 
 /// A router `verify` check.
@@ -195,7 +182,7 @@ pub struct SshSection {
     /// Host name, address, or a `Host` alias of `ssh_config`.
     pub host: String,
     /// Port (default: from ssh_config, else 22).
-    pub port: Option<u16>,
+    pub port: Option<Port>,
     /// Login user (default: from ssh_config, else the daemon's user).
     pub user: Option<String>,
     /// Private key file (ed25519, ecdsa, RSA).
@@ -214,26 +201,21 @@ pub struct SshSection {
     /// ssh_config file whose Host aliases apply.
     pub ssh_config: Option<PathBuf>,
     /// Limit for TCP connect and key exchange.
-    #[serde(default, with = "humantime_serde")]
-    pub connect_timeout: Option<Duration>,
+    pub connect_timeout: Option<PositiveDuration>,
     /// Limit for authentication.
-    #[serde(default, with = "humantime_serde")]
-    pub auth_timeout: Option<Duration>,
+    pub auth_timeout: Option<PositiveDuration>,
     /// Keepalive interval.
-    #[serde(default, with = "humantime_serde")]
-    pub keepalive_interval: Option<Duration>,
+    pub keepalive_interval: Option<PositiveDuration>,
     /// Unanswered keepalives before the session counts as dead.
-    pub keepalive_max: Option<u32>,
+    pub keepalive_max: Option<Count>,
     /// Channels per session before the pool opens another (OpenSSH MaxSessions).
-    pub max_channels: Option<u32>,
+    pub max_channels: Option<Count>,
     /// Sessions the pool opens to this target at most (0: no limit).
     pub max_sessions: Option<u32>,
     /// An unused session closes after this long.
-    #[serde(default, with = "humantime_serde")]
-    pub idle_timeout: Option<Duration>,
+    pub idle_timeout: Option<PositiveDuration>,
     /// Sessions are replaced after this long.
-    #[serde(default, with = "humantime_serde")]
-    pub max_age: Option<Duration>,
+    pub max_age: Option<PositiveDuration>,
 }
 
 /// `host_key_policy:`
@@ -273,18 +255,16 @@ pub struct ServiceSection {
     /// Local failover listener address.
     pub listen: Option<String>,
     /// Per-dial limit of the listener.
-    #[serde(default, with = "humantime_serde")]
-    pub connect_timeout: Option<Duration>,
+    pub connect_timeout: Option<PositiveDuration>,
     /// What happens to open connections on failover: `keep` or `close`.
     pub on_failover: Option<OnFailover>,
     /// Further tunnels a new connection may try after the first dial fails (default: all).
     pub retries: Option<u32>,
     /// Connections served at once; beyond it the listener stops accepting (default 1024).
-    pub max_connections: Option<u32>,
+    pub max_connections: Option<Count>,
     /// Close a connection after this long without traffic either way, counted from accept
     /// (default 1h).
-    #[serde(default, with = "humantime_serde")]
-    pub idle_timeout: Option<Duration>,
+    pub idle_timeout: Option<PositiveDuration>,
     /// Re-dial through the next tunnel and replay what the client sent when a tunnel fails
     /// before its first reply byte (default true).
     pub replay_unanswered: Option<bool>,
@@ -328,13 +308,40 @@ pub enum Standby {
 }
 
 /// A hook's command: a string run by `/bin/sh -c`, or an argv list run as is.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone)]
 pub enum HookCommand {
     /// Shell command line.
     Shell(String),
     /// Program and arguments.
     Argv(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for HookCommand {
+    // By hand rather than `untagged`, whose error ("data did not match any variant") names
+    // neither shape.
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct CommandVisitor;
+        impl<'de> serde::de::Visitor<'de> for CommandVisitor {
+            type Value = HookCommand;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a command line (a string) or an argv list (a list of strings)")
+            }
+            fn visit_str<E: serde::de::Error>(self, line: &str) -> Result<HookCommand, E> {
+                Ok(HookCommand::Shell(line.to_owned()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<HookCommand, A::Error> {
+                let mut argv = Vec::new();
+                while let Some(arg) = seq.next_element::<String>()? {
+                    argv.push(arg);
+                }
+                Ok(HookCommand::Argv(argv))
+            }
+        }
+        deserializer.deserialize_any(CommandVisitor)
+    }
 }
 
 /// One entry of a service's `hooks:`.
@@ -346,8 +353,7 @@ pub struct HookSection {
     /// What to run.
     pub run: HookCommand,
     /// Kill after this long (default 10s).
-    #[serde(default, with = "humantime_serde")]
-    pub timeout: Option<Duration>,
+    pub timeout: Option<PositiveDuration>,
 }
 
 /// `provider:` of a tunnel. Every kind in the design is listed so that a config naming one that
@@ -403,11 +409,9 @@ pub struct TunnelSection {
     /// `command`: regex whose first capture over the program's output is the endpoint.
     pub endpoint_regex: Option<String>,
     /// `command`: how long to wait for `endpoint_regex`.
-    #[serde(default, with = "humantime_serde")]
-    pub start_timeout: Option<Duration>,
+    pub start_timeout: Option<PositiveDuration>,
     /// `command`: SIGTERM → SIGKILL grace on stop.
-    #[serde(default, with = "humantime_serde")]
-    pub stop_grace: Option<Duration>,
+    pub stop_grace: Option<Delay>,
     /// `command`: extra environment for the program.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
@@ -429,17 +433,15 @@ pub struct TunnelSection {
     pub url: Option<String>,
     /// `cloudflare`: port dialled on `hostname` (default 443); `tailscale`: port on the peer,
     /// or the local port to serve.
-    pub port: Option<u16>,
+    pub port: Option<Port>,
     /// `cloudflare`: how long start waits for `/ready`.
-    #[serde(default, with = "humantime_serde")]
-    pub ready_timeout: Option<Duration>,
+    pub ready_timeout: Option<PositiveDuration>,
     /// `tailscale`: the tailscaled socket (`--socket`), for a userspace tailscaled.
     pub socket: Option<PathBuf>,
     /// `tailscale` peer mode: the peer's HostName, MagicDNS name or Tailscale IP.
     pub peer: Option<String>,
     /// `tailscale`: limit for each CLI call.
-    #[serde(default, with = "humantime_serde")]
-    pub check_timeout: Option<Duration>,
+    pub check_timeout: Option<PositiveDuration>,
     /// `tailscale`: `host:port` dialled instead of the peer's Tailscale IP (e.g. a MagicDNS
     /// name resolved through `dns.nameservers: [100.100.100.100]`).
     pub dial_address: Option<String>,
@@ -453,10 +455,9 @@ pub struct TunnelSection {
     pub region: Option<String>,
     /// `ngrok`: how long the agent may stay offline after an error line before it is
     /// restarted.
-    #[serde(default, with = "humantime_serde")]
-    pub reconnect_grace: Option<Duration>,
+    pub reconnect_grace: Option<PositiveDuration>,
     /// `tailscale` serve/funnel: the handler's HTTPS port (`--https`).
-    pub https_port: Option<u16>,
+    pub https_port: Option<Port>,
     /// `tailscale` serve/funnel: the handler's mount path (`--set-path`).
     pub serve_path: Option<String>,
     /// `cloudflare` access mode: file holding the Access service token's client ID.

@@ -54,12 +54,9 @@ impl Client {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> anyhow::Result<Response<Incoming>> {
-        let stream = UnixStream::connect(&self.socket).await.with_context(|| {
-            format!(
-                "cannot connect to {} (is the daemon running? set --socket or TUNNELKEEPER_SOCKET)",
-                self.socket.display()
-            )
-        })?;
+        let stream = UnixStream::connect(&self.socket)
+            .await
+            .map_err(|e| anyhow::anyhow!(connect_error(&self.socket, &e)))?;
         let body = body
             .map(|v| Bytes::from(serde_json::to_vec(&v).unwrap_or_default()))
             .unwrap_or_default();
@@ -161,6 +158,43 @@ impl Client {
 
 /// The pin endpoint of a service (its name is percent-encoded: names are restricted, but a
 /// typo with a slash must not reach another endpoint).
+/// What to do when the socket cannot be opened: the advice depends on why.
+fn connect_error(socket: &Path, error: &std::io::Error) -> String {
+    let socket_text = socket.display();
+    match error.kind() {
+        std::io::ErrorKind::PermissionDenied => {
+            // The socket (0660) and its directory (0750) belong to the daemon's group.
+            let group = std::fs::metadata(socket)
+                .or_else(|_| std::fs::metadata(socket.parent().unwrap_or(Path::new("/"))))
+                .ok()
+                .and_then(|meta| {
+                    use std::os::unix::fs::MetadataExt;
+                    nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(meta.gid())).ok()
+                })
+                .flatten()
+                .map_or_else(|| "tunnelkeeper".to_owned(), |group| group.name);
+            format!(
+                "permission denied on {socket_text}: the daemon is running, but only root, its \
+                 user and members of its group `{group}` may open the socket. Add your user to \
+                 the group (`sudo usermod -aG {group} $USER`, then log in again) and list the user \
+                 or the group in `daemon.readers`, or use sudo"
+            )
+        }
+        std::io::ErrorKind::NotFound => format!(
+            "cannot connect to {socket_text}: no such socket (is the daemon running? set \
+             --socket or TUNNELKEEPER_SOCKET)"
+        ),
+        std::io::ErrorKind::ConnectionRefused => format!(
+            "cannot connect to {socket_text}: nothing answers there (the daemon is not running; \
+             the socket is left over)"
+        ),
+        _ => format!(
+            "cannot connect to {socket_text}: {error} (is the daemon running? set --socket or \
+             TUNNELKEEPER_SOCKET)"
+        ),
+    }
+}
+
 fn pin_path(service: &str) -> String {
     let encoded: String = service
         .bytes()
@@ -170,4 +204,39 @@ fn pin_path(service: &str) -> String {
         })
         .collect();
     format!("/v1/services/{encoded}/pin")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_errors_say_what_to_do() {
+        let socket = Path::new("/nonexistent-dir-tk/control.sock");
+        let denied = connect_error(
+            socket,
+            &std::io::Error::from_raw_os_error(nix::libc::EACCES),
+        );
+        assert!(
+            denied.starts_with(
+                "permission denied on /nonexistent-dir-tk/control.sock: the daemon is running"
+            ) && denied.contains("usermod -aG")
+                && denied.contains("daemon.readers")
+                && !denied.contains("is the daemon running"),
+            "{denied}"
+        );
+        let missing = connect_error(
+            socket,
+            &std::io::Error::from_raw_os_error(nix::libc::ENOENT),
+        );
+        assert!(
+            missing.contains("no such socket (is the daemon running?"),
+            "{missing}"
+        );
+        let refused = connect_error(
+            socket,
+            &std::io::Error::from_raw_os_error(nix::libc::ECONNREFUSED),
+        );
+        assert!(refused.contains("the daemon is not running"), "{refused}");
+    }
 }

@@ -274,10 +274,7 @@ impl OpError {
 pub async fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     use anyhow::Context;
     use std::os::unix::fs::PermissionsExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating socket directory {}", dir.display()))?;
-    }
+    crate::socket_file::prepare_dir(path).context("daemon.control_socket")?;
     crate::socket_file::clear_stale(path)
         .await
         .context("daemon.control_socket (stop the other daemon or set another path)")?;

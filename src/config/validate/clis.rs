@@ -11,8 +11,9 @@ use tunnelkeeper_providers::spec::SpecError;
 use tunnelkeeper_providers::tailscale::{TailscaleSettings, TailscaleSpec};
 
 use super::Validator;
-use crate::config::locate::KeyPath;
 use crate::config::model::TunnelSection;
+use crate::config::path::KeyPath;
+use crate::config::scalar::Port;
 use crate::config::values::{check_host_port, credential_path};
 
 impl Validator {
@@ -22,17 +23,15 @@ impl Validator {
         path: &KeyPath,
     ) -> Option<CloudflareSpec> {
         let before = self.issues.len();
-        self.positive(t.ready_timeout, &path.key("ready_timeout"));
-        self.positive(t.stop_grace, &path.key("stop_grace"));
         let settings = CloudflareSettings {
             mode: t.mode.clone(),
             binary: t.binary.clone(),
             token_file: self.secret_file_as_given(t.token_file.as_ref(), path, "token_file"),
             hostname: t.hostname.clone(),
             url: t.url.clone(),
-            port: t.port,
-            ready_timeout: t.ready_timeout,
-            stop_grace: t.stop_grace,
+            port: t.port.map(Port::get),
+            ready_timeout: t.ready_timeout.map(|d| d.get()),
+            stop_grace: t.stop_grace.map(|d| d.get()),
             service_token_id_file: self.secret_file_as_given(
                 t.service_token_id_file.as_ref(),
                 path,
@@ -50,7 +49,6 @@ impl Validator {
 
     pub(super) fn tailscale(&mut self, t: &TunnelSection, path: &KeyPath) -> Option<TailscaleSpec> {
         let before = self.issues.len();
-        self.positive(t.check_timeout, &path.key("check_timeout"));
         if let Some(address) = &t.dial_address {
             self.check(&path.key("dial_address"), check_host_port(address));
         }
@@ -59,10 +57,10 @@ impl Validator {
             binary: t.binary.clone(),
             socket: t.socket.clone(),
             peer: t.peer.clone(),
-            port: t.port,
-            check_timeout: t.check_timeout,
+            port: t.port.map(Port::get),
+            check_timeout: t.check_timeout.map(|d| d.get()),
             dial_address: t.dial_address.clone(),
-            https_port: t.https_port,
+            https_port: t.https_port.map(Port::get),
             serve_path: t.serve_path.clone(),
         };
         let spec = self.built(settings.parse(), path)?;
@@ -74,9 +72,6 @@ impl Validator {
         if let Some(to) = &t.to {
             self.check(&path.key("to"), check_host_port(to));
         }
-        self.positive(t.start_timeout, &path.key("start_timeout"));
-        self.positive(t.stop_grace, &path.key("stop_grace"));
-        self.positive(t.reconnect_grace, &path.key("reconnect_grace"));
         let settings = NgrokSettings {
             proto: t.proto.clone(),
             binary: t.binary.clone(),
@@ -88,9 +83,9 @@ impl Validator {
             ),
             url: t.url.clone(),
             region: t.region.clone(),
-            start_timeout: t.start_timeout,
-            reconnect_grace: t.reconnect_grace,
-            stop_grace: t.stop_grace,
+            start_timeout: t.start_timeout.map(|d| d.get()),
+            reconnect_grace: t.reconnect_grace.map(|d| d.get()),
+            stop_grace: t.stop_grace.map(|d| d.get()),
             // The agent's 0600 config file (a copy of the token) lives under the daemon's
             // runtime directory, a tmpfs: a crash cannot leave it on persistent disk.
             config_dir: self.runtime_dir.join("ngrok"),

@@ -21,14 +21,16 @@ use tunnelkeeper_providers::command::{CommandSpec, EndpointSource};
 use tunnelkeeper_providers::direct::DirectSpec;
 
 mod clis;
+pub(crate) mod collisions;
 mod ssh;
 
-use crate::config::locate::KeyPath;
 use crate::config::model::{
-    ConfigFile, DaemonSection, DefaultsSection, DnsSection, FailoverSection, HookCommand,
-    HookSection, OnFailover, ProbeSection, ProviderKind, RestartSection, RouterSection,
-    ServiceSection, Standby, TunnelSection,
+    ConfigFile, DaemonSection, DefaultsSection, DnsSection, HookCommand, HookSection, OnFailover,
+    ProbeSection, ProviderKind, RestartSection, RouterSection, ServiceSection, Standby,
+    TunnelSection,
 };
+use crate::config::path::KeyPath;
+use crate::config::scalar::{Count, Delay, PositiveDuration};
 use crate::config::spec::{
     default, Config, DaemonSpec, ExtraCheck, HookSpec, ListenSpec, ProbeSpec, ProviderSpec,
     RestartSpec, RouterSpec, ServiceSpec, TunnelSpec, VerifySpec,
@@ -104,13 +106,27 @@ pub(crate) fn validate(file: &ConfigFile, source: &Path) -> Result<Config, Vec<I
     if !v.issues.is_empty() {
         return Err(v.issues);
     }
-    Ok(Config {
+    let config = Config {
         source: source.to_path_buf(),
         daemon,
         nameservers,
         services,
         routers,
-    })
+    };
+    let clashes = collisions::collisions(&config);
+    if !clashes.is_empty() {
+        return Err(clashes
+            .into_iter()
+            .map(|clash| Issue {
+                path: match clash.service {
+                    Some(i) => services_path.index(i).key("listen"),
+                    None => root.key("daemon").key("metrics_listen"),
+                },
+                message: clash.message,
+            })
+            .collect());
+    }
+    Ok(config)
 }
 
 /// The runtime directory: where the control socket lives (`RuntimeDirectory=` under systemd).
@@ -281,13 +297,6 @@ impl Validator {
         }
     }
 
-    /// A duration that must be greater than zero.
-    fn positive(&mut self, value: Option<Duration>, path: &KeyPath) {
-        if value == Some(Duration::ZERO) {
-            self.error(path.clone(), "must be greater than 0".to_owned());
-        }
-    }
-
     /// A service, tunnel or router name: checked for shape and uniqueness at its level.
     fn name(&mut self, names: &mut Names, name: &str, path: &KeyPath) {
         let what = names.what;
@@ -384,7 +393,9 @@ impl Validator {
             control_socket,
             state_dir,
             readers,
-            shutdown_grace: daemon.shutdown_grace.unwrap_or(default::SHUTDOWN_GRACE),
+            shutdown_grace: daemon
+                .shutdown_grace
+                .map_or(default::SHUTDOWN_GRACE, Delay::get),
             metrics_listen,
         }
     }
@@ -408,19 +419,11 @@ impl Validator {
 
     fn defaults(&mut self, defaults: &DefaultsSection, path: &KeyPath) {
         self.probe_section(&defaults.probe, &path.key("probe"));
-        self.failover_section(&defaults.failover, &path.key("failover"));
         self.restart_section(&defaults.restart, &path.key("restart"));
     }
 
     /// Checks every value written in one `probe:` block, at whatever level.
     fn probe_section(&mut self, probe: &ProbeSection, path: &KeyPath) {
-        self.positive(probe.interval, &path.key("interval"));
-        self.positive(probe.timeout, &path.key("timeout"));
-        for (field, value) in [("rise", probe.rise), ("fall", probe.fall)] {
-            if value == Some(0) {
-                self.error(path.key(field), "must be at least 1".to_owned());
-            }
-        }
         for (field, value) in [("send", &probe.send), ("expect", &probe.expect)] {
             if value.as_deref() == Some("") {
                 self.error(
@@ -454,15 +457,7 @@ impl Validator {
         }
     }
 
-    fn failover_section(&mut self, failover: &FailoverSection, path: &KeyPath) {
-        // Zero tolerance and a zero hold are meaningful (switch on any gain, at once); a zero
-        // latency ceiling would make every measured tunnel degraded.
-        self.positive(failover.max_latency, &path.key("max_latency"));
-    }
-
     fn restart_section(&mut self, restart: &RestartSection, path: &KeyPath) {
-        self.positive(restart.initial, &path.key("initial"));
-        self.positive(restart.max, &path.key("max"));
         if let Some(multiplier) = restart.multiplier {
             // NaN is not finite, so it is rejected here too.
             if !multiplier.is_finite() || multiplier < 1.0 {
@@ -494,9 +489,6 @@ impl Validator {
             let path = path.index(i);
             self.name(&mut names, &router.name, &path.key("name"));
             let ssh = self.ssh_target(&router.ssh, &path.key("ssh"));
-            self.positive(router.check_interval, &path.key("check_interval"));
-            self.positive(router.verify_interval, &path.key("verify_interval"));
-            self.positive(router.command_timeout, &path.key("command_timeout"));
             let boot_id_command = router
                 .boot_id_command
                 .clone()
@@ -527,7 +519,7 @@ impl Validator {
                     boot_id_command,
                     check_interval: router
                         .check_interval
-                        .unwrap_or(default::ROUTER_CHECK_INTERVAL),
+                        .map_or(default::ROUTER_CHECK_INTERVAL, PositiveDuration::get),
                     provision: router.provision.clone(),
                     verify: router
                         .verify
@@ -540,10 +532,10 @@ impl Validator {
                         .collect(),
                     verify_interval: router
                         .verify_interval
-                        .unwrap_or(default::ROUTER_VERIFY_INTERVAL),
+                        .map_or(default::ROUTER_VERIFY_INTERVAL, PositiveDuration::get),
                     command_timeout: router
                         .command_timeout
-                        .unwrap_or(default::ROUTER_COMMAND_TIMEOUT),
+                        .map_or(default::ROUTER_COMMAND_TIMEOUT, PositiveDuration::get),
                 });
             }
         }
@@ -558,9 +550,7 @@ impl Validator {
         routers: &BTreeSet<String>,
     ) -> ServiceSpec {
         let listen = self.listen(service, path);
-        self.positive(service.connect_timeout, &path.key("connect_timeout"));
         self.probe_section(&service.probe, &path.key("probe"));
-        self.failover_section(&service.failover, &path.key("failover"));
         self.restart_section(&service.restart, &path.key("restart"));
 
         let defaults_path = KeyPath::root().key("defaults");
@@ -571,11 +561,11 @@ impl Validator {
         let policy = Policy {
             mode: layer(&failover_levels, "mode", Mode::Priority, |f| f.mode).value,
             tolerance: layer(&failover_levels, "tolerance", default::TOLERANCE, |f| {
-                f.tolerance
+                f.tolerance.map(Delay::get)
             })
             .value,
             max_latency: layer(&failover_levels, "max_latency", default::MAX_LATENCY, |f| {
-                f.max_latency
+                f.max_latency.map(PositiveDuration::get)
             })
             .value,
             failback: layer(&failover_levels, "failback", Failback::Auto, |f| f.failback).value,
@@ -583,7 +573,7 @@ impl Validator {
                 &failover_levels,
                 "failback_hold",
                 default::FAILBACK_HOLD,
-                |f| f.failback_hold,
+                |f| f.failback_hold.map(Delay::get),
             )
             .value,
         };
@@ -625,7 +615,7 @@ impl Validator {
         // By default the first election waits as long as the slowest tunnel needs to prove
         // itself: `rise` probes one `interval` apart, the last one taking up to `timeout`, with
         // one interval to spare for starting its process.
-        let settle = layer_opt(&failover_levels, "settle", |f| f.settle)
+        let settle = layer_opt(&failover_levels, "settle", |f| f.settle.map(Delay::get))
             .map(|(value, _)| value)
             .unwrap_or_else(|| {
                 tunnels
@@ -643,7 +633,9 @@ impl Validator {
             name: service.name.clone(),
             policy,
             settle,
-            connect_timeout: service.connect_timeout.unwrap_or(default::CONNECT_TIMEOUT),
+            connect_timeout: service
+                .connect_timeout
+                .map_or(default::CONNECT_TIMEOUT, PositiveDuration::get),
             on_failover: service.on_failover.unwrap_or(OnFailover::Keep),
             listen,
             hooks,
@@ -671,10 +663,6 @@ impl Validator {
             }
             return None;
         };
-        self.positive(service.idle_timeout, &path.key("idle_timeout"));
-        if service.max_connections == Some(0) {
-            self.error(path.key("max_connections"), "must be at least 1".to_owned());
-        }
         let address = match parse_listen(listen) {
             Ok(address) => address,
             Err(message) => {
@@ -685,8 +673,14 @@ impl Validator {
         Some(ListenSpec {
             address,
             retries: service.retries,
-            max_connections: service.max_connections.unwrap_or(default::MAX_CONNECTIONS),
-            idle_timeout: Some(service.idle_timeout.unwrap_or(default::IDLE_TIMEOUT)),
+            max_connections: service
+                .max_connections
+                .map_or(default::MAX_CONNECTIONS, Count::get),
+            idle_timeout: Some(
+                service
+                    .idle_timeout
+                    .map_or(default::IDLE_TIMEOUT, PositiveDuration::get),
+            ),
             replay_unanswered: service.replay_unanswered.unwrap_or(true),
         })
     }
@@ -721,11 +715,12 @@ impl Validator {
             }
             HookCommand::Argv(argv) => self.argv(argv, &run_path),
         }
-        self.positive(hook.timeout, &path.key("timeout"));
         HookSpec {
             on: hook.on.clone(),
             argv: Vec::from(&hook.run),
-            timeout: hook.timeout.unwrap_or(default::HOOK_TIMEOUT),
+            timeout: hook
+                .timeout
+                .map_or(default::HOOK_TIMEOUT, PositiveDuration::get),
         }
     }
 
@@ -795,8 +790,12 @@ impl Validator {
 
     /// Probe settings of one tunnel, layered, with the checks that relate two fields.
     fn layered_probe(&mut self, levels: &[(&ProbeSection, KeyPath)], label: &str) -> ProbeSpec {
-        let interval = layer(levels, "interval", default::PROBE_INTERVAL, |p| p.interval);
-        let timeout = layer(levels, "timeout", default::PROBE_TIMEOUT, |p| p.timeout);
+        let interval = layer(levels, "interval", default::PROBE_INTERVAL, |p| {
+            p.interval.map(PositiveDuration::get)
+        });
+        let timeout = layer(levels, "timeout", default::PROBE_TIMEOUT, |p| {
+            p.timeout.map(PositiveDuration::get)
+        });
         if !interval.value.is_zero() && timeout.value > interval.value {
             // Reported at the timeout if it was written anywhere, else at the interval.
             let (at, other) = match (&timeout.from, &interval.from) {
@@ -814,8 +813,14 @@ impl Validator {
                 ),
             );
         }
-        let rise = layer(levels, "rise", default::PROBE_RISE, |p| p.rise).value;
-        let fall = layer(levels, "fall", default::PROBE_FALL, |p| p.fall).value;
+        let rise = layer(levels, "rise", default::PROBE_RISE, |p| {
+            p.rise.map(Count::get)
+        })
+        .value;
+        let fall = layer(levels, "fall", default::PROBE_FALL, |p| {
+            p.fall.map(Count::get)
+        })
+        .value;
 
         let send = layer_opt(levels, "send", |p| p.send.clone());
         let expect = layer_opt(levels, "expect", |p| p.expect.clone());
@@ -872,8 +877,12 @@ impl Validator {
         levels: &[(&RestartSection, KeyPath)],
         label: &str,
     ) -> RestartSpec {
-        let initial = layer(levels, "initial", default::RESTART_INITIAL, |r| r.initial);
-        let max = layer(levels, "max", default::RESTART_MAX, |r| r.max);
+        let initial = layer(levels, "initial", default::RESTART_INITIAL, |r| {
+            r.initial.map(PositiveDuration::get)
+        });
+        let max = layer(levels, "max", default::RESTART_MAX, |r| {
+            r.max.map(PositiveDuration::get)
+        });
         if !max.value.is_zero() && initial.value > max.value {
             let (at, other) = match (&initial.from, &max.from) {
                 (Some(at), _) => (at.clone(), format!("max {}", origin(&max))),
@@ -899,7 +908,7 @@ impl Validator {
             .value,
             jitter: layer(levels, "jitter", default::RESTART_JITTER, |r| r.jitter).value,
             when_down: layer(levels, "when_down", default::RESTART_WHEN_DOWN, |r| {
-                r.when_down
+                r.when_down.map(Delay::get)
             })
             .value,
         }
@@ -989,8 +998,6 @@ impl Validator {
                 }
             },
         };
-
-        self.positive(tunnel.start_timeout, &path.key("start_timeout"));
         for (name, value) in &tunnel.env {
             let at = path.key("env").key(name);
             if name.is_empty() {
@@ -1023,8 +1030,10 @@ impl Validator {
                 .map(|(name, value)| (name.clone(), value.clone()))
                 .collect(),
             env_file,
-            start_timeout: tunnel.start_timeout.unwrap_or(default::START_TIMEOUT),
-            stop_grace: tunnel.stop_grace.unwrap_or(default::STOP_GRACE),
+            start_timeout: tunnel
+                .start_timeout
+                .map_or(default::START_TIMEOUT, PositiveDuration::get),
+            stop_grace: tunnel.stop_grace.map_or(default::STOP_GRACE, Delay::get),
         })
     }
 }

@@ -11,8 +11,9 @@ use std::time::Duration;
 use tunnelkeeper_providers::ssh::{Forward, HostKeyPolicy, SshSpec, SshTarget};
 
 use super::Validator;
-use crate::config::locate::KeyPath;
 use crate::config::model::{HostKeyPolicyName, SshSection, TunnelSection};
+use crate::config::path::KeyPath;
+use crate::config::scalar::{Port, PositiveDuration};
 use crate::config::values::{check_bind_address, check_host_port, credential_path};
 
 impl Validator {
@@ -77,12 +78,6 @@ impl Validator {
         if ssh.host.trim().is_empty() {
             self.error(path.key("host"), "must not be empty".to_owned());
         }
-        if ssh.port == Some(0) {
-            self.error(
-                path.key("port"),
-                "0 is not a valid port (1-65535)".to_owned(),
-            );
-        }
         if ssh.user.as_deref().is_some_and(|u| u.trim().is_empty()) {
             self.error(path.key("user"), "must not be empty".to_owned());
         }
@@ -117,31 +112,13 @@ impl Validator {
                 "`passphrase_file` unlocks `identity_file`, which is not set".to_owned(),
             );
         }
-        for (key, value) in [
-            ("connect_timeout", ssh.connect_timeout),
-            ("auth_timeout", ssh.auth_timeout),
-            ("keepalive_interval", ssh.keepalive_interval),
-            ("idle_timeout", ssh.idle_timeout),
-            ("max_age", ssh.max_age),
-        ] {
-            self.positive(value, &path.key(key));
-        }
-        for (key, value) in [
-            ("keepalive_max", ssh.keepalive_max),
-            ("max_channels", ssh.max_channels),
-        ] {
-            if value == Some(0) {
-                self.error(path.key(key), "must be at least 1".to_owned());
-            }
-        }
-
         let mut target = SshTarget::new(
             ssh.host.clone(),
             ssh.known_hosts
                 .clone()
                 .unwrap_or_else(|| self.config_dir.join("known_hosts")),
         );
-        target.port = ssh.port;
+        target.port = ssh.port.map(Port::get);
         target.user = ssh.user.clone();
         target.identity_file = identity_file;
         target.passphrase_file = passphrase_file;
@@ -155,9 +132,9 @@ impl Validator {
             relative_to(&dir, &mut p);
             p
         });
-        let set = |value: Option<Duration>, slot: &mut Duration| {
+        let set = |value: Option<PositiveDuration>, slot: &mut Duration| {
             if let Some(v) = value {
-                *slot = v;
+                *slot = v.get();
             }
         };
         set(ssh.connect_timeout, &mut target.connect_timeout);
@@ -166,10 +143,10 @@ impl Validator {
         set(ssh.idle_timeout, &mut target.idle_timeout);
         set(ssh.max_age, &mut target.max_age);
         if let Some(n) = ssh.keepalive_max {
-            target.keepalive_max = n;
+            target.keepalive_max = n.get();
         }
         if let Some(n) = ssh.max_channels {
-            target.max_channels = n;
+            target.max_channels = n.get();
         }
         if let Some(n) = ssh.max_sessions {
             target.max_sessions = n;
