@@ -484,3 +484,106 @@ pub fn reload(socket: &SocketArgs) -> u8 {
         Ok(())
     })
 }
+
+/// `SERVICE TUNNEL` and the socket options of `restart`, `drain`, `undrain` and `probe`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TunnelArgs {
+    /// Service name.
+    pub service: String,
+    /// Tunnel name.
+    pub tunnel: String,
+    #[command(flatten)]
+    pub socket: SocketArgs,
+}
+
+/// What an operator does to one tunnel from the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunnelVerb {
+    /// Stop it and start it again now.
+    Restart,
+    /// Take it out of service (not elected, no new connections, open ones kept).
+    Drain,
+    /// Put it back into service.
+    Undrain,
+    /// Run one probe now and print its timing.
+    Probe,
+}
+
+impl TunnelVerb {
+    fn name(self) -> &'static str {
+        match self {
+            TunnelVerb::Restart => "restart",
+            TunnelVerb::Drain => "drain",
+            TunnelVerb::Undrain => "undrain",
+            TunnelVerb::Probe => "probe",
+        }
+    }
+}
+
+/// `tunnelkeeper restart|drain|undrain|probe SERVICE TUNNEL`. A failed probe exits 1 after
+/// printing why.
+pub fn tunnel(args: &TunnelArgs, verb: TunnelVerb) -> u8 {
+    let (socket, service, tunnel) = (&args.socket, args.service.as_str(), args.tunnel.as_str());
+    let mut probe_failed = false;
+    let code = with_client(socket, |client| {
+        let probe_failed = &mut probe_failed;
+        async move {
+            let answer = client.tunnel(service, tunnel, verb.name()).await?;
+            let primary = answer["primary"].as_str().unwrap_or("none");
+            match verb {
+                TunnelVerb::Restart => {
+                    println!("{service}/{tunnel}: restarted (primary now: {primary})")
+                }
+                TunnelVerb::Drain => println!(
+                    "{service}/{tunnel}: drained: not elected, no new connections; open ones go on \
+                     (primary now: {primary})"
+                ),
+                TunnelVerb::Undrain => {
+                    println!("{service}/{tunnel}: back in service (primary now: {primary})")
+                }
+                TunnelVerb::Probe => {
+                    println!("{}", escape_controls(&render_probe(&answer)));
+                    *probe_failed = answer["ok"] != serde_json::Value::Bool(true);
+                }
+            }
+            Ok(())
+        }
+    });
+    if code == EXIT_OK && probe_failed {
+        EXIT_RUNTIME
+    } else {
+        code
+    }
+}
+
+/// One line for the answer of a probe: `svc/t: ok in 3.2ms (latency 2.9ms)` or
+/// `svc/t: failed after 1000.0ms: REASON`.
+pub fn render_probe(answer: &serde_json::Value) -> String {
+    let name = format!(
+        "{}/{}",
+        answer["service"].as_str().unwrap_or("?"),
+        answer["tunnel"].as_str().unwrap_or("?")
+    );
+    let elapsed = answer["elapsed_ms"].as_f64().unwrap_or_default();
+    if answer["ok"] == serde_json::Value::Bool(true) {
+        let latency = answer["latency_ms"].as_f64().unwrap_or_default();
+        format!("{name}: ok in {elapsed:.1}ms (end-to-end latency {latency:.1}ms)")
+    } else {
+        format!(
+            "{name}: failed after {elapsed:.1}ms: {}",
+            answer["error"].as_str().unwrap_or("unknown reason")
+        )
+    }
+}
+
+/// `tunnelkeeper ssh-reset TARGET`
+pub fn ssh_reset(socket: &SocketArgs, target: &str) -> u8 {
+    with_client(socket, |client| async move {
+        let answer = client.ssh_reset(target).await?;
+        println!(
+            "{target}: {} session(s) closed; their users reconnect",
+            answer["closed"].as_u64().unwrap_or_default()
+        );
+        Ok(())
+    })
+}
