@@ -292,3 +292,208 @@ pub fn restart_required(booted: &Config, new: &Config) -> Vec<String> {
     }
     keys
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    /// A configuration with services given as YAML list items and routers as YAML text.
+    fn config(services: &str, routers: &str, extra_daemon: &str) -> Config {
+        let text = format!(
+            "version: 1\n\
+             daemon: {{ control_socket: /run/tk.sock, state_dir: /var/lib/tk{extra_daemon} }}\n\
+             services:\n{services}\n{routers}"
+        );
+        crate::config::parse(&text, Path::new("t.yaml")).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn service(name: &str, listen: Option<&str>, tunnels: &[(&str, u32)]) -> String {
+        let listen = listen
+            .map(|l| format!("    listen: \"{l}\"\n"))
+            .unwrap_or_default();
+        let tunnels: String = tunnels
+            .iter()
+            .map(|(t, port)| {
+                format!(
+                    "      - {{ name: {t}, provider: direct, priority: {port}, address: \"127.0.0.1:{port}\" }}\n"
+                )
+            })
+            .collect();
+        format!("  - name: {name}\n{listen}    tunnels:\n{tunnels}")
+    }
+
+    fn router(name: &str, host: &str) -> String {
+        format!(
+            "  - name: {name}\n    ssh: {{ host: {host}, user: root, identity_file: /k, known_hosts: /kh }}\n"
+        )
+    }
+
+    #[test]
+    fn an_unchanged_file_plans_nothing() {
+        let a = config(&service("web", Some("127.0.0.1:8080"), &[("a", 1)]), "", "");
+        let plan = plan(&a, &a);
+        assert!(plan.removed_services.is_empty());
+        assert_eq!(plan.services[0].step, ServiceStep::Keep);
+        assert_eq!(plan.routers, Changes::default());
+        assert!(!plan.readers_changed);
+        assert_eq!(plan.changes(&a, &a), Changes::default());
+        assert!(plan.binds_first(&a, &a).is_empty());
+    }
+
+    #[test]
+    fn tunnels_are_kept_restarted_started_and_stopped_by_name_and_settings() {
+        let old = config(
+            &service("web", None, &[("keep", 1), ("change", 2), ("drop", 3)]),
+            "",
+            "",
+        );
+        let new = config(
+            &service("web", None, &[("add", 4), ("change", 5), ("keep", 1)]),
+            "",
+            "",
+        );
+        let plan = plan(&old, &new);
+        let ServiceStep::Update(update) = &plan.services[0].step else {
+            panic!("{plan:?}");
+        };
+        assert!(!update.settings_changed, "only tunnels changed");
+        assert!(!update.hooks_changed);
+        assert_eq!(update.listener, ListenerStep::None);
+        assert_eq!(
+            update.tunnels.steps,
+            [TunnelStep::Start, TunnelStep::Restart(1), TunnelStep::Keep(0)]
+        );
+        assert_eq!(update.tunnels.removed, [2]);
+        assert_eq!(
+            plan.changes(&old, &new),
+            Changes {
+                added: vec!["web/add".into()],
+                removed: vec!["web/drop".into()],
+                changed: vec!["web/change".into()],
+            }
+        );
+    }
+
+    #[test]
+    fn services_come_and_go_and_a_setting_of_their_own_is_a_change() {
+        let old = config(
+            &format!(
+                "{}{}",
+                service("gone", None, &[("a", 1)]),
+                service("web", None, &[("a", 1)])
+            ),
+            "",
+            "",
+        );
+        let mut new = config(
+            &format!(
+                "{}{}",
+                service("web", None, &[("a", 1)]),
+                service("new", None, &[("b", 2)])
+            ),
+            "",
+            "",
+        );
+        new.services[0].settle = old.services[1].settle * 2;
+        let plan = plan(&old, &new);
+        assert_eq!(plan.removed_services, ["gone"]);
+        let ServiceStep::Update(update) = &plan.services[0].step else {
+            panic!("{plan:?}");
+        };
+        assert!(update.settings_changed);
+        assert_eq!(update.tunnels.steps, [TunnelStep::Keep(0)]);
+        assert_eq!(plan.services[1].step, ServiceStep::Start);
+        assert_eq!(
+            plan.changes(&old, &new),
+            Changes {
+                added: vec!["new".into()],
+                removed: vec!["gone".into()],
+                changed: vec!["web".into()],
+            }
+        );
+    }
+
+    #[test]
+    fn listeners_move_start_retire_and_only_free_new_addresses_are_bound_first() {
+        let old = config(
+            &format!(
+                "{}{}{}",
+                service("a", Some("127.0.0.1:1001"), &[("t", 1)]),
+                service("b", Some("127.0.0.1:1002"), &[("t", 1)]),
+                service("c", None, &[("t", 1)]),
+            ),
+            "",
+            "",
+        );
+        // a moves to a free address, b retires, c takes the address b held, d is new with a
+        // free address.
+        let new = config(
+            &format!(
+                "{}{}{}{}",
+                service("a", Some("127.0.0.1:2001"), &[("t", 1)]),
+                service("b", None, &[("t", 1)]),
+                service("c", Some("127.0.0.1:1002"), &[("t", 1)]),
+                service("d", Some("127.0.0.1:2004"), &[("t", 1)]),
+            ),
+            "",
+            "",
+        );
+        let plan = plan(&old, &new);
+        let listener = |i: usize| match &plan.services[i].step {
+            ServiceStep::Update(u) => u.listener.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(listener(0), ListenerStep::Rebind);
+        assert_eq!(listener(1), ListenerStep::Retire);
+        assert_eq!(listener(2), ListenerStep::Start);
+        assert_eq!(plan.services[3].step, ServiceStep::Start);
+        let first: Vec<&str> = plan
+            .binds_first(&old, &new)
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        assert_eq!(first, ["a", "d"], "c's address is held until b lets it go");
+    }
+
+    #[test]
+    fn routers_are_diffed_by_name_and_settings() {
+        let services = service("web", None, &[("a", 1)]);
+        let old = config(
+            &services,
+            &format!("routers:\n{}{}", router("r1", "10.0.0.1"), router("r2", "10.0.0.2")),
+            "",
+        );
+        let new = config(
+            &services,
+            &format!("routers:\n{}{}", router("r2", "10.0.0.9"), router("r3", "10.0.0.3")),
+            "",
+        );
+        let plan = plan(&old, &new);
+        assert_eq!(
+            plan.routers,
+            Changes {
+                added: vec!["r3".into()],
+                removed: vec!["r1".into()],
+                changed: vec!["r2".into()],
+            }
+        );
+        assert_eq!(
+            plan.changes(&old, &new).changed,
+            ["router:r2"],
+            "routers are named router:NAME"
+        );
+    }
+
+    #[test]
+    fn readers_and_restart_only_settings_are_told_apart() {
+        let services = service("web", None, &[("a", 1)]);
+        let old = config(&services, "", "");
+        let new = config(&services, "", ", readers: [\"uid:1000\"], metrics_listen: \"127.0.0.1:9\"");
+        let plan = plan(&old, &new);
+        assert!(plan.readers_changed);
+        assert_eq!(plan.services[0].step, ServiceStep::Keep);
+        assert_eq!(restart_required(&old, &new), ["daemon.metrics_listen"]);
+        assert!(restart_required(&old, &old).is_empty());
+    }
+}

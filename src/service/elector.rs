@@ -471,6 +471,18 @@ mod tests {
             elected.await.unwrap();
         }
 
+        async fn drain(&self, tunnel: &str, drained: bool) {
+            let (done, elected) = oneshot::channel();
+            self.commands
+                .send(Command::Drain(tunnel.into(), drained, done))
+                .unwrap();
+            elected.await.unwrap();
+        }
+
+        fn order(&self) -> Vec<String> {
+            self.primary.borrow().order.clone()
+        }
+
         /// Lets the loop run without letting time pass.
         async fn settle(&self) {
             for _ in 0..10 {
@@ -767,6 +779,83 @@ mod tests {
             h.primary().as_deref(),
             Some("a"),
             "a removed primary is replaced at once"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drained_tunnel_is_neither_elected_nor_dialled_until_undrained() {
+        let hold = Duration::from_secs(30);
+        let mut h = start(hold);
+        h.up(0);
+        h.up(1);
+        h.settle().await;
+        assert_eq!(h.primary().as_deref(), Some("a"));
+        h.drain("a", true).await;
+        assert_eq!(h.primary().as_deref(), Some("b"), "a drained primary is replaced");
+        assert_eq!(h.order(), ["b"], "new connections never dial a drained tunnel");
+        let board = status::read(&h.status);
+        assert!(board.tunnels[0].drained && !board.tunnels[1].drained);
+        assert_eq!(board.tunnels[0].state, crate::status::TunnelState::Up, "it keeps running");
+        // Even with nothing else up, a drained tunnel is not a fallback.
+        h.die(1);
+        h.settle().await;
+        assert!(!h.order().contains(&"a".to_owned()), "{:?}", h.order());
+        assert_ne!(h.primary().as_deref(), Some("a"));
+        // Pinning a drained tunnel does not bring it back either.
+        h.pin(Some("a")).await;
+        assert_ne!(h.primary().as_deref(), Some("a"));
+        h.pin(None).await;
+        h.up(1);
+        h.settle().await;
+        assert_eq!(h.primary().as_deref(), Some("b"));
+        // Undrained, it is a contender again: being better, it takes over.
+        h.drain("a", false).await;
+        tokio::time::advance(hold + Duration::from_millis(1)).await;
+        h.settle().await;
+        assert_eq!(h.primary().as_deref(), Some("a"));
+        assert!(!status::read(&h.status).tunnels[0].drained);
+        let reasons = h.reasons();
+        assert_eq!(reasons[0], "initial");
+        assert!(reasons.len() >= 3, "{reasons:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_status_board_is_derived_from_the_entries_and_follows_a_restart() {
+        let h = start(Duration::from_secs(30));
+        h.up(0);
+        h.up(1);
+        h.settle().await;
+        assert_eq!(h.primary().as_deref(), Some("a"));
+        // `a` restarted: a new task (slot 9) under the same spec, from scratch.
+        let spec = service(Duration::from_secs(30), vec![tunnel("a", 10), tunnel("b", 20)]);
+        h.commands
+            .send(Command::Reconfigure {
+                spec: Box::new(spec),
+                slots: vec![(9, Some(watch::channel(true).0)), (1, None)],
+            })
+            .unwrap();
+        h.settle().await;
+        let board = status::read(&h.status);
+        assert_eq!(board.primary.as_deref(), Some("b"), "{board:?}");
+        assert_eq!(board.tunnels[0].state, crate::status::TunnelState::Starting);
+        assert_eq!(board.tunnels[1].state, crate::status::TunnelState::Up);
+        // The old task's last words are ignored; the new one's count.
+        h.die(0);
+        h.reports
+            .send((
+                9,
+                Report::Probe {
+                    latency: Some(Duration::from_millis(1)),
+                    error: None,
+                    transition: Some(Transition::Up),
+                },
+            ))
+            .unwrap();
+        h.settle().await;
+        assert_eq!(h.primary().as_deref(), Some("a"), "a first up wins at once");
+        assert_eq!(
+            status::read(&h.status).tunnels[0].state,
+            crate::status::TunnelState::Up
         );
     }
 }
