@@ -287,6 +287,13 @@ fn render_escaped(status: &DaemonStatus) -> String {
                 .filter(|_| t.state != TunnelState::Stopped)
                 .map(|ms| format!("{ms:.1}ms"))
                 .unwrap_or_else(|| "-".into());
+            // Drained is not a state: the tunnel runs on, only the election and new
+            // connections leave it alone.
+            let reason = match (t.drained, t.reason.as_deref()) {
+                (true, Some(why)) => format!("drained (no new connections); {why}"),
+                (true, None) => "drained (no new connections)".to_owned(),
+                (false, why) => why.unwrap_or("").to_owned(),
+            };
             let _ = writeln!(
                 out,
                 "  {:<1} {:<14} {:<9} {:>5} {:<10} {:>9} {:<24} {:>8} {:>7}  {}",
@@ -299,7 +306,7 @@ fn render_escaped(status: &DaemonStatus) -> String {
                 t.endpoint.as_deref().unwrap_or("-"),
                 t.restarts,
                 t.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-                t.reason.as_deref().unwrap_or("")
+                reason
             );
         }
     }

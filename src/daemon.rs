@@ -263,13 +263,15 @@ impl Daemon {
             } => {
                 // A probe may take its whole timeout: it runs beside the main loop, which
                 // goes on applying writes and petting the watchdog.
-                match self.service(&service).and_then(|s| {
-                    s.probe_now(&tunnel).map_err(OpError::not_found)
-                }) {
+                match self
+                    .service(&service)
+                    .and_then(|s| s.probe_now(&tunnel).map_err(OpError::not_found))
+                {
                     Ok(probe) => {
                         tokio::spawn(async move {
                             let outcome = probe.await;
-                            let _ = reply.send(Ok(serde_json::to_value(&outcome).unwrap_or_default()));
+                            let _ =
+                                reply.send(Ok(serde_json::to_value(&outcome).unwrap_or_default()));
                         });
                     }
                     Err(e) => {
@@ -340,7 +342,9 @@ impl Daemon {
                     .map_err(OpError::not_found)?;
             }
             TunnelAction::Probe => {
-                return Err(OpError::internal("a probe is answered beside the main loop"))
+                return Err(OpError::internal(
+                    "a probe is answered beside the main loop",
+                ))
             }
         }
         let status = handle.status();
@@ -362,8 +366,13 @@ impl Daemon {
                 Ok(serde_json::json!({ "target": target, "closed": closed }))
             }
             None => {
-                let known: Vec<String> =
-                    self.ssh.stats().targets.into_iter().map(|t| t.target).collect();
+                let known: Vec<String> = self
+                    .ssh
+                    .stats()
+                    .targets
+                    .into_iter()
+                    .map(|t| t.target)
+                    .collect();
                 Err(OpError::not_found(format!(
                     "no SSH target `{target}` in the pool (targets: {})",
                     if known.is_empty() {
@@ -550,7 +559,9 @@ impl Daemon {
     /// Re-applies the persisted pins and drains (at start).
     async fn apply_pins(&mut self) {
         for stale in self.drains.retain_known(&self.config) {
-            tracing::warn!("drain of {stale} dropped: no such service or tunnel in the configuration");
+            tracing::warn!(
+                "drain of {stale} dropped: no such service or tunnel in the configuration"
+            );
         }
         for (service, tunnel) in self.drains.all() {
             if let Some(handle) = self.services.iter().find(|s| s.spec.name == service) {

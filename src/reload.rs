@@ -234,7 +234,11 @@ impl Plan {
                         .iter()
                         .find(|s| s.name == service.name)
                         .map_or(&[][..], |s| &s.tunnels[..]);
-                    all.extend(update.tunnels.changes(&service.name, running, &spec.tunnels));
+                    all.extend(
+                        update
+                            .tunnels
+                            .changes(&service.name, running, &spec.tunnels),
+                    );
                 }
             }
         }
@@ -250,7 +254,11 @@ impl Plan {
     /// Services whose new listener address must be bound before anything changes, so that a
     /// taken port refuses the whole reload. An address one of the running listeners holds is
     /// not among them: it is rebound once its holder has let it go.
-    pub fn binds_first<'a>(&self, old: &Config, new: &'a Config) -> Vec<(&'a str, &'a ListenAddress)> {
+    pub fn binds_first<'a>(
+        &self,
+        old: &Config,
+        new: &'a Config,
+    ) -> Vec<(&'a str, &'a ListenAddress)> {
         let held: Vec<&ListenAddress> = old
             .services
             .iter()
@@ -362,7 +370,11 @@ mod tests {
         assert_eq!(update.listener, ListenerStep::None);
         assert_eq!(
             update.tunnels.steps,
-            [TunnelStep::Start, TunnelStep::Restart(1), TunnelStep::Keep(0)]
+            [
+                TunnelStep::Start,
+                TunnelStep::Restart(1),
+                TunnelStep::Keep(0)
+            ]
         );
         assert_eq!(update.tunnels.removed, [2]);
         assert_eq!(
@@ -461,12 +473,20 @@ mod tests {
         let services = service("web", None, &[("a", 1)]);
         let old = config(
             &services,
-            &format!("routers:\n{}{}", router("r1", "10.0.0.1"), router("r2", "10.0.0.2")),
+            &format!(
+                "routers:\n{}{}",
+                router("r1", "10.0.0.1"),
+                router("r2", "10.0.0.2")
+            ),
             "",
         );
         let new = config(
             &services,
-            &format!("routers:\n{}{}", router("r2", "10.0.0.9"), router("r3", "10.0.0.3")),
+            &format!(
+                "routers:\n{}{}",
+                router("r2", "10.0.0.9"),
+                router("r3", "10.0.0.3")
+            ),
             "",
         );
         let plan = plan(&old, &new);
@@ -489,7 +509,11 @@ mod tests {
     fn readers_and_restart_only_settings_are_told_apart() {
         let services = service("web", None, &[("a", 1)]);
         let old = config(&services, "", "");
-        let new = config(&services, "", ", readers: [\"uid:1000\"], metrics_listen: \"127.0.0.1:9\"");
+        let new = config(
+            &services,
+            "",
+            ", readers: [\"uid:1000\"], metrics_listen: \"127.0.0.1:9\"",
+        );
         let plan = plan(&old, &new);
         assert!(plan.readers_changed);
         assert_eq!(plan.services[0].step, ServiceStep::Keep);

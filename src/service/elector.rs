@@ -169,10 +169,16 @@ impl Elector {
 
     /// Takes a new spec: kept tunnels carry their entry (health, latency, dampening, status);
     /// new and restarted ones start from scratch. Drains follow the tunnel's name.
-    fn reconfigure(&mut self, spec: ServiceSpec, slots: Vec<(SlotId, Option<watch::Sender<bool>>)>) {
+    fn reconfigure(
+        &mut self,
+        spec: ServiceSpec,
+        slots: Vec<(SlotId, Option<watch::Sender<bool>>)>,
+    ) {
         let hold = spec.policy.failback_hold;
-        let mut old: Vec<Option<TunnelEntry>> =
-            std::mem::take(&mut self.tunnels).into_iter().map(Some).collect();
+        let mut old: Vec<Option<TunnelEntry>> = std::mem::take(&mut self.tunnels)
+            .into_iter()
+            .map(Some)
+            .collect();
         let drained: Vec<String> = old
             .iter()
             .flatten()
@@ -244,8 +250,11 @@ impl Elector {
             .filter_map(|e| e.dampening.next_expiry(now))
             .collect();
         // A drained tunnel counts as down, so that a cold backup wakes to replace it.
-        let standby_view: Vec<Contender> =
-            self.tunnels.iter().map(TunnelEntry::contender_view).collect();
+        let standby_view: Vec<Contender> = self
+            .tunnels
+            .iter()
+            .map(TunnelEntry::contender_view)
+            .collect();
         for (i, entry) in self.tunnels.iter().enumerate() {
             if !entry.is_cold() {
                 continue;
@@ -362,9 +371,9 @@ mod tests {
 
     use super::*;
     use crate::config::model::OnFailover;
-    use crate::status;
     use crate::config::spec::{RestartSpec, TunnelSpec};
     use crate::election::{Failback, Policy};
+    use crate::status;
 
     fn tunnel(name: &str, priority: i64) -> TunnelSpec {
         let restart = RestartSpec {
@@ -791,11 +800,23 @@ mod tests {
         h.settle().await;
         assert_eq!(h.primary().as_deref(), Some("a"));
         h.drain("a", true).await;
-        assert_eq!(h.primary().as_deref(), Some("b"), "a drained primary is replaced");
-        assert_eq!(h.order(), ["b"], "new connections never dial a drained tunnel");
+        assert_eq!(
+            h.primary().as_deref(),
+            Some("b"),
+            "a drained primary is replaced"
+        );
+        assert_eq!(
+            h.order(),
+            ["b"],
+            "new connections never dial a drained tunnel"
+        );
         let board = status::read(&h.status);
         assert!(board.tunnels[0].drained && !board.tunnels[1].drained);
-        assert_eq!(board.tunnels[0].state, crate::status::TunnelState::Up, "it keeps running");
+        assert_eq!(
+            board.tunnels[0].state,
+            crate::status::TunnelState::Up,
+            "it keeps running"
+        );
         // Even with nothing else up, a drained tunnel is not a fallback.
         h.die(1);
         h.settle().await;
@@ -827,7 +848,10 @@ mod tests {
         h.settle().await;
         assert_eq!(h.primary().as_deref(), Some("a"));
         // `a` restarted: a new task (slot 9) under the same spec, from scratch.
-        let spec = service(Duration::from_secs(30), vec![tunnel("a", 10), tunnel("b", 20)]);
+        let spec = service(
+            Duration::from_secs(30),
+            vec![tunnel("a", 10), tunnel("b", 20)],
+        );
         h.commands
             .send(Command::Reconfigure {
                 spec: Box::new(spec),
