@@ -6,7 +6,7 @@ mod support;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,17 +15,6 @@ use support::*;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tunnelkeeper::status::{DaemonStatus, TunnelState, TunnelStatus};
 use tunnelkeeper_test_support::sshd;
-
-const BIN: &str = env!("CARGO_BIN_EXE_tunnelkeeper");
-
-fn cli(args: &[&str], socket: &Path) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .arg("--socket")
-        .arg(socket)
-        .output()
-        .unwrap()
-}
 
 fn text(out: &Output) -> String {
     format!(

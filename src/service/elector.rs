@@ -447,6 +447,7 @@ mod tests {
     }
 
     impl Harness {
+        /// The task with id `index` (a tunnel's index, or a new task's id) passes a probe.
         fn up(&self, index: usize) {
             let probe = Report::Probe {
                 latency: Some(Duration::from_millis(5)),
@@ -760,16 +761,7 @@ mod tests {
         h.die(1);
         h.settle().await;
         assert_eq!(h.primary().as_deref(), Some("a"));
-        h.reports
-            .send((
-                7,
-                Report::Probe {
-                    latency: Some(Duration::from_millis(1)),
-                    error: None,
-                    transition: Some(Transition::Up),
-                },
-            ))
-            .unwrap();
+        h.up(7);
         h.settle().await;
         assert_eq!(
             h.primary().as_deref(),
@@ -865,16 +857,7 @@ mod tests {
         assert_eq!(board.tunnels[1].state, crate::status::TunnelState::Up);
         // The old task's last words are ignored; the new one's count.
         h.die(0);
-        h.reports
-            .send((
-                9,
-                Report::Probe {
-                    latency: Some(Duration::from_millis(1)),
-                    error: None,
-                    transition: Some(Transition::Up),
-                },
-            ))
-            .unwrap();
+        h.up(9);
         h.settle().await;
         assert_eq!(h.primary().as_deref(), Some("a"), "a first up wins at once");
         assert_eq!(
