@@ -19,6 +19,7 @@ pub mod election;
 pub mod forward;
 pub mod hooks;
 pub mod http_client;
+pub mod http_reply;
 pub mod logging;
 pub mod metrics;
 pub mod pins;

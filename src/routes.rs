@@ -8,7 +8,9 @@ use std::sync::{Arc, RwLock};
 use tokio::sync::{mpsc, watch};
 use tunnelkeeper_providers::Tunnel;
 
-use crate::supervisor::LiveTunnel;
+/// The running instance of a tunnel, shared between its task (which sets it while it runs)
+/// and the data plane (which dials through it).
+pub type LiveTunnel = Arc<RwLock<Option<Arc<dyn Tunnel>>>>;
 
 /// The current primary of a service, published for the data plane (and tests).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

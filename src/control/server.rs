@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Bus, Delivery};
 use crate::config::spec::Reader;
+use crate::http_reply::{error, json, Body};
 use crate::status::DaemonStatus;
 
 /// Connections served at once; more are closed at once (after the credential check).
@@ -67,8 +68,6 @@ pub fn access_for(uid: u32, gid: u32, groups: &[u32], own_uid: u32, readers: &[R
         Access::Denied
     }
 }
-
-type Body = BoxBody<Bytes, Infallible>;
 
 /// The configured readers, replaced by a reload; open connections re-check their access on
 /// every request and whenever the list changes (an `events -f` of a removed reader ends).
@@ -664,21 +663,6 @@ fn ndjson<T: serde::Serialize + ?Sized>(value: &T) -> Bytes {
     let mut line = serde_json::to_vec(value).unwrap_or_default();
     line.push(b'\n');
     Bytes::from(line)
-}
-
-fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Body> {
-    let mut body = serde_json::to_vec_pretty(value).unwrap_or_default();
-    body.push(b'\n');
-    Response::builder()
-        .status(status)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)).boxed())
-        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()))
-}
-
-/// A JSON error `{"error": "..."}` with `status`.
-pub fn error(status: StatusCode, message: &str) -> Response<Body> {
-    json(status, &serde_json::json!({ "error": message }))
 }
 
 #[cfg(test)]

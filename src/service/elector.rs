@@ -11,7 +11,6 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::entry::TunnelEntry;
-use super::sleep_until;
 use crate::bus::{Bus, EventKind};
 use crate::config::spec::ServiceSpec;
 use crate::election::{self, Contender, Decision, FirstVerdict, Input, Mode, Reason, Settle};
@@ -19,7 +18,7 @@ use crate::probe::Transition;
 use crate::routes::Primary;
 use crate::standby;
 use crate::status::{ServiceStatus, SharedStatus};
-use crate::supervisor::{Report, SlotId, TaggedReport};
+use crate::supervisor::{sleep_until, Report, SlotId, TaggedReport};
 
 /// A request to the election loop.
 pub(super) enum Command {

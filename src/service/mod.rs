@@ -537,11 +537,3 @@ async fn stop_slots(slots: Vec<Slot>) {
     }
     futures_util::future::join_all(slots.into_iter().map(|s| s.task)).await;
 }
-
-/// Sleeps until `at`, or forever without one (a `select!` branch that may have no deadline).
-pub(crate) async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
