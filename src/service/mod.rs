@@ -43,17 +43,6 @@ struct Slot {
     task: JoinHandle<()>,
 }
 
-/// What a reload did to one service's tunnels (`service/tunnel` names).
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct TunnelChanges {
-    /// Started.
-    pub added: Vec<String>,
-    /// Stopped.
-    pub removed: Vec<String>,
-    /// Restarted with new settings.
-    pub changed: Vec<String>,
-}
-
 /// One probe run on an operator's request (`tunnelkeeper probe`).
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ProbeOutcome {
@@ -383,16 +372,9 @@ impl ServiceHandle {
         spec: ServiceSpec,
         acceptor: Option<Acceptor>,
         provider_for: &dyn Fn(&TunnelSpec) -> Arc<dyn Provider>,
-    ) -> anyhow::Result<TunnelChanges> {
+    ) -> anyhow::Result<()> {
         let update = reload::service_update(&self.spec, &spec);
-        let running: Vec<TunnelSpec> = self.slots.iter().map(|s| s.spec.clone()).collect();
-        let plan = reload::tunnels(&running, &spec.tunnels);
-        let named = plan.changes(&spec.name, &running, &spec.tunnels);
-        let changes = TunnelChanges {
-            added: named.added,
-            removed: named.removed,
-            changed: named.changed,
-        };
+        let plan = &update.tunnels;
         let mut old: Vec<Option<Slot>> = std::mem::take(&mut self.slots)
             .into_iter()
             .map(Some)
@@ -488,7 +470,7 @@ impl ServiceHandle {
             }
             _ => {}
         }
-        Ok(changes)
+        Ok(())
     }
 
     /// Stops the listener (and any a reload removed): no new connections; open ones may
