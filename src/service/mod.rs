@@ -1,7 +1,7 @@
 //! A service: its tunnels' tasks, its election loop, its listener and its hooks.
 //!
 //! [`ServiceHandle`] owns the running parts: one task per tunnel ([`crate::supervisor`]), the
-//! election loop ([`elector`], the only place where a primary is chosen), the failover listener
+//! election loop (`elector.rs`, the only place where a primary is chosen), the failover listener
 //! and the hooks. It hands the data plane its [`Routes`].
 //!
 //! A reload reconfigures a running service in place ([`ServiceHandle::reconfigure`], carrying
