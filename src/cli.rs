@@ -287,6 +287,13 @@ fn render_escaped(status: &DaemonStatus) -> String {
                 .filter(|_| t.state != TunnelState::Stopped)
                 .map(|ms| format!("{ms:.1}ms"))
                 .unwrap_or_else(|| "-".into());
+            // Drained is not a state: the tunnel runs on, only the election and new
+            // connections leave it alone.
+            let reason = match (t.drained, t.reason.as_deref()) {
+                (true, Some(why)) => format!("drained (no new connections); {why}"),
+                (true, None) => "drained (no new connections)".to_owned(),
+                (false, why) => why.unwrap_or("").to_owned(),
+            };
             let _ = writeln!(
                 out,
                 "  {:<1} {:<14} {:<9} {:>5} {:<10} {:>9} {:<24} {:>8} {:>7}  {}",
@@ -299,7 +306,7 @@ fn render_escaped(status: &DaemonStatus) -> String {
                 t.endpoint.as_deref().unwrap_or("-"),
                 t.restarts,
                 t.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-                t.reason.as_deref().unwrap_or("")
+                reason
             );
         }
     }
@@ -481,6 +488,109 @@ pub fn reload(socket: &SocketArgs) -> u8 {
                 list("restart_required")
             );
         }
+        Ok(())
+    })
+}
+
+/// `SERVICE TUNNEL` and the socket options of `restart`, `drain`, `undrain` and `probe`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TunnelArgs {
+    /// Service name.
+    pub service: String,
+    /// Tunnel name.
+    pub tunnel: String,
+    #[command(flatten)]
+    pub socket: SocketArgs,
+}
+
+/// What an operator does to one tunnel from the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunnelVerb {
+    /// Stop it and start it again now.
+    Restart,
+    /// Take it out of service (not elected, no new connections, open ones kept).
+    Drain,
+    /// Put it back into service.
+    Undrain,
+    /// Run one probe now and print its timing.
+    Probe,
+}
+
+impl TunnelVerb {
+    fn name(self) -> &'static str {
+        match self {
+            TunnelVerb::Restart => "restart",
+            TunnelVerb::Drain => "drain",
+            TunnelVerb::Undrain => "undrain",
+            TunnelVerb::Probe => "probe",
+        }
+    }
+}
+
+/// `tunnelkeeper restart|drain|undrain|probe SERVICE TUNNEL`. A failed probe exits 1 after
+/// printing why.
+pub fn tunnel(args: &TunnelArgs, verb: TunnelVerb) -> u8 {
+    let (socket, service, tunnel) = (&args.socket, args.service.as_str(), args.tunnel.as_str());
+    let mut probe_failed = false;
+    let code = with_client(socket, |client| {
+        let probe_failed = &mut probe_failed;
+        async move {
+            let answer = client.tunnel(service, tunnel, verb.name()).await?;
+            let primary = answer["primary"].as_str().unwrap_or("none");
+            match verb {
+                TunnelVerb::Restart => {
+                    println!("{service}/{tunnel}: restarted (primary now: {primary})")
+                }
+                TunnelVerb::Drain => println!(
+                    "{service}/{tunnel}: drained: not elected, no new connections; open ones go on \
+                     (primary now: {primary})"
+                ),
+                TunnelVerb::Undrain => {
+                    println!("{service}/{tunnel}: back in service (primary now: {primary})")
+                }
+                TunnelVerb::Probe => {
+                    println!("{}", escape_controls(&render_probe(&answer)));
+                    *probe_failed = answer["ok"] != serde_json::Value::Bool(true);
+                }
+            }
+            Ok(())
+        }
+    });
+    if code == EXIT_OK && probe_failed {
+        EXIT_RUNTIME
+    } else {
+        code
+    }
+}
+
+/// One line for the answer of a probe: `svc/t: ok in 3.2ms (latency 2.9ms)` or
+/// `svc/t: failed after 1000.0ms: REASON`.
+pub fn render_probe(answer: &serde_json::Value) -> String {
+    let name = format!(
+        "{}/{}",
+        answer["service"].as_str().unwrap_or("?"),
+        answer["tunnel"].as_str().unwrap_or("?")
+    );
+    let elapsed = answer["elapsed_ms"].as_f64().unwrap_or_default();
+    if answer["ok"] == serde_json::Value::Bool(true) {
+        let latency = answer["latency_ms"].as_f64().unwrap_or_default();
+        format!("{name}: ok in {elapsed:.1}ms (end-to-end latency {latency:.1}ms)")
+    } else {
+        format!(
+            "{name}: failed after {elapsed:.1}ms: {}",
+            answer["error"].as_str().unwrap_or("unknown reason")
+        )
+    }
+}
+
+/// `tunnelkeeper ssh-reset TARGET`
+pub fn ssh_reset(socket: &SocketArgs, target: &str) -> u8 {
+    with_client(socket, |client| async move {
+        let answer = client.ssh_reset(target).await?;
+        println!(
+            "{target}: {} session(s) closed; their users reconnect",
+            answer["closed"].as_u64().unwrap_or_default()
+        );
         Ok(())
     })
 }

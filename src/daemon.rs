@@ -24,11 +24,12 @@ use tunnelkeeper_providers::tailscale::TailscaleProvider;
 use tunnelkeeper_providers::{Provider, Resolver};
 
 use crate::bus::{Bus, EventKind, DEFAULT_JOURNAL};
-use crate::config::spec::{Config, ListenAddress, ProviderSpec, ServiceSpec, TunnelSpec};
-use crate::control::{self, ControlState, Op, OpError};
+use crate::config::spec::{Config, ProviderSpec, ServiceSpec, TunnelSpec};
+use crate::control::{self, ControlState, Op, OpError, TunnelAction};
 use crate::forward::{Acceptor, ListenerStats};
 use crate::metrics::Metrics;
-use crate::pins::Pins;
+use crate::pins::{Drains, Pins};
+use crate::reload::{self, ServiceStep};
 use crate::router::{RouterBoard, RouterStatus, Routers};
 use crate::service::ServiceHandle;
 use crate::status::{
@@ -51,6 +52,7 @@ pub struct Daemon {
     /// What the status document reads; replaced on reload.
     board: Board,
     pins: Pins,
+    drains: Drains,
     control_state: Arc<ControlState>,
     ops: mpsc::Receiver<Op>,
     last_reload: Arc<RwLock<Option<ReloadStatus>>>,
@@ -172,6 +174,10 @@ impl Daemon {
         if let Some(e) = damaged {
             tracing::warn!("starting without pins: {e:#}");
         }
+        let (drains, damaged) = Drains::load(&config.daemon.state_dir);
+        if let Some(e) = damaged {
+            tracing::warn!("starting without drained tunnels: {e:#}");
+        }
         let mut daemon = Daemon {
             booted: config.clone(),
             config,
@@ -183,6 +189,7 @@ impl Daemon {
             routers,
             board,
             pins,
+            drains,
             control_state,
             ops,
             last_reload,
@@ -248,6 +255,41 @@ impl Daemon {
     /// Applies one write and answers it.
     pub async fn apply(&mut self, op: Op) {
         match op {
+            Op::Tunnel {
+                service,
+                tunnel,
+                action: TunnelAction::Probe,
+                reply,
+            } => {
+                // A probe may take its whole timeout: it runs beside the main loop, which
+                // goes on applying writes and petting the watchdog.
+                match self
+                    .service(&service)
+                    .and_then(|s| s.probe_now(&tunnel).map_err(OpError::not_found))
+                {
+                    Ok(probe) => {
+                        tokio::spawn(async move {
+                            let outcome = probe.await;
+                            let _ =
+                                reply.send(Ok(serde_json::to_value(&outcome).unwrap_or_default()));
+                        });
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            Op::Tunnel {
+                service,
+                tunnel,
+                action,
+                reply,
+            } => {
+                let _ = reply.send(self.tunnel_action(&service, &tunnel, action).await);
+            }
+            Op::SshReset { target, reply } => {
+                let _ = reply.send(self.ssh_reset(&target).await);
+            }
             Op::Pin {
                 service,
                 tunnel,
@@ -262,6 +304,83 @@ impl Daemon {
                 } else {
                     Err(OpError::unprocessable(outcome.error.unwrap_or_default()))
                 });
+            }
+        }
+    }
+
+    /// The running service called `name`.
+    fn service(&self, name: &str) -> Result<&ServiceHandle, OpError> {
+        self.services
+            .iter()
+            .find(|s| s.spec.name == name)
+            .ok_or_else(|| OpError::not_found(format!("no service `{name}`")))
+    }
+
+    /// Restarts, drains or undrains one tunnel; a drain is persisted in `state_dir` like a pin.
+    pub async fn tunnel_action(
+        &mut self,
+        service: &str,
+        tunnel: &str,
+        action: TunnelAction,
+    ) -> Result<serde_json::Value, OpError> {
+        self.service(service)?
+            .check_tunnel(tunnel)
+            .map_err(OpError::not_found)?;
+        let Some(handle) = self.services.iter_mut().find(|s| s.spec.name == service) else {
+            return Err(OpError::not_found(format!("no service `{service}`")));
+        };
+        match action {
+            TunnelAction::Restart => handle.restart(tunnel).await.map_err(OpError::not_found)?,
+            TunnelAction::Drain | TunnelAction::Undrain => {
+                let drained = action == TunnelAction::Drain;
+                self.drains
+                    .set(service, tunnel, drained)
+                    .map_err(|e| OpError::internal(format!("{e:#}")))?;
+                handle
+                    .set_drained(tunnel, drained)
+                    .await
+                    .map_err(OpError::not_found)?;
+            }
+            TunnelAction::Probe => {
+                return Err(OpError::internal(
+                    "a probe is answered beside the main loop",
+                ))
+            }
+        }
+        let status = handle.status();
+        tracing::info!(service, tunnel, ?action, primary = ?status.primary, "tunnel control applied");
+        Ok(serde_json::json!({
+            "service": service,
+            "tunnel": tunnel,
+            "action": format!("{action:?}").to_lowercase(),
+            "primary": status.primary,
+        }))
+    }
+
+    /// Closes every pooled SSH session to `target` (`user@host:port`, as the status's
+    /// `ssh_pool` names it); the tunnels and routers on them reconnect.
+    pub async fn ssh_reset(&self, target: &str) -> Result<serde_json::Value, OpError> {
+        match self.ssh.reset(target, "reset by the operator").await {
+            Some(closed) => {
+                tracing::info!(target, closed, "ssh sessions reset on request");
+                Ok(serde_json::json!({ "target": target, "closed": closed }))
+            }
+            None => {
+                let known: Vec<String> = self
+                    .ssh
+                    .stats()
+                    .targets
+                    .into_iter()
+                    .map(|t| t.target)
+                    .collect();
+                Err(OpError::not_found(format!(
+                    "no SSH target `{target}` in the pool (targets: {})",
+                    if known.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        known.join(", ")
+                    }
+                )))
             }
         }
     }
@@ -349,91 +468,62 @@ impl Daemon {
         outcome
     }
 
-    /// Applies a validated configuration. Fails (changing nothing) only when a new listener
-    /// address cannot be bound.
+    /// Applies a validated configuration as [`reload::plan`] decides. Fails (changing nothing)
+    /// only when a new listener address cannot be bound.
     async fn apply_config(&mut self, next: Config) -> Result<ReloadStatus, String> {
+        let plan = reload::plan(&self.config, &next);
+        let changes = plan.changes(&self.config, &next);
         let mut done = ReloadStatus {
             ok: true,
+            added: changes.added,
+            removed: changes.removed,
+            changed: changes.changed,
+            restart_required: reload::restart_required(&self.booted, &next),
             ..ReloadStatus::default()
         };
         // New listener addresses are bound before anything changes, so a taken port refuses
         // the whole reload. Addresses the running listeners hold are rebound in place.
-        let held: Vec<&ListenAddress> = self
-            .services
-            .iter()
-            .filter_map(|s| s.spec.listen.as_ref().map(|l| &l.address))
-            .collect();
         let mut acceptors: HashMap<String, Acceptor> = HashMap::new();
-        for spec in &next.services {
-            let current = self.services.iter().find(|s| s.spec.name == spec.name);
-            let Some(listen) = &spec.listen else { continue };
-            let moved = current.is_none_or(|c| {
-                c.spec.listen.as_ref().map(|l| &l.address) != Some(&listen.address)
-            });
-            if moved && !held.contains(&&listen.address) {
-                let acceptor = bind_listener(spec).await.map_err(|e| format!("{e:#}"))?;
-                if let Some(acceptor) = acceptor {
-                    acceptors.insert(spec.name.clone(), acceptor);
-                }
-            }
+        for (service, address) in plan.binds_first(&self.config, &next) {
+            let acceptor = Acceptor::bind(address)
+                .await
+                .with_context(|| format!("service `{service}`"))
+                .map_err(|e| format!("{e:#}"))?;
+            acceptors.insert(service.to_owned(), acceptor);
         }
-
-        // Against what runs, not the previous file: a setting changed and then reverted before
-        // a restart needs no restart.
-        done.restart_required = restart_required(&self.booted, &next);
-        self.control_state.readers.set(next.daemon.readers.clone());
+        if plan.readers_changed {
+            self.control_state.readers.set(next.daemon.readers.clone());
+        }
         let grace = next.daemon.shutdown_grace;
 
         // Removed services first: they may free addresses and ports the others need.
-        let (kept, removed): (Vec<ServiceHandle>, Vec<ServiceHandle>) =
-            std::mem::take(&mut self.services)
-                .into_iter()
-                .partition(|s| next.services.iter().any(|n| n.name == s.spec.name));
-        for mut service in removed {
-            done.removed.push(service.spec.name.clone());
-            service.drain(grace).await;
-            service.stop().await;
+        let mut running: HashMap<String, ServiceHandle> = std::mem::take(&mut self.services)
+            .into_iter()
+            .map(|s| (s.spec.name.clone(), s))
+            .collect();
+        for name in &plan.removed_services {
+            if let Some(mut service) = running.remove(name) {
+                service.drain(grace).await;
+                service.stop().await;
+            }
         }
-        let mut kept: HashMap<String, ServiceHandle> =
-            kept.into_iter().map(|s| (s.spec.name.clone(), s)).collect();
         let ssh = self.ssh.clone();
         let provider = move |t: &TunnelSpec| provider_for(&t.provider, &ssh);
-        for spec in &next.services {
+        for (step, spec) in plan.services.iter().zip(&next.services) {
             let acceptor = acceptors.remove(&spec.name);
-            match kept.remove(&spec.name) {
-                Some(mut service) => {
-                    if service.spec != *spec {
-                        let settings_changed = ServiceSpec {
-                            tunnels: Vec::new(),
-                            ..service.spec.clone()
-                        } != ServiceSpec {
-                            tunnels: Vec::new(),
-                            ..spec.clone()
-                        };
-                        if settings_changed {
-                            done.changed.push(spec.name.clone());
-                        }
-                        let changes = service
-                            .reconfigure(spec.clone(), acceptor, &provider)
-                            .await
-                            .map_err(|e| format!("{e:#}"));
-                        match changes {
-                            Ok(changes) => {
-                                done.added.extend(changes.added);
-                                done.removed.extend(changes.removed);
-                                done.changed.extend(changes.changed);
-                            }
-                            // Validation passed, so this is a listener that could not be
-                            // rebound in place: the service runs on without it.
-                            Err(e) => {
-                                tracing::error!("reload: {e}");
-                                done.error = Some(e);
-                            }
-                        }
+            match (&step.step, running.remove(&spec.name)) {
+                (ServiceStep::Keep, Some(service)) => self.services.push(service),
+                (ServiceStep::Update(_), Some(mut service)) => {
+                    if let Err(e) = service.reconfigure(spec.clone(), acceptor, &provider).await {
+                        // Validation passed, so this is a listener that could not be rebound
+                        // in place: the service runs on without it.
+                        let e = format!("{e:#}");
+                        tracing::error!("reload: {e}");
+                        done.error = Some(e);
                     }
                     self.services.push(service);
                 }
-                None => {
+                (_, _) => {
                     let acceptor = match acceptor {
                         Some(a) => Some(a),
                         None => bind_listener(spec).await.unwrap_or_else(|e| {
@@ -442,7 +532,6 @@ impl Daemon {
                             None
                         }),
                     };
-                    done.added.push(spec.name.clone());
                     self.services.push(start_service(
                         spec,
                         acceptor,
@@ -455,21 +544,32 @@ impl Daemon {
                 }
             }
         }
-        let (added, removed, changed) = self.routers.reconfigure(&next.routers).await;
-        let router = |names: Vec<String>| names.into_iter().map(|n| format!("router:{n}"));
-        done.added.extend(router(added));
-        done.removed.extend(router(removed));
-        done.changed.extend(router(changed));
+        self.routers.reconfigure(&next.routers).await;
         self.config = next;
         self.refresh_board();
         for stale in self.pins.retain_known(&self.config) {
             tracing::warn!("reload: pin {stale} dropped: that tunnel is gone");
         }
+        for stale in self.drains.retain_known(&self.config) {
+            tracing::warn!("reload: drain of {stale} dropped: that tunnel is gone");
+        }
         Ok(done)
     }
 
-    /// Re-applies the persisted pins (at start).
+    /// Re-applies the persisted pins and drains (at start).
     async fn apply_pins(&mut self) {
+        for stale in self.drains.retain_known(&self.config) {
+            tracing::warn!(
+                "drain of {stale} dropped: no such service or tunnel in the configuration"
+            );
+        }
+        for (service, tunnel) in self.drains.all() {
+            if let Some(handle) = self.services.iter().find(|s| s.spec.name == service) {
+                if handle.set_drained(&tunnel, true).await.is_ok() {
+                    tracing::info!(service, tunnel, "drain restored from the state directory");
+                }
+            }
+        }
         for stale in self.pins.retain_known(&self.config) {
             tracing::warn!("pin {stale} dropped: no such service or tunnel in the configuration");
         }
@@ -549,25 +649,6 @@ fn start_service(
         resolver.clone(),
         cancel,
     )
-}
-
-/// Daemon settings a reload cannot apply in place, where the file (`new`) differs from what
-/// runs (`old`, the configuration the daemon started with); they take effect at the next start.
-fn restart_required(old: &Config, new: &Config) -> Vec<String> {
-    let mut keys = Vec::new();
-    if old.daemon.control_socket != new.daemon.control_socket {
-        keys.push("daemon.control_socket".to_owned());
-    }
-    if old.daemon.state_dir != new.daemon.state_dir {
-        keys.push("daemon.state_dir".to_owned());
-    }
-    if old.daemon.metrics_listen != new.daemon.metrics_listen {
-        keys.push("daemon.metrics_listen".to_owned());
-    }
-    if old.nameservers != new.nameservers {
-        keys.push("dns.nameservers".to_owned());
-    }
-    keys
 }
 
 fn status_source(

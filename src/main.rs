@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
+use tunnelkeeper::cli::TunnelVerb;
 
 /// Keeps services reachable through several tunnels at once.
 #[derive(Parser, Debug)]
@@ -74,6 +75,22 @@ enum Command {
         #[command(flatten)]
         socket: tunnelkeeper::cli::SocketArgs,
     },
+    /// Stop TUNNEL of SERVICE and start it again now (a fresh state, as after a reload).
+    Restart(tunnelkeeper::cli::TunnelArgs),
+    /// Take TUNNEL out of service: never elected, no new connections, open ones kept (kept
+    /// across restarts, shown in status).
+    Drain(tunnelkeeper::cli::TunnelArgs),
+    /// Put a drained TUNNEL back into service.
+    Undrain(tunnelkeeper::cli::TunnelArgs),
+    /// Run one probe of TUNNEL now and print its timing, or why it failed (exit 1).
+    Probe(tunnelkeeper::cli::TunnelArgs),
+    /// Close every pooled SSH session to TARGET (`user@host:port`, as in `status --json`).
+    SshReset {
+        /// The SSH target.
+        target: String,
+        #[command(flatten)]
+        socket: tunnelkeeper::cli::SocketArgs,
+    },
     /// Make the daemon re-read its configuration file (like SIGHUP); exit 2 if it refuses it.
     Reload {
         #[command(flatten)]
@@ -123,6 +140,11 @@ fn main() -> ExitCode {
         } => tunnelkeeper::cli::pin(&socket, &service, &tunnel),
         Command::Unpin { service, socket } => tunnelkeeper::cli::unpin(&socket, &service),
         Command::Reload { socket } => tunnelkeeper::cli::reload(&socket),
+        Command::Restart(args) => tunnelkeeper::cli::tunnel(&args, TunnelVerb::Restart),
+        Command::Drain(args) => tunnelkeeper::cli::tunnel(&args, TunnelVerb::Drain),
+        Command::Undrain(args) => tunnelkeeper::cli::tunnel(&args, TunnelVerb::Undrain),
+        Command::Probe(args) => tunnelkeeper::cli::tunnel(&args, TunnelVerb::Probe),
+        Command::SshReset { target, socket } => tunnelkeeper::cli::ssh_reset(&socket, &target),
         Command::Demo { quick } => tunnelkeeper::cli::demo(quick),
         Command::Relay { to, listen } => tunnelkeeper::cli::relay(listen, to),
         Command::PackageAssets { out } => tunnelkeeper::assets::write_all(Cli::command(), &out),

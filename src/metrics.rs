@@ -476,7 +476,7 @@ async fn serve_with(
 type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
 fn route(req: &Request<Incoming>, render: &(dyn Fn() -> String + Send + Sync)) -> Response<Body> {
-    use crate::control::server::error;
+    use crate::http_reply::error;
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => Response::builder()
             .status(StatusCode::OK)

@@ -1,11 +1,13 @@
-//! Manual primaries (`tunnelkeeper pin SERVICE TUNNEL`), persisted in `state_dir/pins.json` so
-//! that an operator's choice survives a daemon restart.
+//! An operator's choices that survive a daemon restart: manual primaries (`tunnelkeeper pin
+//! SERVICE TUNNEL`, in `state_dir/pins.json`) and drained tunnels (`tunnelkeeper drain SERVICE
+//! TUNNEL`, in `state_dir/drains.json`).
 //!
-//! The file maps service names to tunnel names. Pins whose service or tunnel no longer exists
-//! (after a reload or an edit while the daemon was down) are dropped with a warning rather than
-//! kept pointing at nothing.
+//! `pins.json` maps service names to tunnel names; `drains.json` maps service names to the
+//! list of their drained tunnels. Entries whose service or tunnel no longer exists (after a
+//! reload or an edit while the daemon was down) are dropped with a warning rather than kept
+//! pointing at nothing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -26,25 +28,8 @@ impl Pins {
     /// the operator pins again.
     pub fn load(state_dir: &Path) -> (Pins, Option<anyhow::Error>) {
         let path = state_dir.join("pins.json");
-        let loaded = state::read_optional(&path).and_then(|text| match text {
-            None => Ok(BTreeMap::new()),
-            Some(text) => serde_json::from_str(&text).with_context(|| {
-                format!(
-                    "{} is not a JSON object of service → tunnel",
-                    path.display()
-                )
-            }),
-        });
-        match loaded {
-            Ok(pins) => (Pins { path, pins }, None),
-            Err(e) => (
-                Pins {
-                    path,
-                    pins: BTreeMap::new(),
-                },
-                Some(e),
-            ),
-        }
+        let (pins, damaged) = load_map(&path, "service → tunnel");
+        (Pins { path, pins }, damaged)
     }
 
     /// Every pin, service → tunnel.
@@ -66,12 +51,7 @@ impl Pins {
 
     /// Drops pins whose service or tunnel `config` lacks; returns them as `service/tunnel`.
     pub fn retain_known(&mut self, config: &Config) -> Vec<String> {
-        let known = |service: &str, tunnel: &str| {
-            config
-                .services
-                .iter()
-                .any(|s| s.name == service && s.tunnels.iter().any(|t| t.name == tunnel))
-        };
+        let known = |service: &str, tunnel: &str| known(config, service, tunnel);
         let stale: Vec<String> = self
             .pins
             .iter()
@@ -90,10 +70,100 @@ impl Pins {
     }
 
     fn save(&self, pins: &BTreeMap<String, String>) -> anyhow::Result<()> {
-        let mut text = serde_json::to_string_pretty(pins)?;
-        text.push('\n');
-        state::write_atomic(&self.path, text.as_bytes())
+        save_map(&self.path, pins)
     }
+}
+
+/// The drained tunnels and where they are kept.
+#[derive(Debug)]
+pub struct Drains {
+    path: PathBuf,
+    drains: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl Drains {
+    /// Reads `state_dir/drains.json`, like [`Pins::load`].
+    pub fn load(state_dir: &Path) -> (Drains, Option<anyhow::Error>) {
+        let path = state_dir.join("drains.json");
+        let (drains, damaged) = load_map(&path, "service → [tunnel]");
+        (Drains { path, drains }, damaged)
+    }
+
+    /// Every drained tunnel, as (service, tunnel).
+    pub fn all(&self) -> Vec<(String, String)> {
+        self.drains
+            .iter()
+            .flat_map(|(s, ts)| ts.iter().map(move |t| (s.clone(), t.clone())))
+            .collect()
+    }
+
+    /// Drains (true) or undrains (false) `service/tunnel` and writes the file.
+    pub fn set(&mut self, service: &str, tunnel: &str, drained: bool) -> anyhow::Result<()> {
+        let mut next = self.drains.clone();
+        let tunnels = next.entry(service.to_owned()).or_default();
+        if drained {
+            tunnels.insert(tunnel.to_owned());
+        } else {
+            tunnels.remove(tunnel);
+        }
+        next.retain(|_, ts| !ts.is_empty());
+        save_map(&self.path, &next)?;
+        self.drains = next;
+        Ok(())
+    }
+
+    /// Drops drains whose service or tunnel `config` lacks; returns them as `service/tunnel`.
+    pub fn retain_known(&mut self, config: &Config) -> Vec<String> {
+        let stale: Vec<String> = self
+            .all()
+            .into_iter()
+            .filter(|(s, t)| !known(config, s, t))
+            .map(|(s, t)| format!("{s}/{t}"))
+            .collect();
+        if !stale.is_empty() {
+            let mut next = self.drains.clone();
+            for (service, tunnels) in next.iter_mut() {
+                tunnels.retain(|t| known(config, service, t));
+            }
+            next.retain(|_, ts| !ts.is_empty());
+            if let Err(e) = save_map(&self.path, &next) {
+                tracing::warn!("dropping stale drains: {e:#}");
+            }
+            self.drains = next;
+        }
+        stale
+    }
+}
+
+/// Whether `config` has a tunnel `tunnel` in service `service`.
+fn known(config: &Config, service: &str, tunnel: &str) -> bool {
+    config
+        .services
+        .iter()
+        .any(|s| s.name == service && s.tunnels.iter().any(|t| t.name == tunnel))
+}
+
+/// Reads a JSON object from `path`: empty when the file is missing, empty and an error naming
+/// the file (and the `shape` expected) when it is damaged.
+fn load_map<T: serde::de::DeserializeOwned + Default>(
+    path: &Path,
+    shape: &str,
+) -> (T, Option<anyhow::Error>) {
+    let loaded = state::read_optional(path).and_then(|text| match text {
+        None => Ok(T::default()),
+        Some(text) => serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a JSON object of {shape}", path.display())),
+    });
+    match loaded {
+        Ok(map) => (map, None),
+        Err(e) => (T::default(), Some(e)),
+    }
+}
+
+fn save_map<T: serde::Serialize>(path: &Path, map: &T) -> anyhow::Result<()> {
+    let mut text = serde_json::to_string_pretty(map)?;
+    text.push('\n');
+    state::write_atomic(path, text.as_bytes())
 }
 
 #[cfg(test)]
@@ -114,6 +184,25 @@ mod tests {
             again.all().iter().collect::<Vec<_>>(),
             [(&"home".to_owned(), &"vps".to_owned())]
         );
+    }
+
+    #[test]
+    fn drains_survive_a_reload_from_disk_and_undraining_removes_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut drains, err) = Drains::load(dir.path());
+        assert!(err.is_none());
+        drains.set("home", "vps", true).unwrap();
+        drains.set("home", "lte", true).unwrap();
+        drains.set("web", "cf", true).unwrap();
+        drains.set("web", "cf", false).unwrap();
+        let (again, err) = Drains::load(dir.path());
+        assert!(err.is_none());
+        assert_eq!(
+            again.all(),
+            [("home".into(), "lte".into()), ("home".into(), "vps".into())]
+        );
+        let text = std::fs::read_to_string(dir.path().join("drains.json")).unwrap();
+        assert!(!text.contains("web"), "{text}");
     }
 
     #[test]

@@ -56,6 +56,10 @@ pub struct TunnelStatus {
     /// The router it depends on, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub via_router: Option<String>,
+    /// Taken out of service by an operator (`tunnelkeeper drain`): never elected, not dialled
+    /// by new connections; it keeps running and its open connections go on.
+    #[serde(default)]
+    pub drained: bool,
 }
 
 /// One service in the status.

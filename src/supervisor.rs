@@ -89,6 +89,14 @@ pub type SlotId = u64;
 /// A report tagged with the tunnel task's id.
 pub type TaggedReport = (SlotId, Report);
 
+/// Sleeps until `at`, or forever without one (a `select!` branch that may have no deadline).
+pub(crate) async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// A fresh, never reused [`SlotId`].
 pub fn next_slot_id() -> SlotId {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -126,7 +134,7 @@ pub struct TunnelTask {
 }
 
 /// The running tunnel of one tunnel task, shared with the data plane.
-pub type LiveTunnel = Arc<std::sync::RwLock<Option<Arc<dyn Tunnel>>>>;
+pub use crate::routes::LiveTunnel;
 
 /// Failures seen by real traffic (a listener's failed dial), fed to the tunnel's probe counter.
 pub type PassiveFailures = mpsc::UnboundedReceiver<String>;
@@ -319,7 +327,7 @@ impl TunnelTask {
                 .zip(wedge_after)
                 .and_then(|(since, after)| since.checked_add(after));
             let result = tokio::select! {
-                _ = crate::service::sleep_until(wedge_at) => {
+                _ = sleep_until(wedge_at) => {
                     let after = wedge_after.unwrap_or_default();
                     return format!(
                         "not up for {} (restart.when_down): restarting its process",

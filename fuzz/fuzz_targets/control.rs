@@ -91,8 +91,8 @@ fn harness() -> &'static Harness {
     })
 }
 
-/// Answers writes like the daemon's main loop: pins of known service/tunnel pairs succeed,
-/// others are 404; reloads succeed.
+/// Answers writes like the daemon's main loop: pins and tunnel controls of known
+/// service/tunnel pairs succeed, others are 404 (so is every SSH target); reloads succeed.
 async fn fake_daemon(mut rx: mpsc::Receiver<Op>, seen: Arc<AtomicU64>) {
     while let Some(op) = rx.recv().await {
         seen.fetch_add(1, Ordering::SeqCst);
@@ -114,6 +114,22 @@ async fn fake_daemon(mut rx: mpsc::Receiver<Op>, seen: Arc<AtomicU64>) {
             Op::Reload { reply } => {
                 let _ = reply.send(Ok(serde_json::json!({ "added": [], "removed": [] })));
             }
+            Op::Tunnel {
+                service,
+                tunnel,
+                reply,
+                ..
+            } => {
+                let answer = if service == "home" && (tunnel == "lan" || tunnel == "vps") {
+                    Ok(serde_json::json!({ "service": service, "tunnel": tunnel }))
+                } else {
+                    Err(OpError::not_found(format!("no tunnel {service:?}/{tunnel:?}")))
+                };
+                let _ = reply.send(answer);
+            }
+            Op::SshReset { target, reply } => {
+                let _ = reply.send(Err(OpError::not_found(format!("no target {target:?}"))));
+            }
         }
     }
 }
@@ -132,6 +148,7 @@ fn status() -> DaemonStatus {
         since: "2026-11-23T00:00:00.000Z".into(),
         hold_ms: 0,
         via_router: None,
+        drained: false,
     };
     DaemonStatus {
         daemon: DaemonInfo {

@@ -35,7 +35,9 @@ fn start_agent(socket: &Path) -> Option<Agent> {
         .stderr(Stdio::null())
         .spawn();
     let Ok(child) = child else {
-        tunnelkeeper_test_support::skip("ssh-agent is not installed (apt-get install openssh-client)");
+        tunnelkeeper_test_support::skip(
+            "ssh-agent is not installed (apt-get install openssh-client)",
+        );
         return None;
     };
     let agent = Agent(child);

@@ -125,6 +125,32 @@ impl Client {
         self.write(Method::DELETE, &pin_path(service), None).await
     }
 
+    /// `POST /v1/services/SERVICE/tunnels/TUNNEL/VERB` (DELETE for `undrain`): restart,
+    /// drain, undrain or probe one tunnel.
+    pub async fn tunnel(
+        &self,
+        service: &str,
+        tunnel: &str,
+        verb: &str,
+    ) -> anyhow::Result<serde_json::Value> {
+        let (method, verb) = match verb {
+            "undrain" => (Method::DELETE, "drain"),
+            other => (Method::POST, other),
+        };
+        let path = format!(
+            "/v1/services/{}/tunnels/{}/{verb}",
+            segment(service),
+            segment(tunnel)
+        );
+        self.write(method, &path, None).await
+    }
+
+    /// `POST /v1/ssh/reset {"target": TARGET}`: closes the pool's sessions to TARGET.
+    pub async fn ssh_reset(&self, target: &str) -> anyhow::Result<serde_json::Value> {
+        let body = serde_json::json!({ "target": target });
+        self.write(Method::POST, "/v1/ssh/reset", Some(body)).await
+    }
+
     /// `POST /v1/reload`: what changed, or an [`ApiError`] (422) naming what is wrong.
     pub async fn reload(&self) -> anyhow::Result<serde_json::Value> {
         self.write(Method::POST, "/v1/reload", None).await
@@ -196,14 +222,17 @@ fn connect_error(socket: &Path, error: &std::io::Error) -> String {
 }
 
 fn pin_path(service: &str) -> String {
-    let encoded: String = service
-        .bytes()
+    format!("/v1/services/{}/pin", segment(service))
+}
+
+/// `name` as one URL path segment (percent-encoded).
+fn segment(name: &str) -> String {
+    name.bytes()
         .map(|b| match b {
             b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
             _ => format!("%{b:02X}"),
         })
-        .collect();
-    format!("/v1/services/{encoded}/pin")
+        .collect()
 }
 
 #[cfg(test)]

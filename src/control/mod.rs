@@ -7,10 +7,11 @@
 //! writers and capped per reader uid; access is re-checked per request and on reload. Requests
 //! are small and bounded (header size, header read time, connections at once), so a stuck or
 //! hostile client never holds up the daemon. Routing is a plain `match` in [`server`]. Writes
-//! (pin, unpin, reload) are handed to the daemon's main loop as [`Op`]s and applied one at a
+//! (pin, unpin, reload, and a tunnel's restart, drain, undrain and probe, an SSH target's
+//! reset) are handed to the daemon's main loop as [`Op`]s and applied one at a
 //! time there, so two operators can never interleave a reload with a pin.
 
 pub mod client;
 pub mod server;
 
-pub use server::{serve, Access, ControlState, Op, OpError};
+pub use server::{serve, Access, ControlState, Op, OpError, TunnelAction};

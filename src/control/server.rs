@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Bus, Delivery};
 use crate::config::spec::Reader;
+use crate::http_reply::{error, json, Body};
 use crate::status::DaemonStatus;
 
 /// Connections served at once; more are closed at once (after the credential check).
@@ -67,8 +68,6 @@ pub fn access_for(uid: u32, gid: u32, groups: &[u32], own_uid: u32, readers: &[R
         Access::Denied
     }
 }
-
-type Body = BoxBody<Bytes, Infallible>;
 
 /// The configured readers, replaced by a reload; open connections re-check their access on
 /// every request and whenever the list changes (an `events -f` of a removed reader ends).
@@ -231,6 +230,37 @@ pub enum Op {
         /// What changed, or why nothing did.
         reply: tokio::sync::oneshot::Sender<Result<serde_json::Value, OpError>>,
     },
+    /// Act on one tunnel: restart, drain, undrain or probe it.
+    Tunnel {
+        /// Service name.
+        service: String,
+        /// Tunnel name.
+        tunnel: String,
+        /// What to do.
+        action: TunnelAction,
+        /// The outcome.
+        reply: tokio::sync::oneshot::Sender<Result<serde_json::Value, OpError>>,
+    },
+    /// Close every pooled SSH session to a target (`user@host:port`).
+    SshReset {
+        /// The target, as `/v1/status`'s `ssh_pool` names it.
+        target: String,
+        /// How many sessions were closed.
+        reply: tokio::sync::oneshot::Sender<Result<serde_json::Value, OpError>>,
+    },
+}
+
+/// What an operator does to one tunnel at runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunnelAction {
+    /// Stop it and start it again now.
+    Restart,
+    /// Take it out of service: not elected, no new connections, open ones kept.
+    Drain,
+    /// Put a drained tunnel back into service.
+    Undrain,
+    /// Run one probe now and report its timing.
+    Probe,
 }
 
 /// Why a write was refused, with the HTTP status that says so.
@@ -401,7 +431,7 @@ async fn route(
                 return denied;
             }
             let service = service.to_string();
-            let tunnel = match pin_body(req).await {
+            let tunnel = match name_body(req, "tunnel").await {
                 Ok(tunnel) => tunnel,
                 Err(e) => return error(StatusCode::BAD_REQUEST, &e),
             };
@@ -432,10 +462,45 @@ async fn route(
             let (reply, answer) = tokio::sync::oneshot::channel();
             submit(state, Op::Reload { reply }, answer).await
         }
+        (method, ["v1", "services", service, "tunnels", tunnel, verb]) => {
+            let action = match (&method, *verb) {
+                (&Method::POST, "restart") => TunnelAction::Restart,
+                (&Method::POST, "drain") => TunnelAction::Drain,
+                (&Method::DELETE, "drain") => TunnelAction::Undrain,
+                (&Method::POST, "probe") => TunnelAction::Probe,
+                (_, "restart" | "drain" | "probe") => {
+                    return error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+                }
+                _ => return error(StatusCode::NOT_FOUND, &format!("no such endpoint: {path}")),
+            };
+            if let Some(denied) = write(access) {
+                return denied;
+            }
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            let op = Op::Tunnel {
+                service: service.to_string(),
+                tunnel: tunnel.to_string(),
+                action,
+                reply,
+            };
+            submit(state, op, answer).await
+        }
+        (Method::POST, ["v1", "ssh", "reset"]) => {
+            if let Some(denied) = write(access) {
+                return denied;
+            }
+            let target = match name_body(req, "target").await {
+                Ok(target) => target,
+                Err(e) => return error(StatusCode::BAD_REQUEST, &e),
+            };
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            submit(state, Op::SshReset { target, reply }, answer).await
+        }
         (_, ["v1", "status"])
         | (_, ["v1", "events"])
         | (_, ["metrics"])
         | (_, ["v1", "reload"])
+        | (_, ["v1", "ssh", "reset"])
         | (_, ["v1", "services", _, "pin"]) => {
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
         }
@@ -443,25 +508,26 @@ async fn route(
     }
 }
 
-/// Reads `{"tunnel": "NAME"}`, bounded in size and time.
-async fn pin_body(req: Request<Incoming>) -> Result<String, String> {
-    #[derive(serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct PinBody {
-        tunnel: String,
-    }
+/// Reads `{"KEY": "NAME"}` (`tunnel` of a pin, `target` of an SSH reset), bounded in size and
+/// time.
+async fn name_body(req: Request<Incoming>, key: &str) -> Result<String, String> {
     let limited = http_body_util::Limited::new(req.into_body(), MAX_BODY);
     let bytes = match tokio::time::timeout(BODY_TIMEOUT, limited.collect()).await {
         Ok(Ok(collected)) => collected.to_bytes(),
         Ok(Err(e)) => return Err(format!("reading the body: {e} (at most {MAX_BODY} bytes)")),
         Err(_) => return Err("the body did not arrive in time".into()),
     };
-    let body: PinBody = serde_json::from_slice(&bytes)
-        .map_err(|e| format!("expected {{\"tunnel\": \"NAME\"}}: {e}"))?;
-    if body.tunnel.is_empty() {
-        return Err("tunnel must not be empty".into());
+    let expected = || format!("expected {{\"{key}\": \"NAME\"}}");
+    let body: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", expected()))?;
+    if let Some(unknown) = body.keys().find(|k| *k != key) {
+        return Err(format!("{}: unknown field `{unknown}`", expected()));
     }
-    Ok(body.tunnel)
+    match body.get(key) {
+        Some(serde_json::Value::String(name)) if !name.is_empty() => Ok(name.clone()),
+        Some(serde_json::Value::String(_)) => Err(format!("{key} must not be empty")),
+        _ => Err(format!("{}: missing or not a string", expected())),
+    }
 }
 
 /// Hands a write to the daemon's main loop and turns its answer into a response.
@@ -594,21 +660,6 @@ fn ndjson<T: serde::Serialize + ?Sized>(value: &T) -> Bytes {
     let mut line = serde_json::to_vec(value).unwrap_or_default();
     line.push(b'\n');
     Bytes::from(line)
-}
-
-fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Body> {
-    let mut body = serde_json::to_vec_pretty(value).unwrap_or_default();
-    body.push(b'\n');
-    Response::builder()
-        .status(status)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)).boxed())
-        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()))
-}
-
-/// A JSON error `{"error": "..."}` with `status`.
-pub fn error(status: StatusCode, message: &str) -> Response<Body> {
-    json(status, &serde_json::json!({ "error": message }))
 }
 
 #[cfg(test)]

@@ -43,7 +43,7 @@ use tunnelkeeper_providers::Dial;
 
 use crate::config::model::OnFailover;
 use crate::config::spec::{ListenAddress, ListenSpec, ServiceSpec};
-use crate::service::{Primary, Route, Routes};
+use crate::routes::{Primary, Route, Routes};
 
 /// Client bytes kept for a replay while no reply has arrived. Requests bigger than this are not
 /// replayed: they go through unbuffered once the limit is reached.

@@ -75,7 +75,9 @@ impl Sshd {
     /// failure.
     pub async fn start(extra: &str) -> Option<Sshd> {
         if !Path::new(SSHD).exists() {
-            crate::skip(format!("{SSHD} is not installed (apt-get install openssh-server)"));
+            crate::skip(format!(
+                "{SSHD} is not installed (apt-get install openssh-server)"
+            ));
             return None;
         }
         let options = SshdOptions {

@@ -332,3 +332,13 @@ pub fn socat_tunnel(name: &str, priority: u32, port: u16, echo: SocketAddr) -> S
         stop_grace: 1s"#
     )
 }
+
+/// Runs the real `tunnelkeeper` CLI with `args` against the daemon at `socket`.
+pub fn cli(args: &[&str], socket: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_tunnelkeeper"))
+        .args(args)
+        .arg("--socket")
+        .arg(socket)
+        .output()
+        .unwrap()
+}

@@ -384,6 +384,29 @@ impl SshPool {
         stats
     }
 
+    /// Closes every open session to `target` (`user@host:port`, as [`TargetStats::target`]
+    /// names it) on purpose, e.g. after the server's keys or limits changed; whoever used them
+    /// reconnects. Returns how many were closed, or None when the pool has no such target.
+    pub async fn reset(&self, target: &str, why: &str) -> Option<usize> {
+        let targets: Vec<Arc<Target>> = lock(&self.inner.targets)
+            .iter()
+            .filter(|(key, _)| key.to_string() == target)
+            .map(|(_, target)| target.clone())
+            .collect();
+        if targets.is_empty() {
+            return None;
+        }
+        let sessions: Vec<Arc<Session>> = targets
+            .iter()
+            .flat_map(|t| lock(&t.state).sessions.clone())
+            .filter(|s| !s.shared.closed.is_cancelled())
+            .collect();
+        for session in &sessions {
+            session.close(why).await;
+        }
+        Some(sessions.len())
+    }
+
     /// Follows the sessions of `target`: the receiver changes whenever one is opened or lost
     /// (resolves the target, so only a config error fails). Opens nothing by itself.
     pub fn session_events(
