@@ -25,6 +25,7 @@ pub mod pins;
 pub mod probe;
 pub mod relay;
 pub mod router;
+pub mod server;
 pub mod service;
 pub mod socket_file;
 pub mod standby;

@@ -539,3 +539,44 @@ async fn a_connection_waiting_on_a_blackholed_primary_moves_when_it_is_declared_
     let status = listener_status(&daemon).await;
     assert!(status.replayed >= 1, "{status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_with_no_open_connection_stops_without_waiting_for_the_grace() {
+    let echo = echo_server().await;
+    let port = free_port();
+    let config = format!(
+        r#"version: 1
+daemon: {{ control_socket: "@DIR@/control.sock", state_dir: "@DIR@/state", shutdown_grace: 25s }}
+defaults:
+  probe: {{ interval: 200ms, timeout: 200ms, rise: 1, fall: 3, send: "x", expect: "x" }}
+services:
+  - name: svc
+    listen: "127.0.0.1:{port}"
+    tunnels:
+      - {{ name: lan, provider: direct, address: "{echo}" }}
+"#
+    );
+    let mut daemon = Daemon::start(&config).await;
+    let mut events = daemon.follow();
+    events.wait_elected(&["svc"]).await;
+    // A connection served and closed: nothing is open when the daemon is told to stop.
+    let mut served = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    exchange(&mut served, 1).await.unwrap();
+    drop(served);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while listener_status(&daemon).await.active != 0 {
+        assert!(Instant::now() < deadline, "the connection stayed open");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let started = Instant::now();
+    let exit = daemon.terminate();
+    assert!(exit.success(), "{exit:?}");
+    // The 25 s grace is for open connections; with none, the drain is over at once.
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the drain waited {:?} for no connection",
+        started.elapsed()
+    );
+}
