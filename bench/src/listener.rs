@@ -16,7 +16,8 @@
 //!    back and close, N times in a row (one client) and then from 8 clients at once; the figures
 //!    are per-connection latency (connect → echo → close) and connections per second.
 //! 3. **CPU per GB**: a fixed `iperf3 -n BYTES` transfer through each forwarder while its CPU
-//!    time is read from `/proc` (this process for the listener, minus an idle baseline; the
+//!    time is read from `/proc` (this process for the listener, without the iperf3 clients it
+//!    has reaped, minus an idle baseline; the
 //!    socat parent including its reaped per-connection children; the haproxy process).
 //! 4. **HTTP connection rate**: `wrk -t2 -c8 -H "Connection: close" --latency` against an HTTP
 //!    backend that answers by itself (a one-thread `haproxy` in `mode http` with
@@ -763,7 +764,9 @@ fn listener_bytes(daemon: &Daemon) -> u64 {
         .unwrap_or(0)
 }
 
-/// CPU seconds used by `pid` (or this process), including children it has reaped.
+/// CPU seconds used by `pid` including the children it has reaped (socat's per-connection
+/// forks), or by this process alone: its reaped children are the bench's own load generators
+/// (the iperf3 and wrk clients), whose CPU time is not the listener's.
 fn cpu_seconds(pid: Option<u32>, ticks_per_second: u64) -> anyhow::Result<f64> {
     let path = match pid {
         Some(pid) => format!("/proc/{pid}/stat"),
@@ -775,10 +778,11 @@ fn cpu_seconds(pid: Option<u32>, ticks_per_second: u64) -> anyhow::Result<f64> {
     let (_, rest) = stat
         .rsplit_once(')')
         .with_context(|| format!("unexpected {path}"))?;
+    let fields = if pid.is_some() { 4 } else { 2 };
     let ticks: u64 = rest
         .split_whitespace()
         .skip(11)
-        .take(4)
+        .take(fields)
         .map(|f| f.parse::<u64>().unwrap_or(0))
         .sum();
     Ok(ticks as f64 / ticks_per_second.max(1) as f64)
