@@ -840,33 +840,6 @@ mod tests {
         server.await.unwrap();
     }
 
-    #[tokio::test]
-    async fn a_scrape_that_half_closes_after_its_request_gets_its_answer() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let cancel = CancellationToken::new();
-        let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(|| "# EOF\n".to_string());
-        let server = tokio::spawn(serve_with(listener, render, cancel.clone(), LIMITS));
-        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
-        client
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
-            .await
-            .unwrap();
-        // `printf 'GET …' | nc` style: the request, then end of input.
-        client.shutdown().await.unwrap();
-        let mut answer = Vec::new();
-        tokio::time::timeout(Duration::from_secs(30), client.read_to_end(&mut answer))
-            .await
-            .expect("no answer and no close")
-            .unwrap();
-        let answer = String::from_utf8(answer).unwrap();
-        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-        assert!(answer.ends_with("# EOF\n"), "{answer}");
-        cancel.cancel();
-        server.await.unwrap();
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn shutdown_lets_the_scrape_in_flight_finish_and_closes_idle_connections() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};

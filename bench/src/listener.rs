@@ -1073,7 +1073,6 @@ async fn start_haproxy(
     target: SocketAddr,
 ) -> anyhow::Result<(Child, SocketAddr)> {
     let port = try_free_port().context("finding a free loopback port")?;
-    let cfg = dir.join(format!("haproxy-{name}.cfg"));
     // Defaults everywhere but the required timeouts: no splice options, default buffers and
     // thread count (one per CPU), as a plain `mode tcp` deployment would have.
     let text = format!(
@@ -1093,8 +1092,19 @@ backend be
     server target {target}
 "
     );
+    run_haproxy(dir, &format!("haproxy-{name}"), &text, port).await
+}
+
+/// Runs `haproxy -f DIR/FILE.cfg -db` with config `text` until it listens on `port`.
+async fn run_haproxy(
+    dir: &Path,
+    file: &str,
+    text: &str,
+    port: u16,
+) -> anyhow::Result<(Child, SocketAddr)> {
+    let cfg = dir.join(format!("{file}.cfg"));
     std::fs::write(&cfg, text).with_context(|| format!("writing {}", cfg.display()))?;
-    let log = dir.join(format!("haproxy-{name}.log"));
+    let log = dir.join(format!("{file}.log"));
     let mut child = spawn(
         Command::new("haproxy")
             .arg("-f")
@@ -1116,7 +1126,6 @@ backend be
 /// route. Returns it and its address.
 async fn start_http_backend(dir: &Path) -> anyhow::Result<(Child, SocketAddr)> {
     let port = try_free_port().context("finding a free loopback port")?;
-    let cfg = dir.join("haproxy-http-backend.cfg");
     let text = format!(
         "global
     maxconn 4096
@@ -1131,21 +1140,7 @@ frontend backend
     http-request return status 200 content-type text/plain string ok
 "
     );
-    std::fs::write(&cfg, text).with_context(|| format!("writing {}", cfg.display()))?;
-    let log = dir.join("haproxy-http-backend.log");
-    let mut child = spawn(
-        Command::new("haproxy")
-            .arg("-f")
-            .arg(&cfg)
-            .arg("-db")
-            .stderr(log_file(&log)?),
-        "haproxy (HTTP backend)",
-    )?;
-    if let Err(e) = wait_listening(&mut child, port, "haproxy (HTTP backend)").await {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        return Err(e.context(format!("haproxy's output:\n{}", text.trim_end())));
-    }
-    Ok((child, SocketAddr::from(([127, 0, 0, 1], port))))
+    run_haproxy(dir, "haproxy-http-backend", &text, port).await
 }
 
 /// A new file for a child's output.
