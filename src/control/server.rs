@@ -272,9 +272,8 @@ pub async fn bind(path: &Path) -> anyhow::Result<UnixListener> {
 /// Serves connections until `cancel` fires, on the daemon's bounded [`Server`]. Each peer's
 /// credentials are checked right after `accept`, before it takes a slot: a denied peer is closed
 /// without a word of HTTP, and one that finds no free slot (64 in all, 8 kept for writers, 8 per
-/// reader uid) is closed too, so no
-/// local user can fill the socket. On `cancel`, open connections finish the request in flight
-/// (an `events -f` stream ends) and close, within 2 s.
+/// reader uid) is closed too, so no local user can fill the socket. On `cancel`, open
+/// connections finish the request in flight (an `events -f` stream ends) and close, within 2 s.
 pub async fn serve(listener: UnixListener, state: Arc<ControlState>, cancel: CancellationToken) {
     let own_uid = nix::unistd::geteuid().as_raw();
     let slots = Slots::default();
