@@ -840,58 +840,6 @@ mod tests {
         server.await.unwrap();
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn shutdown_lets_the_scrape_in_flight_finish_and_closes_idle_connections() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let cancel = CancellationToken::new();
-        let limits = Limits {
-            header_timeout: Duration::from_secs(120),
-            lifetime: Duration::from_secs(120),
-            ..LIMITS
-        };
-        // The render says it has begun, then blocks (its worker thread) until released.
-        let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel::<()>();
-        let (release, released) = std::sync::mpsc::channel::<()>();
-        let released = std::sync::Mutex::new(released);
-        let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {
-            let _ = entered_tx.send(());
-            let _ = released
-                .lock()
-                .unwrap()
-                .recv_timeout(Duration::from_secs(30));
-            "# EOF\n".to_string()
-        });
-        let server = tokio::spawn(serve_with(listener, render, cancel.clone(), limits));
-        let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let mut busy = tokio::net::TcpStream::connect(addr).await.unwrap();
-        busy.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
-            .await
-            .unwrap();
-        tokio::time::timeout(Duration::from_secs(30), entered.recv())
-            .await
-            .expect("the scrape never reached the render");
-        cancel.cancel();
-        release.send(()).unwrap();
-        let mut answer = Vec::new();
-        tokio::time::timeout(Duration::from_secs(30), busy.read_to_end(&mut answer))
-            .await
-            .expect("the scrape in flight was neither answered nor closed")
-            .unwrap();
-        let answer = String::from_utf8(answer).unwrap();
-        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-        let mut nothing = Vec::new();
-        tokio::time::timeout(Duration::from_secs(30), idle.read_to_end(&mut nothing))
-            .await
-            .expect("the idle connection was not closed")
-            .ok();
-        tokio::time::timeout(Duration::from_secs(30), server)
-            .await
-            .expect("the server did not stop")
-            .unwrap();
-    }
-
     #[tokio::test]
     async fn one_address_cannot_take_every_slot() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};

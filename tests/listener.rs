@@ -83,11 +83,17 @@ async fn socat_relays(names: &[&str]) -> (Daemon, Events, u16) {
 /// A daemon whose service `svc` listens on a free port (with `extra` service keys) in front of
 /// one `direct` tunnel to an echo server, once that tunnel is elected.
 async fn one_direct_tunnel(extra: &str) -> (Daemon, u16) {
+    one_direct_tunnel_with_grace(extra, "2s").await
+}
+
+/// [`one_direct_tunnel`] with another `daemon.shutdown_grace`.
+async fn one_direct_tunnel_with_grace(extra: &str, grace: &str) -> (Daemon, u16) {
     let echo = echo_server().await;
     let port = free_port();
     let config = format!(
         "{}\n      - {{ name: lan, provider: direct, address: \"{echo}\" }}\n",
-        header(&format!("127.0.0.1:{port}"), extra),
+        header(&format!("127.0.0.1:{port}"), extra)
+            .replace("shutdown_grace: 2s", &format!("shutdown_grace: {grace}")),
     );
     let daemon = Daemon::start(&config).await;
     let mut events = daemon.follow();
@@ -542,23 +548,7 @@ async fn a_connection_waiting_on_a_blackholed_primary_moves_when_it_is_declared_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listener_with_no_open_connection_stops_without_waiting_for_the_grace() {
-    let echo = echo_server().await;
-    let port = free_port();
-    let config = format!(
-        r#"version: 1
-daemon: {{ control_socket: "@DIR@/control.sock", state_dir: "@DIR@/state", shutdown_grace: 25s }}
-defaults:
-  probe: {{ interval: 200ms, timeout: 200ms, rise: 1, fall: 3, send: "x", expect: "x" }}
-services:
-  - name: svc
-    listen: "127.0.0.1:{port}"
-    tunnels:
-      - {{ name: lan, provider: direct, address: "{echo}" }}
-"#
-    );
-    let mut daemon = Daemon::start(&config).await;
-    let mut events = daemon.follow();
-    events.wait_elected(&["svc"]).await;
+    let (mut daemon, port) = one_direct_tunnel_with_grace("", "25s").await;
     // A connection served and closed: nothing is open when the daemon is told to stop.
     let mut served = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
