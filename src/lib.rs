@@ -28,6 +28,7 @@ pub mod relay;
 pub mod reload;
 pub mod router;
 pub mod routes;
+pub mod server;
 pub mod service;
 pub mod socket_file;
 pub mod standby;

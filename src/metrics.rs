@@ -34,7 +34,6 @@
 //! [`serve_tcp`] serves `GET /metrics` on `daemon.metrics_listen`, bounded like the control
 //! socket: header read timeout, request head size, connections at once.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,7 +41,6 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -51,7 +49,6 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Bus, Delivery, EventKind};
@@ -366,8 +363,9 @@ const LIMITS: Limits = Limits {
 /// otherwise, on `listener` until `cancel`. Each connection has its own task and one of 64
 /// slots, at most 4 per source address (more are closed on accept); a client that sends nothing
 /// or half a request head is dropped after the 5 s header timeout, one that never reads its
-/// answer after the 10 s connection lifetime (+5 s), and neither blocks other scrapes. Open
-/// connections are dropped when `cancel` fires. The endpoint has no authentication: binding
+/// answer after the 10 s connection lifetime (+5 s), and neither blocks other scrapes. A client
+/// that half-closes after its request still gets the answer. When `cancel` fires, open
+/// connections finish the scrape in flight (within 2 s) and close. No authentication: binding
 /// anything but loopback is logged as a warning.
 pub async fn serve_tcp(
     listener: TcpListener,
@@ -386,94 +384,46 @@ pub async fn serve_tcp(
     serve_with(listener, render, cancel, LIMITS).await
 }
 
-/// Per-source connection counts; a [`SourceSlot`] gives its count back when dropped.
-type Sources = Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>;
+/// On shutdown, how long open connections may take to finish the scrape in flight.
+const DRAIN: Duration = Duration::from_secs(2);
 
-struct SourceSlot(Sources, std::net::IpAddr);
-
-impl Drop for SourceSlot {
-    fn drop(&mut self) {
-        let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = counts.get_mut(&self.1) {
-            *n -= 1;
-            if *n == 0 {
-                counts.remove(&self.1);
-            }
-        }
-    }
-}
-
-/// Takes one of `ip`'s `per_ip` connections, if it has one left.
-fn take_source(sources: &Sources, ip: std::net::IpAddr, per_ip: usize) -> Option<SourceSlot> {
-    let mut counts = sources.lock().unwrap_or_else(|p| p.into_inner());
-    let n = counts.entry(ip).or_default();
-    if *n >= per_ip {
-        return None;
-    }
-    *n += 1;
-    Some(SourceSlot(sources.clone(), ip))
-}
-
+/// The accept loop is the daemon's bounded [`Server`](crate::server::Server) (connections over
+/// the limit closed on accept); what is metrics' own is the per-address quota and the routes.
 async fn serve_with(
     listener: TcpListener,
     render: Arc<dyn Fn() -> String + Send + Sync>,
     cancel: CancellationToken,
     limits: Limits,
 ) {
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let sources = Sources::default();
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = cancel.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning on accept.
-                    tracing::warn!("metrics accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        // Over its source's share, or no slot left: closed at once, never queued.
-        let Some(source) = take_source(&sources, peer.ip(), limits.per_ip) else {
+    use crate::server::{HttpLimits, Quota, Server, Shutdown, WhenFull};
+    let server = Server::new("metrics", limits.max_connections, WhenFull::Refuse);
+    let sources = Quota::default();
+    let http = HttpLimits {
+        header_timeout: limits.header_timeout,
+        max_head: limits.max_head,
+        lifetime: Some(limits.lifetime),
+    };
+    let _accepting = server.serve(listener, move |(stream, peer), shutdown: &Shutdown| {
+        // Over its source's share: closed at once, never queued.
+        let Some(source) = sources.take(peer.ip(), limits.per_ip) else {
             tracing::debug!(%peer, "metrics: too many connections from this address; closed");
-            continue;
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::debug!(%peer, "metrics: no free slot; closed");
-            continue;
+            return None;
         };
         let render = render.clone();
-        let cancel = cancel.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let render = render.clone();
-                async move { Ok::<_, Infallible>(route(&req, &*render)) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_timeout)
-                .max_buf_size(limits.max_head)
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = cancel.cancelled() => {}
-                _ = conn.as_mut() => {}
-                _ = tokio::time::sleep(limits.lifetime) => {
-                    // Finish the request in flight, if any, then close; a client that does not
-                    // read its answer is cut off.
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(limits.header_timeout, conn).await;
-                }
-            }
-            drop(permit);
+        let shutdown = shutdown.clone();
+        Some(async move {
+            crate::server::http1(stream, http, &shutdown, move |req| {
+                std::future::ready(route(&req, &*render))
+            })
+            .await;
             drop(source);
-        });
-    }
+        })
+    });
+    cancel.cancelled().await;
+    server.shutdown(DRAIN).await;
 }
 
-type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+type Body = crate::server::Body;
 
 fn route(req: &Request<Incoming>, render: &(dyn Fn() -> String + Send + Sync)) -> Response<Body> {
     use crate::http_reply::error;

@@ -83,11 +83,17 @@ async fn socat_relays(names: &[&str]) -> (Daemon, Events, u16) {
 /// A daemon whose service `svc` listens on a free port (with `extra` service keys) in front of
 /// one `direct` tunnel to an echo server, once that tunnel is elected.
 async fn one_direct_tunnel(extra: &str) -> (Daemon, u16) {
+    one_direct_tunnel_with_grace(extra, "2s").await
+}
+
+/// [`one_direct_tunnel`] with another `daemon.shutdown_grace`.
+async fn one_direct_tunnel_with_grace(extra: &str, grace: &str) -> (Daemon, u16) {
     let echo = echo_server().await;
     let port = free_port();
     let config = format!(
         "{}\n      - {{ name: lan, provider: direct, address: \"{echo}\" }}\n",
-        header(&format!("127.0.0.1:{port}"), extra),
+        header(&format!("127.0.0.1:{port}"), extra)
+            .replace("shutdown_grace: 2s", &format!("shutdown_grace: {grace}")),
     );
     let daemon = Daemon::start(&config).await;
     let mut events = daemon.follow();
@@ -538,4 +544,29 @@ async fn a_connection_waiting_on_a_blackholed_primary_moves_when_it_is_declared_
     );
     let status = listener_status(&daemon).await;
     assert!(status.replayed >= 1, "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_with_no_open_connection_stops_without_waiting_for_the_grace() {
+    let (mut daemon, port) = one_direct_tunnel_with_grace("", "25s").await;
+    // A connection served and closed: nothing is open when the daemon is told to stop.
+    let mut served = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    exchange(&mut served, 1).await.unwrap();
+    drop(served);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while listener_status(&daemon).await.active != 0 {
+        assert!(Instant::now() < deadline, "the connection stayed open");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let started = Instant::now();
+    let exit = daemon.terminate();
+    assert!(exit.success(), "{exit:?}");
+    // The 25 s grace is for open connections; with none, the drain is over at once.
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the drain waited {:?} for no connection",
+        started.elapsed()
+    );
 }

@@ -16,8 +16,14 @@
 //!    back and close, N times in a row (one client) and then from 8 clients at once; the figures
 //!    are per-connection latency (connect → echo → close) and connections per second.
 //! 3. **CPU per GB**: a fixed `iperf3 -n BYTES` transfer through each forwarder while its CPU
-//!    time is read from `/proc` (this process for the listener, minus an idle baseline; the
+//!    time is read from `/proc` (this process for the listener, without the iperf3 clients it
+//!    has reaped, minus an idle baseline; the
 //!    socat parent including its reaped per-connection children; the haproxy process).
+//! 4. **HTTP connection rate**: `wrk -t2 -c8 -H "Connection: close" --latency` against an HTTP
+//!    backend that answers by itself (a one-thread `haproxy` in `mode http` with
+//!    `http-request return`), straight and through the listener and HAProxy (`mode tcp`), in
+//!    alternating rounds; the figures are requests (= connections) per second, latency p50/p99
+//!    and CPU per connection of each forwarder. `--wrk-only` runs this part alone.
 //!
 //! Everything is on 127.0.0.1, every loop is bounded in count and time, and every child process
 //! is killed when the bench ends. Results and method are written up in `docs/BENCHMARKS.md`.
@@ -51,6 +57,11 @@ const WARMUP_CONNECTIONS: usize = 50;
 const IPERF_ATTEMPTS: u32 = 3;
 /// Idle window for the in-process CPU baseline (probes, timers, the idle echo thread).
 const BASELINE_WINDOW: Duration = Duration::from_secs(3);
+/// wrk's load: threads and connections (`-t2 -c8`, the figure issue 17 set the goal with).
+const WRK_THREADS: u32 = 2;
+const WRK_CONNECTIONS: u32 = 8;
+/// The routes of part 4 (socat's fork per connection is two orders of magnitude off here).
+const WRK_ROUTES: [Route; 3] = [Route::Direct, Route::Listener, Route::Haproxy];
 
 /// What one run does; `--quick` shrinks every count.
 #[derive(Debug, Clone, Copy)]
@@ -72,6 +83,10 @@ struct Settings {
     bulk_reps: u32,
     /// Time limit of each bulk transfer.
     bulk_limit: Duration,
+    /// `wrk -d`, seconds.
+    wrk_seconds: u32,
+    /// Rounds of part 4 (each visits every route of [`WRK_ROUTES`]; the figures are medians).
+    wrk_rounds: u32,
 }
 
 impl Settings {
@@ -87,6 +102,8 @@ impl Settings {
                 bulk_bytes: 256 << 20,
                 bulk_reps: 1,
                 bulk_limit: Duration::from_secs(30),
+                wrk_seconds: 2,
+                wrk_rounds: 1,
             }
         } else {
             Settings {
@@ -99,6 +116,8 @@ impl Settings {
                 bulk_bytes: 4 << 30,
                 bulk_reps: 3,
                 bulk_limit: Duration::from_secs(60),
+                wrk_seconds: 5,
+                wrk_rounds: 5,
             }
         }
     }
@@ -161,13 +180,15 @@ struct Forwarders<'a> {
     haproxy_iperf: &'a Child,
 }
 
-/// Runs the three parts and prints their figures and a summary.
-pub(crate) async fn listener(quick: bool) -> anyhow::Result<()> {
+/// Runs the four parts (or only part 4 with `wrk_only`) and prints their figures and a
+/// summary.
+pub(crate) async fn listener(quick: bool, wrk_only: bool) -> anyhow::Result<()> {
     let settings = Settings::new(quick);
     for (program, package) in [
         ("iperf3", "iperf3"),
         ("socat", "socat"),
         ("haproxy", "haproxy"),
+        ("wrk", "wrk"),
     ] {
         which(program)
             .with_context(|| format!("`{program}` not found on PATH: apt-get install {package}"))?;
@@ -207,25 +228,28 @@ pub(crate) async fn listener(quick: bool) -> anyhow::Result<()> {
     let iperf_addr = SocketAddr::from(([127, 0, 0, 1], iperf_port));
     wait_listening(&mut iperf_server, iperf_port, "iperf3 -s").await?;
     let echo = EchoThread::start().await?;
+    let (http_server, http_addr) = start_http_backend(&dir.0).await?;
 
     // The forwarders.
-    let text = config_text(&dir.0, iperf_addr, echo.addr);
+    let text = config_text(&dir.0, iperf_addr, echo.addr, http_addr);
     let config = tunnelkeeper::config::parse(&text, &dir.0.join("bench.yaml"))
         .map_err(|e| anyhow::anyhow!("the generated bench config is invalid:\n{e}"))?;
     let daemon = Daemon::start(config).await.context("starting the daemon")?;
     let servers = Servers {
         iperf: iperf_addr,
         echo: echo.addr,
+        http: http_addr,
     };
     // Bounded as a whole too, and the daemon is shut down on every path; the other children
     // are killed when dropped (`kill_on_drop`).
     let report = tokio::time::timeout(
         Duration::from_secs(3600),
-        measure(&settings, &dir.0, &daemon, servers, ticks),
+        measure(&settings, &dir.0, &daemon, servers, ticks, wrk_only),
     )
     .await;
     daemon.shutdown().await;
     drop(iperf_server);
+    drop(http_server);
     drop(echo);
     let report =
         report.map_err(|_| anyhow::anyhow!("the bench did not finish within an hour"))??;
@@ -239,17 +263,42 @@ pub(crate) async fn listener(quick: bool) -> anyhow::Result<()> {
 struct Servers {
     iperf: SocketAddr,
     echo: SocketAddr,
+    /// The HTTP backend of part 4.
+    http: SocketAddr,
 }
 
-/// Waits for the daemon, starts socat and haproxy for both servers, and runs the three parts.
+/// Waits for the daemon, starts socat and haproxy for the servers, and runs the parts.
 async fn measure(
     settings: &Settings,
     dir: &Path,
     daemon: &Daemon,
     servers: Servers,
     ticks: u64,
+    wrk_only: bool,
 ) -> anyhow::Result<Report> {
-    let (listen_iperf, listen_echo) = wait_elected(daemon).await?;
+    let (listen_iperf, listen_echo, listen_http) = wait_elected(daemon).await?;
+    let (haproxy_http, haproxy_http_addr) = start_haproxy(dir, "http", servers.http).await?;
+    let http = Targets {
+        direct: servers.http,
+        listener: listen_http,
+        // Not measured in part 4.
+        socat: servers.http,
+        haproxy: haproxy_http_addr,
+    };
+    println!(
+        "  HTTP backend {}; via: listener {listen_http}, haproxy {haproxy_http_addr}",
+        servers.http
+    );
+    if wrk_only {
+        let wrk = wrk_rate(settings, &http, &haproxy_http, ticks).await?;
+        return Ok(Report {
+            throughput: Vec::new(),
+            sequential: Vec::new(),
+            concurrent: Vec::new(),
+            cpu: Vec::new(),
+            wrk,
+        });
+    }
     let (socat_iperf, socat_iperf_addr) = start_socat(dir, "iperf", servers.iperf).await?;
     let (_socat_echo, socat_echo_addr) = start_socat(dir, "echo", servers.echo).await?;
     let (haproxy_iperf, haproxy_iperf_addr) = start_haproxy(dir, "iperf", servers.iperf).await?;
@@ -283,11 +332,13 @@ async fn measure(
     let throughput = throughput(settings, &iperf).await?;
     let (sequential, concurrent) = connections(settings, &echo).await?;
     let cpu = cpu_per_gb(settings, &iperf, &forwarders, ticks).await?;
+    let wrk = wrk_rate(settings, &http, &haproxy_http, ticks).await?;
     Ok(Report {
         throughput,
         sequential,
         concurrent,
         cpu,
+        wrk,
     })
 }
 
@@ -301,6 +352,8 @@ struct Report {
     concurrent: Vec<(Route, ConnectResult)>,
     /// Median CPU seconds per GB per forwarder, with the median Gbit/s of those transfers.
     cpu: Vec<(Route, f64, f64)>,
+    /// Every wrk run of part 4, in the order run.
+    wrk: Vec<(Route, WrkRun)>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -711,7 +764,9 @@ fn listener_bytes(daemon: &Daemon) -> u64 {
         .unwrap_or(0)
 }
 
-/// CPU seconds used by `pid` (or this process), including children it has reaped.
+/// CPU seconds used by `pid` including the children it has reaped (socat's per-connection
+/// forks), or by this process alone: its reaped children are the bench's own load generators
+/// (the iperf3 and wrk clients), whose CPU time is not the listener's.
 fn cpu_seconds(pid: Option<u32>, ticks_per_second: u64) -> anyhow::Result<f64> {
     let path = match pid {
         Some(pid) => format!("/proc/{pid}/stat"),
@@ -723,10 +778,11 @@ fn cpu_seconds(pid: Option<u32>, ticks_per_second: u64) -> anyhow::Result<f64> {
     let (_, rest) = stat
         .rsplit_once(')')
         .with_context(|| format!("unexpected {path}"))?;
+    let fields = if pid.is_some() { 4 } else { 2 };
     let ticks: u64 = rest
         .split_whitespace()
         .skip(11)
-        .take(4)
+        .take(fields)
         .map(|f| f.parse::<u64>().unwrap_or(0))
         .sum();
     Ok(ticks as f64 / ticks_per_second.max(1) as f64)
@@ -757,11 +813,175 @@ fn clock_ticks() -> u64 {
 }
 
 // ---------------------------------------------------------------------------------------------
+// 4. HTTP connection rate (wrk)
+
+/// One `wrk` run.
+#[derive(Debug, Clone, Copy)]
+struct WrkRun {
+    /// Requests per second; with `Connection: close`, connections per second.
+    rate: f64,
+    /// Latency percentiles, microseconds.
+    p50_us: f64,
+    p99_us: f64,
+    /// Socket errors (connect, read, write, timeout) and non-2xx answers.
+    errors: u64,
+    /// The forwarder's CPU time per connection, microseconds (NaN for `direct`).
+    cpu_us_per_conn: f64,
+}
+
+/// Part 4: rounds of `wrk -t2 -c8 -H "Connection: close" --latency` over direct, the listener
+/// and HAProxy, in an order rotated per round, while the forwarder's CPU time is read.
+async fn wrk_rate(
+    settings: &Settings,
+    http: &Targets,
+    haproxy_http: &Child,
+    ticks: u64,
+) -> anyhow::Result<Vec<(Route, WrkRun)>> {
+    println!(
+        "\n== HTTP connection rate: wrk -t{WRK_THREADS} -c{WRK_CONNECTIONS} -d{}s -H \"Connection: \
+         close\" --latency, {} round(s) over {} routes in a rotated order; load average {}",
+        settings.wrk_seconds,
+        settings.wrk_rounds,
+        WRK_ROUTES.len(),
+        load_average()
+    );
+    let before = cpu_seconds(None, ticks).context("reading /proc/self/stat")?;
+    tokio::time::sleep(BASELINE_WINDOW).await;
+    let after = cpu_seconds(None, ticks).context("reading /proc/self/stat")?;
+    let baseline_rate = (after - before) / BASELINE_WINDOW.as_secs_f64();
+    let haproxy_pid = haproxy_http.id().context("haproxy has exited")?;
+    let mut runs = Vec::new();
+    for round in 0..settings.wrk_rounds {
+        let mut order = WRK_ROUTES;
+        order.rotate_left(round as usize % WRK_ROUTES.len());
+        for route in order {
+            let pid = match route {
+                Route::Haproxy => Some(haproxy_pid),
+                _ => None,
+            };
+            let cpu_before = cpu_seconds(pid, ticks)?;
+            let wall = Instant::now();
+            let mut run = wrk(http.get(route), settings.wrk_seconds)
+                .await
+                .with_context(|| format!("wrk via {}", route.label()))?;
+            let elapsed = wall.elapsed().as_secs_f64();
+            let mut cpu = cpu_seconds(pid, ticks)? - cpu_before;
+            if route == Route::Listener {
+                cpu -= baseline_rate * elapsed;
+            }
+            let connections = run.rate * f64::from(settings.wrk_seconds);
+            run.cpu_us_per_conn = if route == Route::Direct || connections <= 0.0 {
+                f64::NAN
+            } else {
+                cpu * 1e6 / connections
+            };
+            println!(
+                "   round {} {:<22} {:>8.0} conn/s  p50 {:>7.1}µs  p99 {:>7.1}µs  CPU {:>5.1}µs/conn  \
+                 errors {}",
+                round + 1,
+                route.label(),
+                run.rate,
+                run.p50_us,
+                run.p99_us,
+                run.cpu_us_per_conn,
+                run.errors
+            );
+            runs.push((route, run));
+        }
+    }
+    Ok(runs)
+}
+
+/// Runs wrk against `http://ADDR/` for `seconds`; parses its rate and latency distribution.
+async fn wrk(addr: SocketAddr, seconds: u32) -> anyhow::Result<WrkRun> {
+    let mut command = Command::new("wrk");
+    command
+        .args([
+            format!("-t{WRK_THREADS}"),
+            format!("-c{WRK_CONNECTIONS}"),
+            format!("-d{seconds}s"),
+            "-H".to_string(),
+            "Connection: close".to_string(),
+            "--latency".to_string(),
+            format!("http://{addr}/"),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let limit = Duration::from_secs(u64::from(seconds) + 30);
+    let output = tokio::time::timeout(limit, command.output())
+        .await
+        .map_err(|_| anyhow::anyhow!("wrk did not finish within {}s", limit.as_secs()))?
+        .context("running wrk")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        bail!(
+            "wrk exited with {}: {}{}",
+            output.status,
+            text,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    parse_wrk(&text)
+}
+
+/// The figures of wrk's `--latency` report.
+fn parse_wrk(text: &str) -> anyhow::Result<WrkRun> {
+    let field = |prefix: &str| {
+        text.lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix(prefix).map(str::trim))
+    };
+    let rate: f64 = field("Requests/sec:")
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no Requests/sec in wrk's output:\n{text}"))?;
+    let latency = |p: &str| {
+        field(p)
+            .and_then(wrk_duration_us)
+            .with_context(|| format!("no {p} latency in wrk's output:\n{text}"))
+    };
+    // `Socket errors: connect 0, read 0, write 0, timeout 0` and `Non-2xx or 3xx responses: N`.
+    let mut errors = 0;
+    if let Some(rest) = field("Socket errors:") {
+        errors += rest
+            .split(',')
+            .filter_map(|part| part.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    if let Some(n) = field("Non-2xx or 3xx responses:").and_then(|v| v.parse::<u64>().ok()) {
+        errors += n;
+    }
+    Ok(WrkRun {
+        rate,
+        p50_us: latency("50%")?,
+        p99_us: latency("99%")?,
+        errors,
+        cpu_us_per_conn: f64::NAN,
+    })
+}
+
+/// `412.00us`, `1.20ms`, `2.00s` → microseconds.
+fn wrk_duration_us(text: &str) -> Option<f64> {
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    let scale = match unit.trim() {
+        "us" => 1.0,
+        "ms" => 1e3,
+        "s" => 1e6,
+        "m" => 60e6,
+        _ => return None,
+    };
+    Some(number * scale)
+}
+
+// ---------------------------------------------------------------------------------------------
 // Set-up
 
-/// The daemon configuration: two services, each a listener on a free port and one `direct`
+/// The daemon configuration: three services, each a listener on a free port and one `direct`
 /// tunnel; probes dial only, every second.
-fn config_text(dir: &Path, iperf: SocketAddr, echo: SocketAddr) -> String {
+fn config_text(dir: &Path, iperf: SocketAddr, echo: SocketAddr, http: SocketAddr) -> String {
     // JSON string literals are valid YAML double-quoted scalars: paths need no hand-escaping.
     let quote = |p: &Path| {
         serde_json::to_string(&p.display().to_string()).unwrap_or_else(|_| "\"\"".into())
@@ -784,15 +1004,19 @@ services:
     listen: \"127.0.0.1:0\"
     tunnels:
       - {{ name: lan, provider: direct, address: \"{echo}\" }}
+  - name: http
+    listen: \"127.0.0.1:0\"
+    tunnels:
+      - {{ name: lan, provider: direct, address: \"{http}\" }}
 ",
         socket = quote(&dir.join("control.sock")),
         state = quote(&dir.join("state")),
     )
 }
 
-/// Polls the status until both services have elected their tunnel; returns the listeners'
-/// addresses (`iperf`, `echo`).
-async fn wait_elected(daemon: &Daemon) -> anyhow::Result<(SocketAddr, SocketAddr)> {
+/// Polls the status until every service has elected its tunnel; returns the listeners'
+/// addresses (`iperf`, `echo`, `http`).
+async fn wait_elected(daemon: &Daemon) -> anyhow::Result<(SocketAddr, SocketAddr, SocketAddr)> {
     let deadline = tokio::time::Instant::now() + STARTUP_LIMIT;
     loop {
         let status = daemon.status();
@@ -801,8 +1025,10 @@ async fn wait_elected(daemon: &Daemon) -> anyhow::Result<(SocketAddr, SocketAddr
             service.primary.as_ref()?;
             service.listener.as_ref()?.address.parse().ok()
         };
-        if let (Some(iperf), Some(echo)) = (ready("iperf"), ready("echo")) {
-            return Ok((iperf, echo));
+        if let (Some(iperf), Some(echo), Some(http)) =
+            (ready("iperf"), ready("echo"), ready("http"))
+        {
+            return Ok((iperf, echo, http));
         }
         if tokio::time::Instant::now() >= deadline {
             bail!(
@@ -847,7 +1073,6 @@ async fn start_haproxy(
     target: SocketAddr,
 ) -> anyhow::Result<(Child, SocketAddr)> {
     let port = try_free_port().context("finding a free loopback port")?;
-    let cfg = dir.join(format!("haproxy-{name}.cfg"));
     // Defaults everywhere but the required timeouts: no splice options, default buffers and
     // thread count (one per CPU), as a plain `mode tcp` deployment would have.
     let text = format!(
@@ -867,8 +1092,19 @@ backend be
     server target {target}
 "
     );
+    run_haproxy(dir, &format!("haproxy-{name}"), &text, port).await
+}
+
+/// Runs `haproxy -f DIR/FILE.cfg -db` with config `text` until it listens on `port`.
+async fn run_haproxy(
+    dir: &Path,
+    file: &str,
+    text: &str,
+    port: u16,
+) -> anyhow::Result<(Child, SocketAddr)> {
+    let cfg = dir.join(format!("{file}.cfg"));
     std::fs::write(&cfg, text).with_context(|| format!("writing {}", cfg.display()))?;
-    let log = dir.join(format!("haproxy-{name}.log"));
+    let log = dir.join(format!("{file}.log"));
     let mut child = spawn(
         Command::new("haproxy")
             .arg("-f")
@@ -883,6 +1119,28 @@ backend be
         return Err(e.context(format!("haproxy's output:\n{}", text.trim_end())));
     }
     Ok((child, SocketAddr::from(([127, 0, 0, 1], port))))
+}
+
+/// Starts the HTTP backend of part 4: a one-thread `haproxy` in `mode http` that answers every
+/// request itself (`http-request return`), so the backend costs little and the same for every
+/// route. Returns it and its address.
+async fn start_http_backend(dir: &Path) -> anyhow::Result<(Child, SocketAddr)> {
+    let port = try_free_port().context("finding a free loopback port")?;
+    let text = format!(
+        "global
+    maxconn 4096
+    nbthread 1
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend backend
+    bind 127.0.0.1:{port}
+    http-request return status 200 content-type text/plain string ok
+"
+    );
+    run_haproxy(dir, "haproxy-http-backend", &text, port).await
 }
 
 /// A new file for a child's output.
@@ -1008,6 +1266,14 @@ fn print_summary(settings: &Settings, report: &Report) {
             ""
         }
     );
+    if !report.throughput.is_empty() {
+        print_data_plane(settings, report);
+    }
+    print_wrk(settings, &report.wrk);
+}
+
+/// The summary of parts 1 to 3.
+fn print_data_plane(settings: &Settings, report: &Report) {
     println!(
         "   throughput (iperf3 -t {}, median of {} round(s), Gbit/s; ratio vs direct)",
         settings.seconds, settings.rounds
@@ -1069,14 +1335,80 @@ fn print_summary(settings: &Settings, report: &Report) {
         settings.bulk_bytes >> 20,
         settings.bulk_reps
     );
+    let haproxy_per_gb = report
+        .cpu
+        .iter()
+        .find(|c| c.0 == Route::Haproxy)
+        .map_or(f64::NAN, |c| c.1);
     for (route, per_gb, gbps) in &report.cpu {
         println!(
-            "     {:<22} {:.3} CPU-s/GB  (at {:.2} Gbit/s)",
+            "     {:<22} {:.3} CPU-s/GB ({:.2} × haproxy)  (at {:.2} Gbit/s)",
             route.label(),
             per_gb,
+            per_gb / haproxy_per_gb,
             gbps
         );
     }
+}
+
+/// The summary of part 4: medians per route, and the listener against HAProxy as the median of
+/// the per-round ratios (each round runs both within seconds, so drift in the background load
+/// cancels out better than in a ratio of medians).
+fn print_wrk(settings: &Settings, runs: &[(Route, WrkRun)]) {
+    println!(
+        "   HTTP connection rate (wrk -t{WRK_THREADS} -c{WRK_CONNECTIONS} -d{}s -H \"Connection: \
+         close\", median of {} round(s); added = route − direct)",
+        settings.wrk_seconds, settings.wrk_rounds
+    );
+    let of = |route: Route| runs.iter().filter(move |r| r.0 == route).map(|r| r.1);
+    let med = |route: Route, f: fn(&WrkRun) -> f64| median(of(route).map(|r| f(&r)));
+    let direct50 = med(Route::Direct, |r| r.p50_us);
+    let direct99 = med(Route::Direct, |r| r.p99_us);
+    for route in WRK_ROUTES {
+        let errors: u64 = of(route).map(|r| r.errors).sum();
+        println!(
+            "     {:<22} {:>8.0} conn/s  p50 {:>7.1}µs  p99 {:>7.1}µs  added p50 {:>+7.1}  added \
+             p99 {:>+7.1}  CPU {:>5.1}µs/conn  errors {errors}",
+            route.label(),
+            med(route, |r| r.rate),
+            med(route, |r| r.p50_us),
+            med(route, |r| r.p99_us),
+            med(route, |r| r.p50_us) - direct50,
+            med(route, |r| r.p99_us) - direct99,
+            med(route, |r| r.cpu_us_per_conn),
+        );
+    }
+    // Per round: the listener's figure over HAProxy's (rates), or their added p99 difference.
+    let rounds: Vec<(WrkRun, WrkRun, WrkRun)> = (0..settings.wrk_rounds as usize)
+        .filter_map(|i| {
+            let nth = |route: Route| of(route).nth(i);
+            Some((
+                nth(Route::Direct)?,
+                nth(Route::Listener)?,
+                nth(Route::Haproxy)?,
+            ))
+        })
+        .collect();
+    let rate_ratio = median(rounds.iter().map(|(_, l, h)| l.rate / h.rate));
+    let p99_ratio = median(
+        rounds
+            .iter()
+            .map(|(d, l, h)| (l.p99_us - d.p99_us) / (h.p99_us - d.p99_us)),
+    );
+    let cpu_ratio = median(
+        rounds
+            .iter()
+            .map(|(_, l, h)| l.cpu_us_per_conn / h.cpu_us_per_conn),
+    );
+    println!(
+        "     listener ÷ haproxy, median of per-round ratios: rate {rate_ratio:.2} ×  added p99 \
+         {p99_ratio:.2} ×  CPU per connection {cpu_ratio:.2} ×"
+    );
+    println!(
+        "     rate ≥ haproxy: {}  added p99 ≤ haproxy: {}",
+        pass(rate_ratio >= 1.0),
+        pass(p99_ratio <= 1.0)
+    );
 }
 
 fn pass(ok: bool) -> &'static str {

@@ -77,6 +77,10 @@ enum Command {
         /// Smoke check: 1s iperf3 runs, one round, a few hundred connections, 256 MiB bulk.
         #[arg(long)]
         quick: bool,
+        /// Only part 4, `wrk -H "Connection: close"` against an HTTP backend, alternating the
+        /// listener and HAProxy (for before/after comparisons of the accept path).
+        #[arg(long)]
+        wrk_only: bool,
     },
     /// Router reboot recovery: sshd accepting again → router_verified, vs 30 s polling.
     Router {
@@ -151,7 +155,7 @@ fn main() -> ExitCode {
             let settings = ssh::Settings::new(runs, quick, login_home, sshd_options);
             rt.block_on(ssh::ssh(settings))
         }
-        Command::Listener { quick } => rt.block_on(listener::listener(quick)),
+        Command::Listener { quick, wrk_only } => rt.block_on(listener::listener(quick, wrk_only)),
         Command::Router { reps } => rt.block_on(router::router(reps)),
         Command::Scale {
             tunnels,

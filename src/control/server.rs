@@ -10,7 +10,6 @@ use futures_util::StreamExt;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -19,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::bus::{Bus, Delivery};
 use crate::config::spec::Reader;
 use crate::http_reply::{error, json, Body};
+use crate::server::{HttpLimits, Quota, QuotaSlot, Server, Shutdown, WhenFull};
 use crate::status::DaemonStatus;
 
 /// Connections served at once; more are closed at once (after the credential check).
@@ -28,10 +28,14 @@ pub const MAX_CONNECTIONS: usize = 64;
 pub const WRITER_RESERVE: usize = 8;
 /// Connections one reader uid may hold at once.
 pub const PER_UID: usize = 8;
-/// A client must send its request headers within this time.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-/// Request heads larger than this are refused.
-const MAX_HEAD: usize = 16 * 1024;
+/// A client must send its request head within this time; heads are at most 16 KiB.
+const HTTP: HttpLimits = HttpLimits {
+    header_timeout: Duration::from_secs(5),
+    max_head: 16 * 1024,
+    lifetime: None,
+};
+/// On shutdown, how long open connections may take to finish the request in flight.
+const DRAIN: Duration = Duration::from_secs(2);
 /// Request bodies (a pin's JSON) larger than this are refused.
 const MAX_BODY: usize = 4 * 1024;
 /// A client must send its body within this time.
@@ -151,51 +155,30 @@ fn peer_of(stream: &tokio::net::UnixStream) -> Option<Peer> {
 /// and at most [`PER_UID`] per reader uid. Taken only after the credential check, and never
 /// waited for: a peer that finds no slot is closed at once instead of queueing.
 #[derive(Default)]
-struct Slots(std::sync::Mutex<SlotCounts>);
-
-#[derive(Default)]
-struct SlotCounts {
-    total: usize,
-    per_uid: std::collections::HashMap<u32, usize>,
+struct Slots {
+    total: Quota<()>,
+    per_uid: Quota<u32>,
 }
 
 /// A taken slot, given back when the connection ends.
 struct Slot {
-    slots: Arc<Slots>,
-    uid: u32,
+    _total: QuotaSlot<()>,
+    _mine: QuotaSlot<u32>,
 }
 
 impl Slots {
-    fn take(self: &Arc<Self>, uid: u32, access: Access) -> Option<Slot> {
-        let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
+    fn take(&self, uid: u32, access: Access) -> Option<Slot> {
         let (limit, per_uid) = match access {
             Access::Full => (MAX_CONNECTIONS, MAX_CONNECTIONS),
             Access::Read => (MAX_CONNECTIONS - WRITER_RESERVE, PER_UID),
             Access::Denied => return None,
         };
-        let mine = counts.per_uid.get(&uid).copied().unwrap_or(0);
-        if counts.total >= limit || mine >= per_uid {
-            return None;
-        }
-        counts.total += 1;
-        *counts.per_uid.entry(uid).or_default() += 1;
+        let total = self.total.take((), limit)?;
+        let mine = self.per_uid.take(uid, per_uid)?;
         Some(Slot {
-            slots: self.clone(),
-            uid,
+            _total: total,
+            _mine: mine,
         })
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut counts = self.slots.0.lock().unwrap_or_else(|p| p.into_inner());
-        counts.total = counts.total.saturating_sub(1);
-        if let Some(n) = counts.per_uid.get_mut(&self.uid) {
-            *n -= 1;
-            if *n == 0 {
-                counts.per_uid.remove(&self.uid);
-            }
-        }
     }
 }
 
@@ -315,46 +298,37 @@ pub async fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Serves connections until `cancel` fires. Each peer's credentials are checked right after
-/// `accept`, before it takes a slot: a denied peer is closed without a word of HTTP, and one
-/// that finds no free slot (see [`Slots`]) is closed too, so no local user can fill the socket.
+/// Serves connections until `cancel` fires, on the daemon's bounded [`Server`]. Each peer's
+/// credentials are checked right after `accept`, before it takes a slot: a denied peer is closed
+/// without a word of HTTP, and one that finds no free slot (64 in all, 8 kept for writers, 8 per
+/// reader uid) is closed too, so no local user can fill the socket. On `cancel`, open
+/// connections finish the request in flight (an `events -f` stream ends) and close, within 2 s.
 pub async fn serve(listener: UnixListener, state: Arc<ControlState>, cancel: CancellationToken) {
     let own_uid = nix::unistd::geteuid().as_raw();
-    let slots = Arc::new(Slots::default());
-    loop {
-        let stream = tokio::select! {
-            _ = cancel.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning on accept.
-                    tracing::warn!("control socket accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let Some(peer) = peer_of(&stream) else {
-            continue;
-        };
+    let slots = Slots::default();
+    let server = Server::new("control socket", MAX_CONNECTIONS, WhenFull::Refuse);
+    let _accepting = server.serve(listener, move |stream, shutdown: &Shutdown| {
+        let peer = peer_of(&stream)?;
         let uid = peer.uid;
         let who = Who::Peer(Arc::new(peer), own_uid);
         let access = who.access(&state);
         if access == Access::Denied {
             tracing::debug!(uid, "control socket: peer is not a reader; closed");
-            continue;
+            return None;
         }
         let Some(slot) = slots.take(uid, access) else {
             tracing::debug!(uid, "control socket: no free slot for this peer; closed");
-            continue;
+            return None;
         };
         let state = state.clone();
-        let cancel = cancel.clone();
-        tokio::spawn(async move {
-            serve_as(stream, who, state, cancel).await;
+        let shutdown = shutdown.clone();
+        Some(async move {
+            serve_as(stream, who, state, shutdown).await;
             drop(slot);
-        });
-    }
+        })
+    });
+    cancel.cancelled().await;
+    server.shutdown(DRAIN).await;
 }
 
 /// Serves HTTP/1.1 requests on one connection whose peer has `access`, until it closes. Heads
@@ -368,30 +342,24 @@ pub async fn serve_connection<IO>(
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    serve_as(io, Who::Fixed(access), state, cancel).await
+    serve_as(io, Who::Fixed(access), state, Shutdown::at(cancel)).await
 }
 
 /// Serves one connection; its access is re-decided for every request, so a reload that removes
 /// a reader takes effect on its open connections too.
-async fn serve_as<IO>(io: IO, who: Who, state: Arc<ControlState>, cancel: CancellationToken)
+async fn serve_as<IO>(io: IO, who: Who, state: Arc<ControlState>, shutdown: Shutdown)
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let service = hyper::service::service_fn(move |req| {
+    // An event stream ends when the server starts draining, so its connection can close.
+    let draining = shutdown.drain().clone();
+    crate::server::http1(io, HTTP, &shutdown, move |req| {
         let state = state.clone();
-        let cancel = cancel.clone();
+        let cancel = draining.clone();
         let who = who.clone();
-        async move { Ok::<_, Infallible>(route(req, who, &state, cancel).await) }
-    });
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
-        .max_buf_size(MAX_HEAD)
-        // `printf 'GET …' | socat - UNIX-CONNECT:…` half-closes after its request: it must
-        // still get its answer (found by fuzzing).
-        .half_close(true)
-        .serve_connection(TokioIo::new(io), service);
-    let _ = conn.await;
+        async move { route(req, who, &state, cancel).await }
+    })
+    .await
 }
 
 async fn route(
@@ -684,7 +652,7 @@ mod tests {
 
     #[test]
     fn slots_reserve_room_for_writers_and_cap_each_reader() {
-        let slots = Arc::new(Slots::default());
+        let slots = Slots::default();
         let mut held = Vec::new();
         // One reader uid stops at its own cap.
         while let Some(slot) = slots.take(1000, Access::Read) {

@@ -12,10 +12,11 @@
 //!
 //! `idle_timeout` runs from accept to close, so a client that connects and never speaks (or a
 //! tunnel that never answers) gives its slot back too.
-//! `max_connections` is enforced by not accepting (the kernel backlog holds the rest);
-//! `EMFILE`/`ENFILE` make the accept loop back off instead of spinning. `on_failover: close`
-//! closes connections left on a tunnel that is no longer primary. On shutdown the listener
-//! stops accepting and drains open connections for up to the shutdown grace.
+//! The accept loop is the daemon's bounded [`Server`]: `max_connections` is enforced by not
+//! accepting (the kernel backlog holds the rest), `EMFILE`/`ENFILE` make it back off instead of
+//! spinning. `on_failover: close` closes connections left on a tunnel that is no longer
+//! primary. On shutdown the listener stops accepting and drains open connections for up to the
+//! shutdown grace.
 //!
 //! A reload never cuts a connection: [`Listener::update`] applies new settings to the
 //! connections accepted from then on, and [`Listener::rebind`] (only when the address moved)
@@ -36,27 +37,37 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tunnelkeeper_providers::Dial;
 
 use crate::config::model::OnFailover;
 use crate::config::spec::{ListenAddress, ListenSpec, ServiceSpec};
 use crate::routes::{Primary, Route, Routes};
+use crate::server::{Accept, Accepting, Server, Shutdown, WhenFull};
 
 /// Client bytes kept for a replay while no reply has arrived. Requests bigger than this are not
 /// replayed: they go through unbuffered once the limit is reached.
 pub const REPLAY_LIMIT: usize = 64 * 1024;
 /// Buffer of the non-splice copy path, per direction.
 const COPY_BUFFER: usize = 64 * 1024;
+/// Largest read while waiting for the first reply, per direction.
+const FIRST_READ: usize = 16 * 1024;
 
-/// A bound listening socket, ready to serve.
+/// A bound listening socket, ready to serve. A Unix socket's file is removed when it is
+/// dropped (the listener stopped, or moved to another address).
 pub enum Acceptor {
     /// TCP.
     Tcp(TcpListener),
-    /// Unix stream socket (removed again when the listener stops).
+    /// Unix stream socket.
     Unix(UnixListener, PathBuf),
+}
+
+impl Drop for Acceptor {
+    fn drop(&mut self) {
+        if let Acceptor::Unix(_, path) = self {
+            crate::socket_file::remove(path);
+        }
+    }
 }
 
 impl Acceptor {
@@ -89,6 +100,10 @@ impl Acceptor {
             Acceptor::Unix(_, path) => format!("unix:{}", path.display()),
         }
     }
+}
+
+impl Accept for Acceptor {
+    type Conn = Dial;
 
     async fn accept(&self) -> io::Result<Dial> {
         match self {
@@ -167,15 +182,12 @@ pub struct ListenerStats {
 /// A running listener.
 pub struct Listener {
     stats: ListenerStats,
-    /// The accept loop (it owns the bound socket).
-    accept: tokio::task::JoinHandle<()>,
-    accepting: CancellationToken,
-    connections: CancellationToken,
-    tracker: TaskTracker,
+    /// Slots, accept loops and open connections, across rebinds.
+    server: Server,
+    /// The accept loop of the current socket.
+    accepting: Accepting,
     /// The settings new connections get; replaced by [`Listener::update`].
     current: Current,
-    /// `max_connections` permits, shared by the accept loops of successive sockets.
-    slots: Arc<Semaphore>,
 }
 
 /// What each new connection is served with: the listener's settings of the moment.
@@ -235,19 +247,16 @@ impl Listener {
             epoch: Instant::now(),
         });
         let current: Current = Arc::new(std::sync::RwLock::new(shared));
-        let slots = Arc::new(Semaphore::new(listen.max_connections as usize));
-        let accepting = CancellationToken::new();
-        let connections = CancellationToken::new();
-        let tracker = TaskTracker::new();
-        let accept = tracker.spawn(accept_loop(
-            acceptor,
+        let server = Server::new(
+            format!("service {} listener", service.name),
+            listen.max_connections as usize,
+            WhenFull::Wait,
+        );
+        let accepting = accept(&server, acceptor, current.clone());
+        tokio::spawn(close_on_failover(
             current.clone(),
-            slots.clone(),
-            accepting.clone(),
-            connections.clone(),
-            tracker.clone(),
+            server.shutdown_signal().close().clone(),
         ));
-        tracker.spawn(close_on_failover(current.clone(), connections.clone()));
         tracing::info!(service = %service.name, %address, "failover listener ready");
         Listener {
             stats: ListenerStats {
@@ -255,12 +264,9 @@ impl Listener {
                 counters,
                 routes: stats_routes,
             },
-            accept,
+            server,
             accepting,
-            connections,
-            tracker,
             current,
-            slots,
         }
     }
 
@@ -268,26 +274,7 @@ impl Listener {
     /// connections keep theirs. The socket and the counters stay.
     pub fn update(&self, service: &ServiceSpec, listen: &ListenSpec) {
         let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
-        let before = current.spec.max_connections as usize;
-        let after = listen.max_connections as usize;
-        if after > before {
-            self.slots.add_permits(after - before);
-        } else if after < before {
-            // Permits in use come back as their connections end; take the surplus then.
-            let slots = self.slots.clone();
-            let surplus = u32::try_from(before - after).unwrap_or(u32::MAX);
-            let stop = self.connections.clone();
-            self.tracker.spawn(async move {
-                tokio::select! {
-                    _ = stop.cancelled() => {}
-                    permits = slots.acquire_many_owned(surplus) => {
-                        if let Ok(permits) = permits {
-                            permits.forget();
-                        }
-                    }
-                }
-            });
-        }
+        self.server.resize(listen.max_connections as usize);
         *current = Arc::new(current.with_settings(service, listen));
     }
 
@@ -295,17 +282,10 @@ impl Listener {
     /// one closes, and connections accepted on the old one go on untouched.
     pub async fn rebind(&mut self, acceptor: Acceptor) {
         let address = acceptor.local_address();
-        let accepting = CancellationToken::new();
-        let accept = self.tracker.spawn(accept_loop(
-            acceptor,
-            self.current.clone(),
-            self.slots.clone(),
-            accepting.clone(),
-            self.connections.clone(),
-            self.tracker.clone(),
-        ));
-        std::mem::replace(&mut self.accepting, accepting).cancel();
-        let _ = std::mem::replace(&mut self.accept, accept).await;
+        let accepting = accept(&self.server, acceptor, self.current.clone());
+        std::mem::replace(&mut self.accepting, accepting)
+            .stop()
+            .await;
         tracing::info!(from = %self.stats.address, to = %address, "failover listener moved");
         self.stats.address = address;
     }
@@ -318,26 +298,13 @@ impl Listener {
     /// Stops accepting and returns once the address is free (a reload may bind it again);
     /// open connections go on untouched until they end or [`Listener::stop`].
     pub async fn retire(&mut self) {
-        self.accepting.cancel();
-        let _ = (&mut self.accept).await;
+        self.accepting.stop().await;
     }
 
     /// Stops accepting, lets open connections finish for up to `grace`, then closes the rest.
+    /// Returns as soon as none is open.
     pub async fn stop(self, grace: Duration) {
-        self.accepting.cancel();
-        self.tracker.close();
-        if tokio::time::timeout(grace, self.tracker.wait())
-            .await
-            .is_err()
-        {
-            tracing::info!(
-                address = %self.stats.address,
-                open = self.stats.counters.active.load(Ordering::Relaxed),
-                "drain grace over; closing the remaining connections"
-            );
-        }
-        self.connections.cancel();
-        self.tracker.wait().await;
+        self.server.shutdown(grace).await;
     }
 }
 
@@ -369,55 +336,14 @@ impl ListenerStats {
     }
 }
 
-async fn accept_loop(
-    acceptor: Acceptor,
-    current: Current,
-    slots: Arc<Semaphore>,
-    accepting: CancellationToken,
-    connections: CancellationToken,
-    tracker: TaskTracker,
-) {
-    let mut backoff = Duration::from_millis(10);
-    loop {
-        // Backpressure: at max_connections, stop accepting; the kernel backlog holds the rest.
-        let permit = tokio::select! {
-            _ = accepting.cancelled() => break,
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-        };
-        let accepted = tokio::select! {
-            _ = accepting.cancelled() => break,
-            a = acceptor.accept() => a,
-        };
-        match accepted {
-            Ok(client) => {
-                backoff = Duration::from_millis(10);
-                let shared = current.read().unwrap_or_else(|p| p.into_inner()).clone();
-                let token = connections.child_token();
-                tracker.spawn(async move {
-                    serve(client, &shared, token).await;
-                    drop(permit);
-                });
-            }
-            Err(e) => {
-                // Out of descriptors or memory: wait for connections to close rather than
-                // spinning on an accept that keeps failing.
-                let service = current
-                    .read()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .service
-                    .clone();
-                tracing::warn!(%service, "accept: {e}; retrying in {backoff:?}");
-                tokio::select! {
-                    _ = accepting.cancelled() => break,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-            }
-        }
-    }
-    if let Acceptor::Unix(_, path) = &acceptor {
-        crate::socket_file::remove(path);
-    }
+/// Serves `acceptor` on `server`: each connection gets the settings of the moment and a token
+/// of its own (`on_failover: close` cancels it, and so does the end of the drain grace).
+fn accept(server: &Server, acceptor: Acceptor, current: Current) -> Accepting {
+    server.serve(acceptor, move |client, shutdown: &Shutdown| {
+        let shared = current.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let token = shutdown.close().child_token();
+        Some(async move { serve(client, &shared, token).await })
+    })
 }
 
 /// `on_failover: close`: when the primary changes, connections on other tunnels are closed so
@@ -542,16 +468,25 @@ async fn relay_connection(
 ) {
     let counters = &shared.counters;
 
-    let order = dial_order_when_ready(shared).await;
+    let (order, mut first) = dial_order_when_ready(shared).await;
     // Without `retries`, every tunnel in the dial order may be tried.
     let tries = shared.spec.retries.map_or(usize::MAX, |r| r as usize + 1);
-    let attempts = order.iter().take(tries);
+    let attempts = order.iter().enumerate().take(tries);
     let mut sent: Vec<u8> = Vec::new();
     let mut replayable = shared.spec.replay_unanswered;
     let mut client_done = false;
     let mut tried = 0usize;
-    for name in attempts {
-        let Some((route, tunnel)) = shared.routes.get(name) else {
+    for (index, name) in attempts {
+        // The first running tunnel was looked up while waiting for one: not again.
+        let found = match first.take() {
+            Some((at, found)) if at == index => Some(found),
+            Some(other) => {
+                first = Some(other);
+                None
+            }
+            None => shared.routes.get(name),
+        };
+        let Some((route, tunnel)) = found else {
             continue;
         };
         tried += 1;
@@ -608,21 +543,29 @@ async fn relay_connection(
     );
 }
 
-/// The dial order, waiting up to `connect_timeout` when no tunnel in it is running yet (a
-/// client that connects while the daemon is still starting its tunnels should wait for one,
-/// not be turned away).
-async fn dial_order_when_ready(shared: &Shared) -> Vec<String> {
+/// A running tunnel of the dial order: its place in the order, its route and instance.
+type Found = (usize, (Route, Arc<dyn tunnelkeeper_providers::Tunnel>));
+
+/// The dial order and its first running tunnel, waiting up to `connect_timeout` when none is
+/// running yet (a client that connects while the daemon is still starting its tunnels should
+/// wait for one, not be turned away).
+async fn dial_order_when_ready(shared: &Shared) -> (Vec<String>, Option<Found>) {
     let mut primary = shared.routes.primary.clone();
-    let ready = |order: &[String]| order.iter().any(|name| shared.routes.get(name).is_some());
-    let deadline = tokio::time::Instant::now() + shared.connect_timeout;
+    let mut deadline = None;
     loop {
         let order = primary.borrow_and_update().order.clone();
-        if ready(&order) {
-            return order;
+        let found = order
+            .iter()
+            .enumerate()
+            .find_map(|(i, name)| Some((i, shared.routes.get(name)?)));
+        if found.is_some() {
+            return (order, found);
         }
+        let deadline =
+            *deadline.get_or_insert_with(|| tokio::time::Instant::now() + shared.connect_timeout);
         match tokio::time::timeout_at(deadline, primary.changed()).await {
             Ok(Ok(())) => continue,
-            _ => return order,
+            _ => return (order, None),
         }
     }
 }
@@ -678,14 +621,19 @@ async fn first_reply(
     counters: &Counters,
     activity: &Activity<'_>,
 ) -> FirstReply {
-    let mut from_client = vec![0u8; 16 * 1024];
-    let mut from_upstream = vec![0u8; 16 * 1024];
+    // Client bytes are read straight into the replay copy, and neither buffer is zeroed: most
+    // connections only ever see one request and one answer here.
+    let mut from_upstream = Vec::with_capacity(FIRST_READ);
     loop {
         if !*replayable {
             return FirstReply::Unbuffered;
         }
+        if sent.capacity() - sent.len() < FIRST_READ / 4 {
+            sent.reserve(FIRST_READ);
+        }
+        let before = sent.len();
         tokio::select! {
-            r = client.read(&mut from_client), if !*client_done => match r {
+            r = client.read_buf(sent), if !*client_done => match r {
                 Ok(0) => {
                     *client_done = true;
                     if let Err(e) = upstream.shutdown().await {
@@ -694,20 +642,19 @@ async fn first_reply(
                 }
                 Ok(n) => {
                     activity.touch();
-                    if sent.len() + n > REPLAY_LIMIT {
-                        *replayable = false;
-                        sent.clear();
-                    } else {
-                        sent.extend_from_slice(&from_client[..n]);
-                    }
-                    if let Err(e) = upstream.write_all(&from_client[..n]).await {
+                    if let Err(e) = upstream.write_all(&sent[before..]).await {
                         return FirstReply::Failed(format!("write: {e}"));
                     }
                     counters.to_service.fetch_add(n as u64, Ordering::Relaxed);
+                    if sent.len() > REPLAY_LIMIT {
+                        // Too big to keep: what was sent cannot be replayed.
+                        *replayable = false;
+                        *sent = Vec::new();
+                    }
                 }
                 Err(_) => return FirstReply::Done,
             },
-            r = upstream.read(&mut from_upstream) => match r {
+            r = upstream.read_buf(&mut from_upstream) => match r {
                 Ok(0) if *client_done => {
                     // A one-way exchange that ended normally: nothing to replay.
                     let _ = client.shutdown().await;
@@ -716,7 +663,7 @@ async fn first_reply(
                 Ok(0) => return FirstReply::Failed("closed before replying".into()),
                 Ok(n) => {
                     activity.touch();
-                    if client.write_all(&from_upstream[..n]).await.is_err() {
+                    if client.write_all(&from_upstream).await.is_err() {
                         return FirstReply::Done;
                     }
                     counters.to_client.fetch_add(n as u64, Ordering::Relaxed);

@@ -4,6 +4,11 @@
 //! and counts what each `splice` call moved, so there is no per-byte work on the hot path. Each
 //! direction has its own pipe and ends with a half-close (`shutdown(SHUT_WR)`) on the other
 //! socket, so a client that has finished sending still receives the rest of the reply.
+//!
+//! The pipe is made only once a direction has bytes to move: in a short exchange (a request,
+//! its answer, close) both directions usually have nothing left by the time streaming starts,
+//! and a one-byte `MSG_PEEK` that sees the end of stream is cheaper than creating, resizing and
+//! closing a pipe.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -29,6 +34,10 @@ pub async fn one_way(
     counter: &AtomicU64,
     touch: &(dyn Fn() + Sync),
 ) -> io::Result<()> {
+    if from.peek(&mut [0u8; 1]).await? == 0 {
+        let _ = shutdown(to.as_raw_fd(), Shutdown::Write);
+        return Ok(());
+    }
     let (pipe_r, pipe_w) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
     let chunk = match nix::fcntl::fcntl(
         &pipe_w,
