@@ -92,6 +92,15 @@ pub struct ProbeSection {
     pub rise: Option<u32>,
     /// Consecutive failures that mark a tunnel down.
     pub fall: Option<u32>,
+    /// Time between probes after a failed one, until the tunnel is down or a probe passes.
+    #[serde(default, with = "humantime_serde")]
+    pub fast_interval: Option<Duration>,
+    /// Time between probes of a tunnel that probes declared down.
+    #[serde(default, with = "humantime_serde")]
+    pub down_interval: Option<Duration>,
+    /// Floor of the per-probe timeout that adapts to the measured round trip.
+    #[serde(default, with = "humantime_serde")]
+    pub min_timeout: Option<Duration>,
     /// Bytes written on the dialled stream before reading.
     pub send: Option<String>,
     /// Prefix the reply (or the banner) must start with.
