@@ -137,6 +137,8 @@ impl RttEstimator {
 /// How long a silent failure (a blackhole: no reply, no error) takes to mark a tunnel down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Detection {
+    /// The fault lands just before a probe starts.
+    pub best: Duration,
     /// The fault lands halfway between two probes (the mean over random phases).
     pub typical: Duration,
     /// The fault lands just after a probe passed.
@@ -154,6 +156,7 @@ impl Detection {
             .saturating_mul(spec.fall.saturating_sub(1));
         let after_first = timeout.saturating_add(confirm);
         Detection {
+            best: after_first,
             typical: (spec.interval / 2).saturating_add(after_first),
             worst: spec.interval.saturating_add(after_first),
         }
@@ -341,6 +344,7 @@ mod tests {
         assert_eq!(
             Detection::fast_path(&spec),
             Detection {
+                best: ms(600),
                 typical: ms(1100),
                 worst: ms(1600)
             }
@@ -349,6 +353,7 @@ mod tests {
         assert_eq!(
             Detection::ceiling(&spec),
             Detection {
+                best: ms(3000),
                 typical: ms(3500),
                 worst: ms(4000)
             }
