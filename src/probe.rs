@@ -85,7 +85,10 @@ pub async fn probe_within(
                     .unwrap_or_else(|| "a check".into()),
             };
             Err(ProbeFailure {
-                reason: format!("probe timed out after {} (during {during})", fmt_ms(timeout)),
+                reason: format!(
+                    "probe timed out after {} (during {during})",
+                    fmt_ms(timeout)
+                ),
                 timed_out: true,
             })
         }

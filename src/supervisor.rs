@@ -1077,7 +1077,9 @@ mod adaptive_tests {
             tokio::spawn(async move {
                 while let Some(delivery) = sub.next().await {
                     if let Delivery::Event(e) = delivery {
-                        sink.lock().unwrap().push((Instant::now() - t0, e.kind.clone()));
+                        sink.lock()
+                            .unwrap()
+                            .push((Instant::now() - t0, e.kind.clone()));
                     }
                 }
             });

@@ -178,7 +178,11 @@ services:
         of_type("probe_failed").len(),
         of_type("probe_failed")
     );
-    assert_eq!(of_type("tunnel_down"), Vec::<String>::new(), "false failovers");
+    assert_eq!(
+        of_type("tunnel_down"),
+        Vec::<String>::new(),
+        "false failovers"
+    );
     assert_eq!(of_type("tunnel_up").len(), 2, "{journal:#?}");
 
     // The probes did cross the relays, and the smoothed latencies show the delays.
@@ -261,7 +265,10 @@ services:
         let elapsed = at - stopped;
         eprintln!("round {round}: down after {elapsed:?}: {}", down["reason"]);
         assert!(
-            down["reason"].as_str().unwrap_or_default().contains("200ms"),
+            down["reason"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("200ms"),
             "the round-trip timeout, not the 1 s ceiling: {down}"
         );
         took.push(elapsed);

@@ -475,7 +475,11 @@ services:
             .collect()
     };
     eprintln!("probe_failed: {:#?}", of_type("probe_failed"));
-    assert_eq!(of_type("tunnel_down"), Vec::<String>::new(), "false failovers");
+    assert_eq!(
+        of_type("tunnel_down"),
+        Vec::<String>::new(),
+        "false failovers"
+    );
     let status = daemon.status().await;
     let link = &status.services[0].tunnels[0];
     let latency = link.latency_ms.unwrap_or_default();

@@ -328,9 +328,15 @@ async fn the_adaptive_timeout_bounds_the_probe_and_only_a_timeout_says_so() {
         .expect_err("a blackhole never answers");
     let elapsed = started.elapsed();
     assert!(failure.timed_out, "{failure:?}");
-    assert!(failure.reason.contains("timed out after 200ms"), "{failure:?}");
+    assert!(
+        failure.reason.contains("timed out after 200ms"),
+        "{failure:?}"
+    );
     assert!(elapsed >= adaptive.mul_f64(0.9), "{elapsed:?}");
-    assert!(elapsed < spec.timeout / 2, "bounded by 200ms, not 5s: {elapsed:?}");
+    assert!(
+        elapsed < spec.timeout / 2,
+        "bounded by 200ms, not 5s: {elapsed:?}"
+    );
     drop(blackhole);
 
     // A refused dial is an error, not a timeout.

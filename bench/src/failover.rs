@@ -29,8 +29,8 @@ use rand::Rng;
 use tokio::time::Instant;
 use tunnelkeeper::bus::{Delivery, Event, EventKind, Subscription};
 use tunnelkeeper::config::spec::{default, ProbeSpec};
-use tunnelkeeper::probe::schedule::Detection;
 use tunnelkeeper::daemon::Daemon;
+use tunnelkeeper::probe::schedule::Detection;
 use tunnelkeeper::status::TunnelState;
 
 use crate::common::{fmt_d, fmt_ms, ms, verdict, Echo, Stats, TempDir};

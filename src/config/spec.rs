@@ -52,9 +52,7 @@ pub mod default {
     /// `probe.fast_interval` by default: `interval / 10`, at least
     /// [`PROBE_FAST_INTERVAL_FLOOR`], never more than `interval`.
     pub fn probe_fast_interval(interval: Duration) -> Duration {
-        (interval / 10)
-            .max(PROBE_FAST_INTERVAL_FLOOR)
-            .min(interval)
+        (interval / 10).max(PROBE_FAST_INTERVAL_FLOOR).min(interval)
     }
     /// `failover.tolerance`
     pub const TOLERANCE: Duration = Duration::from_millis(50);

@@ -185,8 +185,8 @@ pub fn describe_detection(service: &ServiceSpec) -> String {
     };
     match (slowest(Detection::fast_path), slowest(Detection::ceiling)) {
         (Some(fast), Some(ceiling)) => format!(
-            "service `{}`: a silent tunnel is down after {} typical, {} worst on a fast path \
-             ({} worst at the full probe timeout); a dead process at once",
+            "service `{}`: a silent tunnel is down in {} typical, {} worst ({} at the full \
+             probe timeout)",
             service.name,
             secs(fast.typical),
             secs(fast.worst),
@@ -247,7 +247,11 @@ mod tests {
         assert_eq!(Phase::of(true, 1, false), Phase::Failing);
         assert_eq!(Phase::of(true, 2, true), Phase::Failing);
         assert_eq!(Phase::of(false, 3, true), Phase::Down);
-        assert_eq!(Phase::of(false, 0, true), Phase::Down, "rising is still down");
+        assert_eq!(
+            Phase::of(false, 0, true),
+            Phase::Down,
+            "rising is still down"
+        );
         assert_eq!(Phase::Starting.gap(&spec), ms(1000));
         assert_eq!(Phase::Healthy.gap(&spec), ms(1000));
         assert_eq!(Phase::Failing.gap(&spec), ms(100));
@@ -282,7 +286,10 @@ mod tests {
         rtt.sample(ms(200));
         let est = rtt.estimate().unwrap().as_secs_f64();
         assert!((est - 0.3625).abs() < 1e-9, "{est}");
-        assert_eq!(rtt.timeout(ms(200), ms(1000)), Duration::from_secs_f64(0.3625));
+        assert_eq!(
+            rtt.timeout(ms(200), ms(1000)),
+            Duration::from_secs_f64(0.3625)
+        );
         // Clamped to the ceiling and to the floor.
         assert_eq!(rtt.timeout(ms(200), ms(300)), ms(300));
         let mut fast = RttEstimator::default();
@@ -317,7 +324,11 @@ mod tests {
         rtt.timed_out();
         assert_eq!(rtt.timeout(ms(200), ms(1000)), ms(600));
         rtt.timed_out();
-        assert_eq!(rtt.timeout(ms(200), ms(1000)), ms(1000), "the ceiling holds");
+        assert_eq!(
+            rtt.timeout(ms(200), ms(1000)),
+            ms(1000),
+            "the ceiling holds"
+        );
         for _ in 0..100 {
             rtt.timed_out();
         }
@@ -334,6 +345,47 @@ mod tests {
         }
         fast.clear();
         assert_eq!(fast.timeout(ms(200), ms(1000)), ms(1000));
+    }
+
+    #[test]
+    fn check_describes_the_slowest_tunnel_of_a_service() {
+        use crate::config::spec::{RestartSpec, TunnelSpec};
+        let restart = RestartSpec {
+            initial: ms(500),
+            max: ms(60_000),
+            multiplier: 2.0,
+            jitter: 0.2,
+            when_down: ms(30_000),
+        };
+        let mut quick = TunnelSpec::for_test("quick", 10, restart);
+        quick.probe = defaults();
+        let mut slow = TunnelSpec::for_test("slow", 20, restart);
+        slow.probe = ProbeSpec {
+            interval: ms(2000),
+            fast_interval: ms(200),
+            ..defaults()
+        };
+        let config = crate::config::parse(
+            "version: 1\nservices: [{ name: web, tunnels: [{ name: t, provider: direct, \
+             address: \"127.0.0.1:1\" }] }]",
+            std::path::Path::new("test.yaml"),
+        )
+        .unwrap();
+        let mut service = config.services[0].clone();
+        assert_eq!(
+            describe_detection(&service),
+            "service `web`: a silent tunnel is down in 1.1s typical, 1.6s worst (4.0s at the \
+             full probe timeout)"
+        );
+        service.tunnels = vec![quick, slow];
+        // The slow one: 2 s + 200 ms + 2 × 200 ms = 2.6 s; 1 s + 0.6 s typical.
+        assert_eq!(
+            describe_detection(&service),
+            "service `web`: a silent tunnel is down in 1.6s typical, 2.6s worst (5.0s at the \
+             full probe timeout)"
+        );
+        service.tunnels.clear();
+        assert_eq!(describe_detection(&service), "service `web`: no tunnels");
     }
 
     #[test]

@@ -906,12 +906,9 @@ impl Validator {
             }
         }
         let down = layer(levels, "down_interval", interval.value, |p| p.down_interval).value;
-        let floor = layer(
-            levels,
-            "min_timeout",
-            default::PROBE_MIN_TIMEOUT,
-            |p| p.min_timeout,
-        );
+        let floor = layer(levels, "min_timeout", default::PROBE_MIN_TIMEOUT, |p| {
+            p.min_timeout
+        });
         if let Some(at) = &floor.from {
             if floor.value > timeout.value {
                 self.error(
