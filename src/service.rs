@@ -53,7 +53,8 @@ pub struct Route {
 }
 
 impl Route {
-    /// Reports a failure real traffic met on this tunnel; it counts like a failed probe.
+    /// Reports a failure real traffic met on this tunnel; it counts like a failed probe, and a
+    /// tunnel that was up is probed at once (see `supervisor::TunnelTask::run`).
     pub fn report_failure(&self, reason: String) {
         let _ = self.passive.send(reason);
     }

@@ -156,34 +156,18 @@ services:
     eprintln!("watching both jittery paths for {window:?}");
     // A window of time is what is being tested here, not a condition to wait for.
     tokio::time::sleep(window).await;
-    // The whole journal since the start (a quiet daemon publishes a handful of events).
-    let mut journal = Vec::new();
-    daemon
-        .client
-        .events(0, false, |line| {
-            journal.push(serde_json::from_str::<serde_json::Value>(line)?);
-            Ok(())
-        })
-        .await
-        .unwrap();
-    let of_type = |kind: &str| -> Vec<String> {
-        journal
-            .iter()
-            .filter(|v| v["type"] == kind)
-            .map(|v| v.to_string())
-            .collect()
-    };
+    let journal = daemon.journal().await;
     eprintln!(
         "{} probe_failed event(s): {:#?}",
-        of_type("probe_failed").len(),
-        of_type("probe_failed")
+        of_type(&journal, "probe_failed").len(),
+        of_type(&journal, "probe_failed")
     );
     assert_eq!(
-        of_type("tunnel_down"),
+        of_type(&journal, "tunnel_down"),
         Vec::<String>::new(),
         "false failovers"
     );
-    assert_eq!(of_type("tunnel_up").len(), 2, "{journal:#?}");
+    assert_eq!(of_type(&journal, "tunnel_up").len(), 2, "{journal:#?}");
 
     // The probes did cross the relays, and the smoothed latencies show the delays.
     let status = daemon.status().await;

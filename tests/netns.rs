@@ -170,15 +170,20 @@ impl Drop for Namespaces {
 
 /// Runs `ip ARGS`; the error carries its stderr.
 fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
+    iproute2("ip", args)
+}
+
+/// Runs an iproute2 `program` (`ip`, `tc`) with `args`; the error carries its stderr.
+fn iproute2(program: &str, args: &[&str]) -> Result<(), String> {
+    let out = Command::new(program)
         .args(args)
         .output()
-        .map_err(|e| format!("cannot run ip (iproute2): {e}"))?;
+        .map_err(|e| format!("cannot run {program} (iproute2): {e}"))?;
     if out.status.success() {
         Ok(())
     } else {
         Err(format!(
-            "ip {}: {}",
+            "{program} {}: {}",
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         ))
@@ -374,18 +379,12 @@ services:
 /// Delays everything leaving `interface` in `ns` by 100 ms ± 50 ms (`tc netem delay 100ms
 /// 50ms`); the error says why not (a kernel without `sch_netem`).
 fn netem(ns: &str, interface: &str) -> Result<(), String> {
-    let args = [
-        "-n", ns, "qdisc", "add", "dev", interface, "root", "netem", "delay", "100ms", "50ms",
-    ];
-    let out = Command::new("tc")
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run tc (iproute2): {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
-    }
+    iproute2(
+        "tc",
+        &[
+            "-n", ns, "qdisc", "add", "dev", interface, "root", "netem", "delay", "100ms", "50ms",
+        ],
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -458,25 +457,10 @@ services:
     eprintln!("watching the jittery link for {window:?}");
     // A window of time is what is being tested here, not a condition to wait for.
     tokio::time::sleep(window).await;
-    let mut journal = Vec::new();
-    daemon
-        .client
-        .events(0, false, |line| {
-            journal.push(serde_json::from_str::<serde_json::Value>(line)?);
-            Ok(())
-        })
-        .await
-        .unwrap();
-    let of_type = |kind: &str| -> Vec<String> {
-        journal
-            .iter()
-            .filter(|v| v["type"] == kind)
-            .map(|v| v.to_string())
-            .collect()
-    };
-    eprintln!("probe_failed: {:#?}", of_type("probe_failed"));
+    let journal = daemon.journal().await;
+    eprintln!("probe_failed: {:#?}", of_type(&journal, "probe_failed"));
     assert_eq!(
-        of_type("tunnel_down"),
+        of_type(&journal, "tunnel_down"),
         Vec::<String>::new(),
         "false failovers"
     );
