@@ -248,13 +248,16 @@ services:
         .unwrap();
         let elapsed = at - stopped;
         eprintln!("round {round}: down after {elapsed:?}: {}", down["reason"]);
-        assert!(
-            down["reason"]
-                .as_str()
-                .unwrap_or_default()
-                .contains("200ms"),
-            "the round-trip timeout, not the 1 s ceiling: {down}"
-        );
+        // The round-trip timeout (200 ms, a little more when a loaded box slows loopback),
+        // not the 1 s ceiling.
+        let reason = down["reason"].as_str().unwrap_or_default();
+        let timeout_ms: u64 = reason
+            .split("timed out after ")
+            .nth(1)
+            .and_then(|rest| rest.split("ms").next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("not a probe timeout: {down}"));
+        assert!((200..500).contains(&timeout_ms), "{down}");
         took.push(elapsed);
         events
             .wait(
