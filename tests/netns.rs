@@ -4,7 +4,7 @@
 //! the hold. Clients reach the service through the failover listener on a Unix socket, which
 //! (a file) is reachable from the test's namespace.
 //!
-//! The namespaces are the test's own (`tk-a-PID`, `tk-b-PID`, addresses 10.200.N.0/30 only
+//! The namespaces are the test's own (`tk-a-PID-N`, `tk-b-PID-N`, addresses 10.200.N.0/30 only
 //! inside them) and are deleted afterwards, also when the test fails. Without root, or where
 //! `ip netns add` is not permitted (an unprivileged container), the test prints `SKIP:` and
 //! passes.
@@ -95,8 +95,11 @@ impl Namespaces {
             return Err("not root: network namespaces need CAP_SYS_ADMIN".to_string());
         }
         let pid = std::process::id();
-        let a = format!("tk-a-{pid}");
-        let b = format!("tk-b-{pid}");
+        // Tests of this binary run in parallel: each pair of namespaces needs its own names.
+        static PAIRS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = PAIRS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let a = format!("tk-a-{pid}-{n}");
+        let b = format!("tk-b-{pid}-{n}");
         ip(&["netns", "add", &a]).map_err(|e| format!("`ip netns add` refused: {e}"))?;
         let subnet = pid % 250;
         // From here on, Drop cleans up whatever was created.
@@ -270,15 +273,22 @@ async fn exchange(listener: &Path, line: &str) -> String {
         .expect("exchange failed")
 }
 
+/// The test's namespaces, or `None` (having said why) where they cannot be made.
+fn namespaces() -> Option<Namespaces> {
+    match Namespaces::create() {
+        Ok(ns) => Some(ns),
+        Err(why) => {
+            eprintln!("SKIP: network namespaces unavailable: {why}");
+            None
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_link_down_fails_over_to_the_local_path_and_back() {
     assert_socat();
-    let mut ns = match Namespaces::create() {
-        Ok(ns) => ns,
-        Err(why) => {
-            eprintln!("SKIP: network namespaces unavailable: {why}");
-            return;
-        }
+    let Some(mut ns) = namespaces() else {
+        return;
     };
     let (a, b) = (ns.a.clone(), ns.b.clone());
     let far = tagged_echo(&ns.b_ip, FAR_PORT, "far");
@@ -390,12 +400,8 @@ fn netem(ns: &str, interface: &str) -> Result<(), String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_jittery_link_never_goes_down_at_the_default_settings() {
     assert_socat();
-    let mut ns = match Namespaces::create() {
-        Ok(ns) => ns,
-        Err(why) => {
-            eprintln!("SKIP: network namespaces unavailable: {why}");
-            return;
-        }
+    let Some(mut ns) = namespaces() else {
+        return;
     };
     let b = ns.b.clone();
     let far = tagged_echo(&ns.b_ip, FAR_PORT, "far");
