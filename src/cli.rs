@@ -98,6 +98,9 @@ pub fn check(path: &Path) -> u8 {
                 tunnels,
                 config.routers.len()
             );
+            for service in &config.services {
+                println!("  {}", crate::probe::schedule::describe_detection(service));
+            }
             EXIT_OK
         }
         Err(e) => {

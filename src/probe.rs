@@ -4,7 +4,8 @@
 //! `send`, and requires the reply (or the banner) to start with `expect`. A TCP connect alone
 //! proves little: a hung relay still completes handshakes from the kernel backlog, so only a
 //! reply catches a blackhole. Extra checks (`tcp`, `http`, `exec`, `dns`) must pass too. The whole
-//! probe is bounded by `timeout`.
+//! probe is bounded by a timeout: `timeout`, or the adaptive one [`schedule`] derives from the
+//! tunnel's round trip, with when the next probe runs.
 //!
 //! [`Counter`] turns single results into up/down transitions (`rise`/`fall`), and [`Ewma`]
 //! smooths the measured latency.
@@ -20,20 +21,47 @@ use tunnelkeeper_providers::{Resolver, Tunnel};
 use crate::config::spec::{ExtraCheck, ProbeSpec};
 use crate::http_client;
 
-/// Runs one probe of `tunnel`; returns the end-to-end latency or why it failed.
+pub mod schedule;
+
+/// Runs one probe of `tunnel` within `spec.timeout`; returns the end-to-end latency or why it
+/// failed.
 pub async fn probe(
     tunnel: &dyn Tunnel,
     spec: &ProbeSpec,
     resolver: &Resolver,
     tag: &str,
 ) -> Result<Duration, String> {
+    probe_within(tunnel, spec, spec.timeout, resolver, tag)
+        .await
+        .map_err(|f| f.reason)
+}
+
+/// Why a probe failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeFailure {
+    /// For people: what failed, or what hung.
+    pub reason: String,
+    /// Whether it ran out of time (rather than getting an error or a wrong reply): only this
+    /// says anything about the round trip (see [`schedule::RttEstimator::timed_out`]).
+    pub timed_out: bool,
+}
+
+/// Runs one probe of `tunnel`, the whole of it (dial, exchange, checks) bounded by `timeout`
+/// rather than `spec.timeout` (the supervisor adapts it to the tunnel's round trip).
+pub async fn probe_within(
+    tunnel: &dyn Tunnel,
+    spec: &ProbeSpec,
+    timeout: Duration,
+    resolver: &Resolver,
+    tag: &str,
+) -> Result<Duration, ProbeFailure> {
     let started = Instant::now();
-    let deadline = started + spec.timeout;
+    let deadline = started + timeout;
     // Which step is running (0: the end-to-end dial, i + 1: checks[i]), so that a timeout can
     // say what hung. An atomic keeps the future Send.
     let step = AtomicUsize::new(0);
     let work = async {
-        let latency = end_to_end(tunnel, spec, started).await?;
+        let latency = end_to_end(tunnel, spec, timeout, started).await?;
         for (i, check) in spec.checks.iter().enumerate() {
             step.store(i + 1, Ordering::Relaxed);
             let left = deadline.saturating_duration_since(Instant::now());
@@ -42,7 +70,11 @@ pub async fn probe(
         Ok(latency)
     };
     match tokio::time::timeout_at(deadline, work).await {
-        Ok(result) => result,
+        // A dial that gave up on its own timer (a connect into a blackhole) ran out of time too.
+        Ok(result) => result.map_err(|reason| ProbeFailure {
+            reason,
+            timed_out: Instant::now() >= deadline,
+        }),
         Err(_) => {
             let during = match step.load(Ordering::Relaxed) {
                 0 => "the end-to-end exchange".to_string(),
@@ -52,10 +84,13 @@ pub async fn probe(
                     .map(describe)
                     .unwrap_or_else(|| "a check".into()),
             };
-            Err(format!(
-                "probe timed out after {} (during {during})",
-                fmt_ms(spec.timeout)
-            ))
+            Err(ProbeFailure {
+                reason: format!(
+                    "probe timed out after {} (during {during})",
+                    fmt_ms(timeout)
+                ),
+                timed_out: true,
+            })
         }
     }
 }
@@ -73,9 +108,10 @@ fn describe(check: &ExtraCheck) -> String {
 async fn end_to_end(
     tunnel: &dyn Tunnel,
     spec: &ProbeSpec,
+    timeout: Duration,
     started: Instant,
 ) -> Result<Duration, String> {
-    let mut stream = tunnel.dial(spec.timeout).await.map_err(|e| e.to_string())?;
+    let mut stream = tunnel.dial(timeout).await.map_err(|e| e.to_string())?;
     if let Some(send) = &spec.send {
         stream
             .write_all(send)

@@ -48,7 +48,8 @@ impl Route {
         self.live.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Reports a failure real traffic met on this tunnel; it counts like a failed probe.
+    /// Reports a failure real traffic met on this tunnel; it counts like a failed probe, and a
+    /// tunnel that was up is probed at once (see `supervisor::TunnelTask::run`).
     pub fn report_failure(&self, reason: String) {
         let _ = self.passive.send(reason);
     }

@@ -26,6 +26,7 @@ use tunnelkeeper_providers::{Provider, StartContext, Tunnel};
 use crate::bus::{Bus, EventKind};
 use crate::config::spec::{RestartSpec, TunnelSpec};
 use crate::metrics::Metrics;
+use crate::probe::schedule::{self, Phase, RttEstimator};
 use crate::probe::{self, Counter, Ewma, Transition};
 
 /// What a tunnel task tells its service.
@@ -289,7 +290,9 @@ impl TunnelTask {
         }
     }
 
-    /// Probes every `interval` until the caller's `select!` ends it, or — for a tunnel with a
+    /// Probes on the adaptive schedule of [`schedule`] (every `interval` at rest, every
+    /// `fast_interval` after a failure, every `down_interval` once down, at once when real
+    /// traffic failed) until the caller's `select!` ends it, or — for a tunnel with a
     /// process — until probes have held it down for its [`wedge_wait`]: then returns why.
     /// `wedged` counts such restarts in a row; the tunnel coming up resets it.
     async fn probe_loop(
@@ -307,9 +310,12 @@ impl TunnelTask {
         let mut down_since = Some(Instant::now());
         let mut counter = Counter::new(spec.rise, spec.fall);
         let mut latency = Ewma::default();
-        let mut ticks = tokio::time::interval(spec.interval);
-        // After a slow probe, wait a full interval rather than firing a burst to catch up.
-        ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // Adaptive probing (see `probe::schedule`): the pace follows the phase, the timeout the
+        // round trip. A new incarnation starts without samples (it may take another path).
+        let mut rtt = RttEstimator::default();
+        let mut declared_down = false;
+        let mut next_probe = Instant::now();
+        let mut last_start = next_probe;
         let tag = tunnelkeeper_providers::util::log_tag(&self.service, &self.spec.name);
         // The provider's own health (cloudflared /ready, ngrok's API, `tailscale status`, an SSH
         // ping) runs on a slower clock than the end-to-end probe: some of those cost a CLI run.
@@ -326,6 +332,8 @@ impl TunnelTask {
             let wedge_at = down_since
                 .zip(wedge_after)
                 .and_then(|(since, after)| since.checked_add(after));
+            // Whether this round ran a probe (rather than hearing of a failure elsewhere).
+            let mut probed = false;
             let result = tokio::select! {
                 _ = sleep_until(wedge_at) => {
                     let after = wedge_after.unwrap_or_default();
@@ -334,8 +342,20 @@ impl TunnelTask {
                         probe::fmt_ms(after)
                     );
                 }
-                _ = ticks.tick() => {
-                    let result = probe::probe(tunnel, spec, &self.ctx.resolver, &tag).await;
+                _ = tokio::time::sleep_until(next_probe) => {
+                    let timeout = rtt.timeout(spec.min_timeout, spec.timeout);
+                    probed = true;
+                    last_start = Instant::now();
+                    let result =
+                        probe::probe_within(tunnel, spec, timeout, &self.ctx.resolver, &tag).await;
+                    // The whole probe (checks included) is what the timeout bounds, so it is
+                    // the sample; only a pass measures the round trip (Karn's rule).
+                    match &result {
+                        Ok(_) => rtt.sample(last_start.elapsed()),
+                        Err(failure) if failure.timed_out => rtt.timed_out(),
+                        Err(_) => {}
+                    }
+                    let result = result.map_err(|f| f.reason);
                     // While the provider itself reports trouble, a passing end-to-end probe does
                     // not count as a success: the path may work for us and not for others.
                     match (&result, &native_error) {
@@ -343,7 +363,14 @@ impl TunnelTask {
                         _ => result,
                     }
                 }
-                Some(reason) = passive.recv() => Err(format!("real traffic: {reason}")),
+                Some(reason) = passive.recv() => {
+                    // Real traffic failed on a tunnel we hold up: check it now rather than at
+                    // the next tick. (While it is down the down pace rules: no probe storms.)
+                    if counter.is_up() {
+                        next_probe = Instant::now();
+                    }
+                    Err(format!("real traffic: {reason}"))
+                }
                 _ = native_ticks.tick() => match native_check(tunnel, native_every).await {
                     // A healthy native check is no news: the end-to-end probe measures latency.
                     Ok(()) => {
@@ -387,11 +414,20 @@ impl TunnelTask {
             match transition {
                 Some(Transition::Up) => {
                     down_since = None;
+                    declared_down = false;
                     *wedged = 0;
                 }
-                Some(Transition::Down) => down_since = Some(Instant::now()),
+                Some(Transition::Down) => {
+                    down_since = Some(Instant::now());
+                    declared_down = true;
+                }
                 None => {}
             }
+            // The pace follows the phase this result left the tunnel in; a probe already due
+            // (real traffic asked for one) is not pushed back.
+            let gap = Phase::of(counter.is_up(), counter.failures(), declared_down).gap(spec);
+            let paced = schedule::next_start(last_start, Instant::now(), gap);
+            next_probe = if probed { paced } else { next_probe.min(paced) };
             match transition {
                 Some(Transition::Up) => self.publish(EventKind::TunnelUp {
                     service: self.service.clone(),
@@ -917,6 +953,284 @@ mod native_check_tests {
         next(&mut events, "tunnel_up").await;
         cancel.cancel();
         handle.await.unwrap();
+    }
+}
+
+#[cfg(test)]
+mod adaptive_tests {
+    //! Adaptive probing through the real probe loop on a paused clock: one probe per interval
+    //! at rest, quick confirmation of a silent failure with the round-trip timeout, the down
+    //! pace, a probe at once when real traffic fails, and no false down on jittery paths.
+    use super::*;
+    use crate::bus::Delivery;
+    use async_trait::async_trait;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+    use std::sync::Mutex;
+    use tunnelkeeper_providers::{Dial, Endpoint};
+
+    /// How the tunnel answers a dial.
+    #[derive(Debug, Clone, Copy)]
+    enum Path {
+        /// After this round trip.
+        Answer(Duration),
+        /// After `base` plus a uniformly random part of `spread` (seeded, reproducible).
+        Jitter { base: Duration, spread: Duration },
+        /// Never: the dial hangs, as into a frozen relay.
+        Blackhole,
+    }
+
+    /// Starts tunnels that answer as `path` says and note when each dial began.
+    #[derive(Debug, Clone)]
+    struct Switch {
+        path: Arc<Mutex<Path>>,
+        dials: Arc<Mutex<Vec<Instant>>>,
+        rng: Arc<Mutex<StdRng>>,
+    }
+
+    impl Switch {
+        fn new(path: Path) -> Switch {
+            Switch {
+                path: Arc::new(Mutex::new(path)),
+                dials: Default::default(),
+                rng: Arc::new(Mutex::new(StdRng::seed_from_u64(17))),
+            }
+        }
+        fn set(&self, path: Path) {
+            *self.path.lock().unwrap() = path;
+        }
+        /// Offsets from `t0` of the dials in `[from, to)`.
+        fn dials_between(&self, t0: Instant, from: Duration, to: Duration) -> Vec<Duration> {
+            let dials = self.dials.lock().unwrap();
+            dials
+                .iter()
+                .map(|at| *at - t0)
+                .filter(|d| *d >= from && *d < to)
+                .collect()
+        }
+    }
+
+    #[async_trait]
+    impl Provider for Switch {
+        async fn start(&self, _: &StartContext) -> tunnelkeeper_providers::Result<Arc<dyn Tunnel>> {
+            Ok(Arc::new(self.clone()))
+        }
+    }
+
+    #[async_trait]
+    impl Tunnel for Switch {
+        fn endpoint(&self) -> Endpoint {
+            Endpoint {
+                display: "test".into(),
+            }
+        }
+        async fn dial(&self, _: Duration) -> tunnelkeeper_providers::Result<Dial> {
+            self.dials.lock().unwrap().push(Instant::now());
+            let path = *self.path.lock().unwrap();
+            let delay = match path {
+                Path::Answer(rtt) => rtt,
+                Path::Jitter { base, spread } => {
+                    base + spread.mul_f64(self.rng.lock().unwrap().random::<f64>())
+                }
+                Path::Blackhole => std::future::pending().await,
+            };
+            tokio::time::sleep(delay).await;
+            // The probe of `for_test` only connects: an in-memory stream passes it.
+            Ok(Dial::Stream(Box::new(tokio::io::duplex(64).0)))
+        }
+        async fn closed(&self) -> String {
+            std::future::pending().await
+        }
+        async fn stop(&self) {}
+    }
+
+    /// The defaults, with `down_interval` at 5 s so that its pace shows.
+    fn adaptive(probe: &mut crate::config::spec::ProbeSpec) {
+        use crate::config::spec::default;
+        probe.interval = default::PROBE_INTERVAL;
+        probe.timeout = default::PROBE_TIMEOUT;
+        probe.rise = default::PROBE_RISE;
+        probe.fall = default::PROBE_FALL;
+        probe.fast_interval = default::probe_fast_interval(default::PROBE_INTERVAL);
+        probe.down_interval = Duration::from_secs(5);
+        probe.min_timeout = default::PROBE_MIN_TIMEOUT;
+    }
+
+    /// A running tunnel task over `switch`, its events (with offsets from `t0`) collected.
+    struct Running {
+        t0: Instant,
+        events: Arc<Mutex<Vec<(Duration, EventKind)>>>,
+        passive: mpsc::UnboundedSender<String>,
+        cancel: CancellationToken,
+        handle: tokio::task::JoinHandle<()>,
+    }
+
+    impl Running {
+        fn start(switch: &Switch, probe: impl FnOnce(&mut crate::config::spec::ProbeSpec)) -> Self {
+            let bus = Bus::new(1 << 16);
+            let mut sub = bus.subscribe();
+            let cancel = CancellationToken::new();
+            let restart = RestartSpec {
+                initial: Duration::from_millis(500),
+                max: Duration::from_secs(8),
+                multiplier: 2.0,
+                jitter: 0.0,
+                when_down: Duration::ZERO,
+            };
+            let mut task =
+                TunnelTask::for_test(Arc::new(switch.clone()), restart, bus, cancel.clone());
+            probe(&mut task.spec.probe);
+            let t0 = Instant::now();
+            let events: Arc<Mutex<Vec<(Duration, EventKind)>>> = Default::default();
+            let sink = events.clone();
+            tokio::spawn(async move {
+                while let Some(delivery) = sub.next().await {
+                    if let Delivery::Event(e) = delivery {
+                        sink.lock()
+                            .unwrap()
+                            .push((Instant::now() - t0, e.kind.clone()));
+                    }
+                }
+            });
+            let (passive, rx) = mpsc::unbounded_channel();
+            let handle = tokio::spawn(task.run(rx));
+            Running {
+                t0,
+                events,
+                passive,
+                cancel,
+                handle,
+            }
+        }
+
+        async fn until(&self, offset: Duration) {
+            tokio::time::sleep_until(self.t0 + offset).await;
+        }
+
+        /// Offsets of the events named `kind`.
+        fn times(&self, kind: &str) -> Vec<Duration> {
+            let events = self.events.lock().unwrap();
+            events
+                .iter()
+                .filter(|(_, k)| k.type_name() == kind)
+                .map(|(at, _)| *at)
+                .collect()
+        }
+
+        fn reasons(&self, kind: &str) -> Vec<String> {
+            let events = self.events.lock().unwrap();
+            events
+                .iter()
+                .filter_map(|(_, k)| match k {
+                    EventKind::TunnelDown { reason, .. } if kind == "tunnel_down" => {
+                        Some(reason.clone())
+                    }
+                    EventKind::ProbeFailed { reason, .. } if kind == "probe_failed" => {
+                        Some(reason.clone())
+                    }
+                    _ => None,
+                })
+                .collect()
+        }
+
+        async fn stop(self) {
+            self.cancel.cancel();
+            self.handle.await.unwrap();
+        }
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_blackhole_is_confirmed_at_the_fast_pace_with_the_round_trip_timeout() {
+        let switch = Switch::new(Path::Answer(ms(2)));
+        let run = Running::start(&switch, adaptive);
+        // At rest: one probe per interval, nothing more (0, 1, …, 10 s).
+        run.until(ms(10_500)).await;
+        let rest = switch.dials_between(run.t0, ms(0), ms(10_500));
+        assert_eq!(
+            rest,
+            (0..=10).map(|s| ms(s * 1000)).collect::<Vec<_>>(),
+            "one probe per interval at rest"
+        );
+        assert_eq!(run.times("tunnel_up"), [ms(2002)], "rise 3, 1 s apart");
+        // Blackhole at 10.5 s. The probe at 11 s times out after the 200 ms floor (the 2 ms
+        // round trip put the estimate far below it), the next two follow back to back (their
+        // 100 ms gap is shorter than a probe): down at 11.6 s, 1.1 s after the fault, where a
+        // fixed 1 s timeout and 1 s pace took 3.5 s.
+        switch.set(Path::Blackhole);
+        run.until(ms(30_000)).await;
+        assert_eq!(run.times("tunnel_down"), [ms(11_600)]);
+        assert_eq!(run.times("probe_failed"), [ms(11_200)]);
+        assert!(
+            run.reasons("probe_failed")[0].contains("timed out after 200ms"),
+            "{:?}",
+            run.reasons("probe_failed")
+        );
+        // Down: every `down_interval` (5 s) from the last probe's start.
+        assert_eq!(
+            switch.dials_between(run.t0, ms(10_500), ms(30_000)),
+            [11_000, 11_200, 11_400, 16_400, 21_400, 26_400].map(ms)
+        );
+        run.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_sample_the_timeout_is_the_ceiling() {
+        // Dead from the start: no round trip was ever measured, so each probe gets the full
+        // 1 s; the tunnel never was up, so its pace stays the interval.
+        let switch = Switch::new(Path::Blackhole);
+        let run = Running::start(&switch, adaptive);
+        run.until(ms(3_500)).await;
+        assert_eq!(
+            switch.dials_between(run.t0, ms(0), ms(3_500)),
+            [0, 1000, 2000, 3000].map(ms)
+        );
+        run.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn real_traffic_failing_triggers_a_probe_at_once() {
+        let switch = Switch::new(Path::Answer(ms(2)));
+        let run = Running::start(&switch, adaptive);
+        run.until(ms(5_300)).await;
+        run.passive.send("dial: connection reset".into()).unwrap();
+        run.until(ms(5_400)).await;
+        // The failure is announced, and the tunnel checked at once (not at 6 s): it passes,
+        // so it stays up, and the pace is back to one per interval from that probe.
+        assert_eq!(run.times("probe_failed"), [ms(5_300)]);
+        run.until(ms(8_000)).await;
+        assert_eq!(
+            switch.dials_between(run.t0, ms(5_000), ms(8_000)),
+            [5_000, 5_300, 6_300, 7_300].map(ms)
+        );
+        assert_eq!(run.times("tunnel_down"), []);
+        assert_eq!(run.times("probe_recovered"), [ms(5_302)]);
+        run.stop().await;
+    }
+
+    /// Runs the defaults over a path answering after `base` plus up to `spread` for ten
+    /// minutes of paused time; returns the tunnel's downs.
+    async fn downs_over_ten_minutes(base: Duration, spread: Duration) -> Vec<Duration> {
+        let switch = Switch::new(Path::Jitter { base, spread });
+        let run = Running::start(&switch, |p| {
+            adaptive(p);
+            p.down_interval = p.interval;
+        });
+        run.until(Duration::from_secs(600)).await;
+        assert!(!run.times("tunnel_up").is_empty());
+        let downs = run.times("tunnel_down");
+        run.stop().await;
+        downs
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn jittery_paths_never_go_down() {
+        // 0–150 ms added per direction (0–300 ms a round trip), and a satellite-like 600 ms
+        // plus up to 350 ms.
+        assert_eq!(downs_over_ten_minutes(ms(0), ms(300)).await, []);
+        assert_eq!(downs_over_ten_minutes(ms(600), ms(350)).await, []);
     }
 }
 

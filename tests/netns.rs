@@ -4,7 +4,7 @@
 //! the hold. Clients reach the service through the failover listener on a Unix socket, which
 //! (a file) is reachable from the test's namespace.
 //!
-//! The namespaces are the test's own (`tk-a-PID`, `tk-b-PID`, addresses 10.200.N.0/30 only
+//! The namespaces are the test's own (`tk-a-PID-N`, `tk-b-PID-N`, addresses 10.200.N.0/30 only
 //! inside them) and are deleted afterwards, also when the test fails. Without root, or where
 //! `ip netns add` is not permitted (an unprivileged container), the test prints `SKIPPED:` and
 //! passes — except under `CI=true`, where it fails (test-support's `skip`).
@@ -23,6 +23,56 @@ use tunnelkeeper::control::client::Client;
 const FAR_PORT: u16 = 7007;
 /// The backup service on namespace a's own loopback.
 const NEAR_PORT: u16 = 7008;
+/// The jitter relay in namespace b, where the kernel has no netem.
+const JITTER_PORT: u16 = 7009;
+
+/// A relay adding 50–150 ms to every chunk in each direction, in order: `tc netem delay 100ms
+/// 50ms` in user space, for kernels built without netem. Arguments: listen host and port,
+/// target host and port.
+const JITTER_RELAY: &str = r#"
+import asyncio, random, sys
+host, port, to_host, to_port = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+async def pipe(reader, writer):
+    loop = asyncio.get_running_loop()
+    queue = asyncio.Queue()
+    async def drain():
+        while True:
+            due, data = await queue.get()
+            if data is None:
+                break
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+    task = asyncio.ensure_future(drain())
+    last = 0.0
+    try:
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                break
+            last = max(last, loop.time() + random.uniform(0.05, 0.15))
+            queue.put_nowait((last, data))
+    finally:
+        queue.put_nowait((0.0, None))
+        await asyncio.gather(task, return_exceptions=True)
+async def handle(client_reader, client_writer):
+    try:
+        up_reader, up_writer = await asyncio.open_connection(to_host, to_port)
+    except OSError:
+        client_writer.close()
+        return
+    await asyncio.gather(pipe(client_reader, up_writer), pipe(up_reader, client_writer),
+                         return_exceptions=True)
+    client_writer.close()
+    up_writer.close()
+async def main():
+    server = await asyncio.start_server(handle, host, port, reuse_address=True)
+    async with server:
+        await server.serve_forever()
+asyncio.run(main())
+"#;
 
 /// Two namespaces joined by a veth pair, and the processes started in them; all removed on
 /// drop (processes first: a namespace lives as long as a process in it).
@@ -45,8 +95,11 @@ impl Namespaces {
             return Err("not root: network namespaces need CAP_SYS_ADMIN".to_string());
         }
         let pid = std::process::id();
-        let a = format!("tk-a-{pid}");
-        let b = format!("tk-b-{pid}");
+        // Tests of this binary run in parallel: each pair of namespaces needs its own names.
+        static PAIRS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = PAIRS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let a = format!("tk-a-{pid}-{n}");
+        let b = format!("tk-b-{pid}-{n}");
         ip(&["netns", "add", &a]).map_err(|e| format!("`ip netns add` refused: {e}"))?;
         let subnet = pid % 250;
         // From here on, Drop cleans up whatever was created.
@@ -120,15 +173,20 @@ impl Drop for Namespaces {
 
 /// Runs `ip ARGS`; the error carries its stderr.
 fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
+    iproute2("ip", args)
+}
+
+/// Runs an iproute2 `program` (`ip`, `tc`) with `args`; the error carries its stderr.
+fn iproute2(program: &str, args: &[&str]) -> Result<(), String> {
+    let out = Command::new(program)
         .args(args)
         .output()
-        .map_err(|e| format!("cannot run ip (iproute2): {e}"))?;
+        .map_err(|e| format!("cannot run {program} (iproute2): {e}"))?;
     if out.status.success() {
         Ok(())
     } else {
         Err(format!(
-            "ip {}: {}",
+            "{program} {}: {}",
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         ))
@@ -215,15 +273,22 @@ async fn exchange(listener: &Path, line: &str) -> String {
         .expect("exchange failed")
 }
 
+/// The test's namespaces, or `None` (having said why) where they cannot be made.
+fn namespaces() -> Option<Namespaces> {
+    match Namespaces::create() {
+        Ok(ns) => Some(ns),
+        Err(why) => {
+            tunnelkeeper_test_support::skip(format!("network namespaces unavailable: {why}"));
+            None
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_link_down_fails_over_to_the_local_path_and_back() {
     assert_socat();
-    let mut ns = match Namespaces::create() {
-        Ok(ns) => ns,
-        Err(why) => {
-            tunnelkeeper_test_support::skip(format!("network namespaces unavailable: {why}"));
-            return;
-        }
+    let Some(mut ns) = namespaces() else {
+        return;
     };
     let (a, b) = (ns.a.clone(), ns.b.clone());
     let far = tagged_echo(&ns.b_ip, FAR_PORT, "far");
@@ -317,6 +382,101 @@ services:
 
     let status = daemon.status().await;
     assert_eq!(status.services[0].primary.as_deref(), Some("link"));
+    let exit = daemon.terminate();
+    assert!(exit.success(), "daemon exit: {exit:?}\n{}", daemon.log());
+}
+
+/// Delays everything leaving `interface` in `ns` by 100 ms ± 50 ms (`tc netem delay 100ms
+/// 50ms`); the error says why not (a kernel without `sch_netem`).
+fn netem(ns: &str, interface: &str) -> Result<(), String> {
+    iproute2(
+        "tc",
+        &[
+            "-n", ns, "qdisc", "add", "dev", interface, "root", "netem", "delay", "100ms", "50ms",
+        ],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jittery_link_never_goes_down_at_the_default_settings() {
+    assert_socat();
+    let Some(mut ns) = namespaces() else {
+        return;
+    };
+    let b = ns.b.clone();
+    let far = tagged_echo(&ns.b_ip, FAR_PORT, "far");
+    ns.spawn_in(&b, &far.iter().map(String::as_str).collect::<Vec<_>>());
+    // The link jitters: netem on b's side of the veth (replies and handshakes are delayed
+    // 50–150 ms, reordered as netem does), or, where the kernel has no netem, a relay in b
+    // that delays every chunk 50–150 ms each way.
+    let port = match netem(&b, ns.b_if) {
+        Ok(()) => {
+            eprintln!("jitter: tc netem delay 100ms 50ms on {}", ns.b_if);
+            FAR_PORT
+        }
+        Err(why) => {
+            eprintln!("jitter: no netem ({why}); a user-space relay in {b} instead");
+            let (port, far_port) = (JITTER_PORT.to_string(), FAR_PORT.to_string());
+            let b_ip = ns.b_ip.clone();
+            ns.spawn_in(
+                &b,
+                &[
+                    "python3",
+                    "-c",
+                    JITTER_RELAY,
+                    &b_ip,
+                    &port,
+                    &b_ip,
+                    &far_port,
+                ],
+            );
+            JITTER_PORT
+        }
+    };
+    // Every timing is the built-in default.
+    let config = format!(
+        r#"version: 1
+daemon: {{ control_socket: "@DIR@/control.sock", state_dir: "@DIR@/state", shutdown_grace: 2s }}
+defaults:
+  probe: {{ send: "ping\n", expect: "far-ping" }}
+services:
+  - name: far
+    tunnels:
+      - {{ name: link, provider: direct, address: "{b_ip}:{port}" }}
+"#,
+        b_ip = ns.b_ip,
+    );
+    let mut daemon = daemon_in(&ns.a, &config).await;
+    let mut events = daemon.follow();
+    events
+        .wait(
+            Duration::from_secs(30),
+            "link up",
+            tunnel_event("tunnel_up", "link"),
+        )
+        .await;
+    let window = std::env::var("TK_JITTER_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(Duration::from_secs(60));
+    eprintln!("watching the jittery link for {window:?}");
+    // A window of time is what is being tested here, not a condition to wait for.
+    tokio::time::sleep(window).await;
+    let journal = daemon.journal().await;
+    eprintln!("probe_failed: {:#?}", of_type(&journal, "probe_failed"));
+    assert_eq!(
+        of_type(&journal, "tunnel_down"),
+        Vec::<String>::new(),
+        "false failovers"
+    );
+    let status = daemon.status().await;
+    let link = &status.services[0].tunnels[0];
+    let latency = link.latency_ms.unwrap_or_default();
+    eprintln!("link smoothed latency {latency:.0} ms");
+    // The jitter was really on the path (at least 50 ms each way, or one way under netem).
+    assert!(latency >= 50.0, "{link:?}");
+    assert_eq!(link.state, tunnelkeeper::status::TunnelState::Up);
     let exit = daemon.terminate();
     assert!(exit.success(), "daemon exit: {exit:?}\n{}", daemon.log());
 }

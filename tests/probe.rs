@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tunnelkeeper::config::spec::{ExtraCheck, ProbeSpec};
-use tunnelkeeper::probe::{probe, Counter, Transition};
+use tunnelkeeper::probe::{probe, probe_within, Counter, Transition};
 use tunnelkeeper_providers::direct::{DirectProvider, DirectSpec};
 use tunnelkeeper_providers::{Provider, Resolver, StartContext, Tunnel};
 
@@ -29,6 +29,9 @@ fn spec(timeout: Duration) -> ProbeSpec {
         timeout,
         rise: 1,
         fall: 1,
+        fast_interval: Duration::from_millis(100),
+        down_interval: Duration::from_secs(1),
+        min_timeout: Duration::from_millis(200),
         send: None,
         expect: None,
         checks: Vec::new(),
@@ -306,6 +309,43 @@ async fn a_blackhole_is_caught_only_by_expect_at_the_timeout() {
     assert!(elapsed >= timeout.mul_f64(0.9), "{elapsed:?}");
     assert!(elapsed < timeout * 3, "{elapsed:?}");
     drop(blackhole);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_adaptive_timeout_bounds_the_probe_and_only_a_timeout_says_so() {
+    // The supervisor hands `probe_within` the timeout it derived from the round trip; that
+    // one, not `spec.timeout`, bounds the probe, and the failure says it ran out of time (the
+    // estimator backs off only then).
+    let blackhole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = blackhole.local_addr().unwrap();
+    let resolver = resolver();
+    let tunnel = direct(addr, &resolver).await;
+    let spec = ping_spec(GENEROUS);
+    let adaptive = Duration::from_millis(200);
+    let started = Instant::now();
+    let failure = probe_within(tunnel.as_ref(), &spec, adaptive, &resolver, "test")
+        .await
+        .expect_err("a blackhole never answers");
+    let elapsed = started.elapsed();
+    assert!(failure.timed_out, "{failure:?}");
+    assert!(
+        failure.reason.contains("timed out after 200ms"),
+        "{failure:?}"
+    );
+    assert!(elapsed >= adaptive.mul_f64(0.9), "{elapsed:?}");
+    assert!(
+        elapsed < spec.timeout / 2,
+        "bounded by 200ms, not 5s: {elapsed:?}"
+    );
+    drop(blackhole);
+
+    // A refused dial is an error, not a timeout.
+    let closed: SocketAddr = ([127, 0, 0, 1], closed_port()).into();
+    let tunnel = direct(closed, &resolver).await;
+    let failure = probe_within(tunnel.as_ref(), &spec, adaptive, &resolver, "test")
+        .await
+        .expect_err("nothing listens");
+    assert!(!failure.timed_out, "{failure:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,7 +11,8 @@
 //! send/expect probe notices). The figure is the time from just before `kill(2)` to the moment
 //! this process receives the `primary_changed` event moving away from the victim on the bus (so
 //! it includes bus delivery); the event's own timestamp gives a second, millisecond resolution
-//! figure without the delivery. The victim is then let back (SIGCONT, or the supervisor's
+//! figure without the delivery. The probe settings leave the adaptive keys (`fast_interval`,
+//! `down_interval`, `min_timeout`) at their defaults, so the default setting is what users get. The victim is then let back (SIGCONT, or the supervisor's
 //! restart) and the bench waits for failback before the next repetition. Results and method are
 //! written up in `docs/BENCHMARKS.md`.
 
@@ -27,7 +28,9 @@ use nix::unistd::Pid;
 use rand::Rng;
 use tokio::time::Instant;
 use tunnelkeeper::bus::{Delivery, Event, EventKind, Subscription};
+use tunnelkeeper::config::spec::{default, ProbeSpec};
 use tunnelkeeper::daemon::Daemon;
+use tunnelkeeper::probe::schedule::Detection;
 use tunnelkeeper::status::TunnelState;
 
 use crate::common::{fmt_d, fmt_ms, ms, verdict, Echo, Stats, TempDir};
@@ -116,26 +119,44 @@ impl Scenario {
         format!("{} @ {}", self.fault.label(), self.setting.label)
     }
 
-    /// The p99 target: 100ms for a hard failure; for a blackhole, `fall` probe intervals plus one
-    /// timeout (the arithmetic of detection) plus 50ms of slack.
+    /// The p99 target: 100ms for a hard failure; for a blackhole, the worst case of the
+    /// detection arithmetic ([`Scenario::ceiling`]) plus 50ms of slack.
     fn target(&self) -> Duration {
-        let s = &self.setting;
         match self.fault {
             Fault::Kill => HARD_TARGET,
-            Fault::Stop => s.interval * s.fall + s.timeout + BLACKHOLE_SLACK,
+            Fault::Stop => self.ceiling() + BLACKHOLE_SLACK,
         }
+    }
+
+    /// The blackhole arithmetic of the daemon's own [`Detection`], for this setting with the
+    /// built-in adaptive settings (`fast_interval`, `down_interval`, `min_timeout` unset): on
+    /// loopback the measured round trip is far below `min_timeout`, so each failing probe
+    /// times out at `min(timeout, min_timeout)`.
+    fn detection(&self) -> Detection {
+        let s = &self.setting;
+        Detection::fast_path(&ProbeSpec {
+            interval: s.interval,
+            timeout: s.timeout,
+            rise: s.rise,
+            fall: s.fall,
+            fast_interval: default::probe_fast_interval(s.interval),
+            down_interval: s.interval,
+            min_timeout: default::PROBE_MIN_TIMEOUT,
+            send: None,
+            expect: None,
+            checks: Vec::new(),
+        })
     }
 
     /// The best case the design allows, for context. A hard failure waits for nothing (the
     /// floor is process-exit notification plus one election, well under a millisecond). A
     /// blackhole needs `fall` consecutive probes to time out; at best the first starts right
-    /// after the fault, and a timed-out probe delays the next tick (`MissedTickBehavior::Delay`),
-    /// so probes are `max(interval, timeout)` apart.
+    /// after the fault, and after a failure the next ones start every
+    /// `max(fast_interval, timeout)`.
     fn floor(&self) -> Duration {
-        let s = &self.setting;
         match self.fault {
             Fault::Kill => Duration::ZERO,
-            Fault::Stop => s.timeout + s.interval.max(s.timeout) * s.fall.saturating_sub(1),
+            Fault::Stop => self.detection().best,
         }
     }
 
@@ -144,7 +165,7 @@ impl Scenario {
     fn ceiling(&self) -> Duration {
         match self.fault {
             Fault::Kill => Duration::ZERO,
-            Fault::Stop => self.floor() + self.setting.interval,
+            Fault::Stop => self.detection().worst,
         }
     }
 

@@ -89,6 +89,12 @@ pub struct ProbeSection {
     pub rise: Option<Count>,
     /// Consecutive failures that mark a tunnel down.
     pub fall: Option<Count>,
+    /// Time between probes after a failed one, until the tunnel is down or a probe passes.
+    pub fast_interval: Option<PositiveDuration>,
+    /// Time between probes of a tunnel that probes declared down.
+    pub down_interval: Option<PositiveDuration>,
+    /// Floor of the per-probe timeout that adapts to the measured round trip.
+    pub min_timeout: Option<PositiveDuration>,
     /// Bytes written on the dialled stream before reading.
     pub send: Option<String>,
     /// Prefix the reply (or the banner) must start with.

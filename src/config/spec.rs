@@ -44,6 +44,16 @@ pub mod default {
     pub const PROBE_RISE: u32 = 3;
     /// `probe.fall`
     pub const PROBE_FALL: u32 = 3;
+    /// `probe.min_timeout`: the floor of the adaptive per-probe timeout.
+    pub const PROBE_MIN_TIMEOUT: Duration = Duration::from_millis(200);
+    /// `probe.fast_interval` is never below this by default.
+    pub const PROBE_FAST_INTERVAL_FLOOR: Duration = Duration::from_millis(50);
+
+    /// `probe.fast_interval` by default: `interval / 10`, at least
+    /// [`PROBE_FAST_INTERVAL_FLOOR`], never more than `interval`.
+    pub fn probe_fast_interval(interval: Duration) -> Duration {
+        (interval / 10).max(PROBE_FAST_INTERVAL_FLOOR).min(interval)
+    }
     /// `failover.tolerance`
     pub const TOLERANCE: Duration = Duration::from_millis(50);
     /// `failover.max_latency`
@@ -319,6 +329,13 @@ pub struct ProbeSpec {
     pub rise: u32,
     /// Failures to go down.
     pub fall: u32,
+    /// Time between probes after a failed one, until the tunnel is down or a probe passes.
+    pub fast_interval: Duration,
+    /// Time between probes of a tunnel that probes declared down.
+    pub down_interval: Duration,
+    /// Floor of the per-probe timeout that adapts to the measured round trip (`timeout` is
+    /// its ceiling).
+    pub min_timeout: Duration,
     /// Bytes sent on the dialled stream.
     pub send: Option<Vec<u8>>,
     /// Required reply/banner prefix.
@@ -385,6 +402,9 @@ impl TunnelSpec {
                 timeout: Duration::from_secs(1),
                 rise: 1,
                 fall: 1,
+                fast_interval: Duration::from_millis(100),
+                down_interval: Duration::from_secs(1),
+                min_timeout: default::PROBE_MIN_TIMEOUT,
                 send: None,
                 expect: None,
                 checks: vec![],

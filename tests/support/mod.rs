@@ -91,6 +91,19 @@ impl Daemon {
         self.client.status().await.unwrap()
     }
 
+    /// Every event in the daemon's journal so far (from seq 0, not following).
+    pub async fn journal(&self) -> Vec<serde_json::Value> {
+        let mut journal = Vec::new();
+        self.client
+            .events(0, false, |line| {
+                journal.push(serde_json::from_str(line)?);
+                Ok(())
+            })
+            .await
+            .unwrap();
+        journal
+    }
+
     /// Follows `/v1/events` from seq 0 into a channel of parsed JSON events.
     pub fn follow(&self) -> Events {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -299,6 +312,15 @@ pub fn primary_changed<'a>(
             && to.is_none_or(|t| v["to"] == t)
             && from.is_none_or(|f| v["from"] == f)
     }
+}
+
+/// The events of `kind` in `events`, as JSON text (for messages).
+pub fn of_type(events: &[serde_json::Value], kind: &str) -> Vec<String> {
+    events
+        .iter()
+        .filter(|v| v["type"] == kind)
+        .map(|v| v.to_string())
+        .collect()
 }
 
 /// Matches an event of `kind` for `tunnel`.

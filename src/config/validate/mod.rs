@@ -821,6 +821,8 @@ impl Validator {
             p.fall.map(Count::get)
         })
         .value;
+        let (fast_interval, down_interval, min_timeout) =
+            self.adaptive_probe(levels, &interval, &timeout, label);
 
         let send = layer_opt(levels, "send", |p| p.send.clone());
         let expect = layer_opt(levels, "expect", |p| p.expect.clone());
@@ -865,10 +867,68 @@ impl Validator {
             timeout: timeout.value,
             rise,
             fall,
+            fast_interval,
+            down_interval,
+            min_timeout,
             send: send.map(|(text, _)| text.into_bytes()),
             expect: expect.map(|(text, _)| text.into_bytes()),
             checks,
         }
+    }
+
+    /// The adaptive probing settings of one tunnel (`fast_interval`, `down_interval`,
+    /// `min_timeout`), layered and defaulted from `interval`, each checked against the setting
+    /// it refines: a fast interval slower than the interval, or a timeout floor above its
+    /// ceiling, would mean nothing.
+    fn adaptive_probe(
+        &mut self,
+        levels: &[(&ProbeSection, KeyPath)],
+        interval: &Layered<Duration>,
+        timeout: &Layered<Duration>,
+        label: &str,
+    ) -> (Duration, Duration, Duration) {
+        let fast = layer(
+            levels,
+            "fast_interval",
+            default::probe_fast_interval(interval.value),
+            |p| p.fast_interval.map(PositiveDuration::get),
+        );
+        if let Some(at) = &fast.from {
+            if fast.value > interval.value {
+                self.error(
+                    at.clone(),
+                    format!(
+                        "probe fast_interval {} is longer than the probe interval {} for \
+                         {label} (interval {}): it is the quicker pace after a failure",
+                        human(fast.value),
+                        human(interval.value),
+                        origin(interval)
+                    ),
+                );
+            }
+        }
+        let down = layer(levels, "down_interval", interval.value, |p| {
+            p.down_interval.map(PositiveDuration::get)
+        })
+        .value;
+        let floor = layer(levels, "min_timeout", default::PROBE_MIN_TIMEOUT, |p| {
+            p.min_timeout.map(PositiveDuration::get)
+        });
+        if let Some(at) = &floor.from {
+            if floor.value > timeout.value {
+                self.error(
+                    at.clone(),
+                    format!(
+                        "probe min_timeout {} is longer than the probe timeout {} for {label} \
+                         (timeout {}): the timeout is the ceiling of the adaptive one",
+                        human(floor.value),
+                        human(timeout.value),
+                        origin(timeout)
+                    ),
+                );
+            }
+        }
+        (fast.value, down, floor.value)
     }
 
     /// Restart backoff of one tunnel, layered, with the start-versus-cap check.
