@@ -28,7 +28,7 @@
 //! | `tunnelkeeper_listener_bytes_total` | service, direction | counter, `to_service` / `to_client` |
 //! | `tunnelkeeper_ssh_sessions` | | gauge, open sessions of the SSH pool |
 //! | `tunnelkeeper_router_connected` | router | gauge, 1 while the router answers |
-//! | `tunnelkeeper_router_last_verify_timestamp_seconds` | router | gauge, when every `verify` check last passed |
+//! | `tunnelkeeper_router_last_verify_timestamp_seconds` | router | gauge, when every `verify` check last passed (0: never) |
 //! | `tunnelkeeper_router_provision_failures_total` | router | counter (`router_provision_failed`) |
 //! | `tunnelkeeper_router_reboots_total` | router | counter (`router_rebooted`) |
 //! | `tunnelkeeper_config_reloads_total` | result | counter, `ok` / `failed` |
@@ -453,6 +453,9 @@ impl Metrics {
                 .set(i64::from(router.connected));
             let _ = self.provision_failures.get_or_create(&labels);
             let _ = self.router_reboots.get_or_create(&labels);
+            // 0 until the first pass of every check: an alert on its age fires for a router
+            // never verified too.
+            let _ = self.last_verify.get_or_create(&labels);
         }
         for result in ["ok", "failed"] {
             let _ = self.reloads.get_or_create(&ResultLabels {
