@@ -22,6 +22,7 @@ pub mod http_client;
 pub mod logging;
 pub mod metrics;
 pub mod pins;
+pub mod preflight;
 pub mod probe;
 pub mod relay;
 pub mod router;

@@ -135,6 +135,12 @@ fn go_duration(d: Duration) -> String {
 }
 
 impl CloudflareSpec {
+    /// The command that prints cloudflared's version (its first argument is the program).
+    pub fn version_argv(&self) -> Vec<String> {
+        let binary = self.binary.as_deref().unwrap_or(DEFAULT_BINARY);
+        vec![binary.to_string(), "--version".to_string()]
+    }
+
     /// Settings for `mode` with every option at its default; fill in `token_file`,
     /// `hostname` or `url` as the mode needs.
     pub fn new(mode: CloudflareMode) -> Self {
@@ -356,7 +362,7 @@ impl Provider for CloudflareProvider {
             Plan::Named { token_file, .. } => {
                 check_token_file(token_file)?;
                 version::require(
-                    vec![binary.clone(), "--version".to_string()],
+                    self.spec.version_argv(),
                     &tag,
                     MIN_VERSION_TOKEN_FILE,
                     "`tunnel run --token-file`",

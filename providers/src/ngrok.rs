@@ -168,6 +168,11 @@ impl NgrokSpec {
     }
 
     /// The program to run.
+    /// The command that prints the agent's version (its first argument is the program).
+    pub fn version_argv(&self) -> Vec<String> {
+        vec![self.binary().to_string(), "version".to_string()]
+    }
+
     fn binary(&self) -> &str {
         self.binary.as_deref().unwrap_or(DEFAULT_BINARY)
     }
@@ -748,7 +753,7 @@ impl Provider for NgrokProvider {
         spec.validate()?;
         let tag = format!("{}/{}", ctx.service, ctx.tunnel);
         version::require(
-            vec![spec.binary().to_string(), "version".to_string()],
+            spec.version_argv(),
             &tag,
             MIN_VERSION,
             "the agent config `version: 3` with `agent:`, and `--url`",

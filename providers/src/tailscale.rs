@@ -144,6 +144,12 @@ pub struct TailscaleSpec {
 }
 
 impl TailscaleSpec {
+    /// The command that prints the CLI's version (its first argument is the program).
+    pub fn version_argv(&self) -> Vec<String> {
+        let binary = self.binary.as_deref().unwrap_or(DEFAULT_BINARY);
+        vec![binary.to_string(), "version".to_string()]
+    }
+
     /// Settings for `mode` and `port` with the default binary, timeouts, no socket, no peer
     /// and no dial override.
     pub fn new(mode: TailscaleMode, port: u16) -> Self {
@@ -252,7 +258,7 @@ impl Provider for TailscaleProvider {
         let handler = match spec.mode.expose_command() {
             Some(command) => {
                 version::require(
-                    vec![cli.binary.clone(), "version".to_string()],
+                    spec.version_argv(),
                     &cli.tag,
                     MIN_VERSION_SERVE,
                     "`serve`/`funnel` with `--bg`, `--https` and `--set-path`",

@@ -37,6 +37,21 @@ pub fn find_version(text: &str) -> Option<Version> {
     })
 }
 
+/// Runs `argv` (a CLI's version command, from its spec's `version_argv`) and returns the
+/// version its first line names, if any: for `tunnelkeeper check --deep`, which reports
+/// versions without knowing any provider's flags.
+pub async fn probe(argv: Vec<String>, tag: &str) -> Result<Option<Version>, ProviderError> {
+    let mut spec = RunSpec::new(argv);
+    spec.timeout = VERSION_TIMEOUT;
+    spec.output_cap = 16 * 1024;
+    spec.tag = tag.to_string();
+    let out = process::run(spec).await?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let first_line = stdout.lines().chain(stderr.lines()).next().unwrap_or("");
+    Ok(find_version(first_line).filter(|_| out.status.success()))
+}
+
 /// Runs `argv` (the CLI's version command) and checks that its version is at least `floor`.
 /// `needs` says what needs that version, for the message.
 pub async fn require(

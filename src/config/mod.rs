@@ -7,6 +7,7 @@
 //! together. Either way the result is a [`ConfigError`] whose lines read
 //! `FILE:LINE:COLUMN: KEY: MESSAGE`.
 
+pub mod collisions;
 pub mod model;
 pub mod spec;
 
