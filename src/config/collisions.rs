@@ -62,9 +62,14 @@ pub fn listen_collisions(config: &Config) -> Vec<Collision> {
                     },
                     _ => None,
                 };
-                if let Some(endpoint) =
-                    endpoint.filter(|e| literal(e).is_some_and(|e| overlap(*listen, e)))
-                {
+                // A wildcard listener takes the port on loopback too; another IP may be
+                // another host, which check cannot tell.
+                let same_port = |e: SocketAddr| {
+                    e.port() == listen.port()
+                        && (e.ip() == listen.ip()
+                            || (listen.ip().is_unspecified() && e.ip().is_loopback()))
+                };
+                if let Some(endpoint) = endpoint.filter(|e| literal(e).is_some_and(same_port)) {
                     found.push(Collision {
                         key: key.clone(),
                         message: format!(
