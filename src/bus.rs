@@ -304,16 +304,8 @@ pub const EVENT_TYPES: &[&str] = &[
 
 /// The event types that concern one service (those whose [`EventKind::service`] is set): the
 /// only ones a service's hooks may list.
-const SERVICE_EVENT_TYPES: &[&str] = &[
-    "tunnel_starting",
-    "tunnel_up",
-    "tunnel_down",
-    "tunnel_restarting",
-    "probe_failed",
-    "probe_recovered",
-    "primary_changed",
-    "no_healthy_tunnel",
-];
+// The first eight entries of `EVENT_TYPES`, which lists service events first.
+const SERVICE_EVENT_TYPES: &[&str] = EVENT_TYPES.split_at(8).0;
 
 /// Whether the event type `name` concerns a service (`Some(false)`: a router or daemon event;
 /// `None`: no such event type).
@@ -829,6 +821,15 @@ mod tests {
         let (bus, problem) = Bus::open(16, &blocker.join(JOURNAL_FILE));
         assert!(problem.is_some());
         assert_eq!(bus.publish(reconnected("r")).seq, 1);
+    }
+
+    #[test]
+    fn service_events_are_the_first_eight_types() {
+        assert_eq!(SERVICE_EVENT_TYPES.last(), Some(&"no_healthy_tunnel"));
+        assert_eq!(is_service_event("tunnel_starting"), Some(true));
+        assert_eq!(is_service_event("router_connection_dropped"), Some(false));
+        assert_eq!(is_service_event("daemon_stopping"), Some(false));
+        assert_eq!(is_service_event("nope"), None);
     }
 
     #[test]
