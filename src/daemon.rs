@@ -60,6 +60,8 @@ pub struct Daemon {
     control: JoinHandle<()>,
     status: Arc<dyn Fn() -> DaemonStatus + Send + Sync>,
     socket: PathBuf,
+    /// The top-level hooks (None only while a reload replaces them).
+    hooks: Option<crate::hooks::DaemonHooks>,
 }
 
 /// Per service: its status and its listener's figures, as the status document reads them.
@@ -85,9 +87,16 @@ impl Daemon {
     /// and applies the pins persisted in `state_dir`.
     pub async fn start(config: Config) -> anyhow::Result<Daemon> {
         let resolver = Resolver::new(&config.nameservers).context("setting up the DNS resolver")?;
-        let bus = Bus::new(DEFAULT_JOURNAL);
+        let (bus, journal_problem) = Bus::open(
+            DEFAULT_JOURNAL,
+            &config.daemon.state_dir.join(crate::bus::JOURNAL_FILE),
+        );
+        if let Some(e) = journal_problem {
+            tracing::warn!("{e:#}");
+        }
         let ssh = SshPool::with_resolver(resolver.clone());
         let cancel = CancellationToken::new();
+        let hooks = crate::hooks::DaemonHooks::start(&config.hooks, &bus, cancel.child_token());
         let socket = config.daemon.control_socket.clone();
         let listener = control::server::bind(&socket).await?;
         // Until the start succeeds, a failure removes the socket we just bound.
@@ -197,6 +206,7 @@ impl Daemon {
             control,
             status,
             socket,
+            hooks: Some(hooks),
         };
         daemon.refresh_board();
         daemon.apply_pins().await;
@@ -545,6 +555,16 @@ impl Daemon {
             }
         }
         self.routers.reconfigure(&next.routers).await;
+        if next.hooks != self.config.hooks {
+            if let Some(hooks) = self.hooks.take() {
+                hooks.stop().await;
+            }
+            self.hooks = Some(crate::hooks::DaemonHooks::start(
+                &next.hooks,
+                &self.bus,
+                self.cancel.child_token(),
+            ));
+        }
         self.config = next;
         self.refresh_board();
         for stale in self.pins.retain_known(&self.config) {
@@ -608,6 +628,9 @@ impl Daemon {
             );
         }
         self.routers.stop().await;
+        if let Some(hooks) = self.hooks.take() {
+            hooks.finish(grace).await;
+        }
         self.cancel.cancel();
         let _ = self.control.await;
         crate::socket_file::remove(&self.socket);

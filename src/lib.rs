@@ -23,6 +23,7 @@ pub mod http_reply;
 pub mod logging;
 pub mod metrics;
 pub mod pins;
+pub mod preflight;
 pub mod probe;
 pub mod relay;
 pub mod reload;

@@ -16,6 +16,11 @@
 //! - `auto` (default): `journal` when stderr is the journal stream systemd announced in
 //!   `$JOURNAL_STREAM` (its `device:inode` is compared with stderr's, as systemd.exec(5)
 //!   recommends), else `text`.
+//!
+//! Bus events (target `tunnelkeeper::event`) carry their JSON in the [`EVENT_FIELDS`] field:
+//! the JSON format flattens it into the line (every event field a top-level key, the message
+//! the event type), the text formats leave it out, their message already says `TYPE key=value`
+//! with only the fields the event has.
 
 use std::fmt::Write as _;
 use std::io::IsTerminal;
@@ -25,7 +30,7 @@ use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::filter::{EnvFilter, LevelFilter};
-use tracing_subscriber::fmt::format::{JsonFields, Writer};
+use tracing_subscriber::fmt::format::{DefaultVisitor, JsonFields, Writer};
 use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields, MakeWriter};
 use tracing_subscriber::layer::SubscriberExt as _;
@@ -38,6 +43,10 @@ pub const FILTER_ENV: &str = "TUNNELKEEPER_LOG";
 
 /// The filter used when neither [`FILTER_ENV`] nor `RUST_LOG` is set.
 pub const DEFAULT_FILTER: &str = "info";
+
+/// The field in which the bus passes an event's JSON object to the formatters (see
+/// `bus::log_event`).
+pub const EVENT_FIELDS: &str = "event_fields";
 
 /// How log lines are written to stderr.
 #[derive(Clone, Copy, Debug, clap::ValueEnum, PartialEq, Eq, Default)]
@@ -94,8 +103,12 @@ where
             .fmt_fields(JsonFields::new())
             .event_format(JsonLines)
             .boxed(),
-        LogFormat::Journal => base.with_ansi(false).event_format(JournalLines).boxed(),
-        LogFormat::Text | LogFormat::Auto => base.with_ansi(ansi).boxed(),
+        LogFormat::Journal => base
+            .with_ansi(false)
+            .fmt_fields(TextFields)
+            .event_format(JournalLines)
+            .boxed(),
+        LogFormat::Text | LogFormat::Auto => base.with_ansi(ansi).fmt_fields(TextFields).boxed(),
     }
 }
 
@@ -251,7 +264,16 @@ where
                 }
             }
         }
-        event.record(&mut JsonVisitor(&mut object));
+        let mut visitor = JsonVisitor(&mut object, None);
+        event.record(&mut visitor);
+        if let Some(Value::Object(fields)) = visitor.1 {
+            // A bus event: its own fields, and its type as the message.
+            let kind = fields.get("event").cloned();
+            object.extend(fields);
+            if let Some(kind) = kind {
+                object.insert("message".into(), kind);
+            }
+        }
         let mut timestamp = String::new();
         SystemTime.format_time(&mut Writer::new(&mut timestamp))?;
         object.insert("timestamp".into(), Value::String(timestamp));
@@ -268,11 +290,18 @@ where
     }
 }
 
-/// Records event fields as JSON values (numbers and booleans keep their type).
-struct JsonVisitor<'a>(&'a mut Map<String, Value>);
+/// Records event fields as JSON values (numbers and booleans keep their type); a bus event's
+/// [`EVENT_FIELDS`] is parsed into the second member, for the caller to flatten.
+struct JsonVisitor<'a>(&'a mut Map<String, Value>, Option<Value>);
 
 impl JsonVisitor<'_> {
     fn insert(&mut self, field: &Field, value: Value) {
+        if field.name() == EVENT_FIELDS {
+            if let Value::String(json) = &value {
+                self.1 = serde_json::from_str(json).ok();
+            }
+            return;
+        }
         // `log.target`, `log.file`, ... are the `log` crate's metadata, not fields.
         if !field.name().starts_with("log.") {
             self.0.insert(field.name().to_string(), value);
@@ -309,6 +338,62 @@ impl Visit for JsonVisitor<'_> {
     }
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
         self.insert(field, Value::String(format!("{value:?}")));
+    }
+}
+
+/// The field format of the text and journal lines: `tracing-subscriber`'s default
+/// (`message key=value ...`, escapes neutralised) without [`EVENT_FIELDS`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TextFields;
+
+impl<'w> FormatFields<'w> for TextFields {
+    fn format_fields<R: tracing_subscriber::field::RecordFields>(
+        &self,
+        writer: Writer<'w>,
+        fields: R,
+    ) -> std::fmt::Result {
+        use tracing_subscriber::field::VisitOutput as _;
+        let mut visitor = SkipEventFields(DefaultVisitor::new(writer, true));
+        fields.record(&mut visitor);
+        visitor.0.finish()
+    }
+}
+
+/// Passes every field but [`EVENT_FIELDS`] to the default visitor.
+struct SkipEventFields<'w>(DefaultVisitor<'w>);
+
+impl Visit for SkipEventFields<'_> {
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.0.record_f64(field, value)
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.0.record_i64(field, value)
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.0.record_u64(field, value)
+    }
+    fn record_i128(&mut self, field: &Field, value: i128) {
+        self.0.record_i128(field, value)
+    }
+    fn record_u128(&mut self, field: &Field, value: u128) {
+        self.0.record_u128(field, value)
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.0.record_bool(field, value)
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.record_str(field, value)
+    }
+    fn record_bytes(&mut self, field: &Field, value: &[u8]) {
+        self.0.record_bytes(field, value)
+    }
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        self.0.record_error(field, value)
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() != EVENT_FIELDS {
+            self.0.record_debug(field, value)
+        }
     }
 }
 
@@ -449,6 +534,99 @@ mod tests {
         assert!(!plain.contains('\x1b'), "{plain:?}");
         let coloured = capture(LogFormat::Text, true, sample);
         assert!(coloured.contains('\x1b'), "{coloured:?}");
+    }
+
+    fn publish_primary_changed() {
+        let bus = crate::bus::Bus::new(16);
+        bus.publish(crate::bus::EventKind::PrimaryChanged {
+            service: "web".into(),
+            from: Some("a".into()),
+            to: Some("b".into()),
+            reason: "primary_down (hard: killed by signal 9)".into(),
+        });
+        bus.publish(crate::bus::EventKind::RouterReconnected {
+            router: "gw".into(),
+        });
+    }
+
+    #[test]
+    fn json_lines_carry_every_event_field_as_a_field() {
+        let out = capture(LogFormat::Json, false, publish_primary_changed);
+        let lines: Vec<Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON object"))
+            .collect();
+        assert_eq!(lines.len(), 2, "{out}");
+        let first = &lines[0];
+        assert_eq!(first["target"], "tunnelkeeper::event");
+        assert_eq!(first["message"], "primary_changed");
+        assert_eq!(first["event"], "primary_changed");
+        assert_eq!(first["seq"], 1);
+        assert_eq!(first["service"], "web");
+        assert_eq!(first["from"], "a");
+        assert_eq!(first["to"], "b");
+        assert_eq!(first["reason"], "primary_down (hard: killed by signal 9)");
+        assert!(first.get(EVENT_FIELDS).is_none(), "{first}");
+        let second = &lines[1];
+        assert_eq!(second["router"], "gw");
+        assert!(second.get("service").is_none(), "{second}");
+        assert!(second.get("tunnel").is_none(), "{second}");
+    }
+
+    #[test]
+    fn text_and_journal_lines_show_only_the_fields_an_event_has() {
+        for format in [LogFormat::Text, LogFormat::Journal] {
+            let out = capture(format, false, publish_primary_changed);
+            let lines: Vec<&str> = out.lines().collect();
+            assert_eq!(lines.len(), 2, "{out}");
+            assert!(
+                lines[0].ends_with(
+                    "tunnelkeeper::event: primary_changed seq=1 service=web from=a \
+                     reason=\"primary_down (hard: killed by signal 9)\" to=b"
+                ),
+                "{out}"
+            );
+            assert!(
+                lines[1].ends_with("tunnelkeeper::event: router_reconnected seq=2 router=gw"),
+                "{out}"
+            );
+            assert!(!out.contains(EVENT_FIELDS), "{out}");
+        }
+    }
+
+    #[test]
+    fn events_published_from_many_threads_are_logged_in_seq_order() {
+        let buffer = Buffer::default();
+        let dispatch = tracing::Dispatch::new(
+            tracing_subscriber::registry()
+                .with(EnvFilter::new("info"))
+                .with(layer(LogFormat::Json, false, buffer.clone())),
+        );
+        let bus = crate::bus::Bus::new(4096);
+        std::thread::scope(|scope| {
+            for t in 0..4 {
+                let (bus, dispatch) = (&bus, &dispatch);
+                scope.spawn(move || {
+                    tracing::dispatcher::with_default(dispatch, || {
+                        for _ in 0..300 {
+                            bus.publish(crate::bus::EventKind::RouterReconnected {
+                                router: format!("r{t}"),
+                            });
+                        }
+                    })
+                });
+            }
+        });
+        let bytes = buffer.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let seqs: Vec<u64> = String::from_utf8(bytes)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).unwrap();
+                v["seq"].as_u64().unwrap()
+            })
+            .collect();
+        assert_eq!(seqs, (1..=1200).collect::<Vec<_>>());
     }
 
     #[test]

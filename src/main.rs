@@ -36,6 +36,13 @@ enum Command {
         /// Configuration file.
         #[arg(short, long, default_value = tunnelkeeper::cli::DEFAULT_CONFIG)]
         config: PathBuf,
+        /// Also check what the file points to: files and their modes, programs and versions,
+        /// known_hosts entries, listen collisions.
+        #[arg(long)]
+        deep: bool,
+        /// With --deep: also try a login to every SSH target and router.
+        #[arg(long, requires = "deep")]
+        connect: bool,
     },
     /// Show services, primaries and tunnels of the running daemon.
     Status {
@@ -124,7 +131,14 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let code = match cli.command {
-        Command::Check { config } => tunnelkeeper::cli::check(&config),
+        Command::Check {
+            config,
+            deep: false,
+            ..
+        } => tunnelkeeper::cli::check(&config),
+        Command::Check {
+            config, connect, ..
+        } => tunnelkeeper::preflight::check(&config, connect),
         Command::Run { config } => tunnelkeeper::cli::run(&config, cli.log_format),
         Command::Status { json, socket } => tunnelkeeper::cli::status(&socket, json),
         Command::Events {

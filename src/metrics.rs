@@ -15,18 +15,34 @@
 //! | `tunnelkeeper_tunnel_up` | service, tunnel, provider | gauge, 1 when the state is `up` |
 //! | `tunnelkeeper_tunnel_latency_seconds` | service, tunnel | histogram of successful probes |
 //! | `tunnelkeeper_primary` | service, tunnel | gauge, 1 for the primary, 0 for the others |
-//! | `tunnelkeeper_service_state` | service, state | gauge, 1 for the service's state (`starting`, `ok`, `degraded`), 0 for the others |
-//! | `tunnelkeeper_failovers_total` | service | counter |
+//! | `tunnelkeeper_service_state` | service, state | gauge, 1 for the service's state (`starting`, `ok`, `degraded`, `no_primary`), 0 for the others |
+//! | `tunnelkeeper_primary_backup` | service | gauge, 1 while the primary is not the service's first tunnel by priority |
+//! | `tunnelkeeper_primary_changes_total` | service, reason | counter: `reason` is `failover`, `failback` or `pin` |
+//! | `tunnelkeeper_failovers_total` | service | counter, the `failover` primary changes only |
+//! | `tunnelkeeper_probe_failures_total` | service, tunnel | counter, every failed probe |
 //! | `tunnelkeeper_tunnel_restarts_total` | service, tunnel | counter (`tunnel_restarting`) |
 //! | `tunnelkeeper_listener_connections` | service | gauge, open connections |
+//! | `tunnelkeeper_listener_accepted_total` | service | counter, connections accepted |
+//! | `tunnelkeeper_listener_unserved_total` | service | counter, connections no tunnel could take |
+//! | `tunnelkeeper_listener_failed_dials_total` | service, tunnel | counter, dials of the tunnel that failed |
+//! | `tunnelkeeper_listener_bytes_total` | service, direction | counter, `to_service` / `to_client` |
 //! | `tunnelkeeper_ssh_sessions` | | gauge, open sessions of the SSH pool |
+//! | `tunnelkeeper_router_connected` | router | gauge, 1 while the router answers |
+//! | `tunnelkeeper_router_last_verify_timestamp_seconds` | router | gauge, when every `verify` check last passed (0: never) |
+//! | `tunnelkeeper_router_provision_failures_total` | router | counter (`router_provision_failed`) |
 //! | `tunnelkeeper_router_reboots_total` | router | counter (`router_rebooted`) |
+//! | `tunnelkeeper_config_reloads_total` | result | counter, `ok` / `failed` |
+//! | `tunnelkeeper_config_last_reload_success` | | gauge, 1 when the last reload succeeded (1 before any) |
+//! | `tunnelkeeper_config_last_reload_timestamp_seconds` | | gauge, when the last reload was tried |
 //! | `tunnelkeeper_events_dropped_total` | | counter, events lost by lagging subscribers |
 //! | `tunnelkeeper_build_info` | version | info, always 1 |
 //!
-//! A failover is a `primary_changed` event whose `from` is set and differs from `to`: any move
-//! away from an existing primary (failure, failback, pin, or losing it with no replacement)
-//! counts; the first election (`from` null) does not. Counters and the latency histogram keep the
+//! A primary change counts when the `primary_changed` event's `from` is set and differs from
+//! `to` (the first election does not); its `reason` label is [`change_class`] of the event's
+//! reason: `pin` for a pin or unpin, `failback` for a move to a better tunnel while the primary
+//! was fine, `failover` for everything that leaves a failing primary. Listener figures are
+//! read from the listener's own counters (they restart from 0 when a reload replaces the
+//! listener, which `rate()` handles as a counter reset). Counters and the latency histogram keep the
 //! series of removed tunnels until the daemon restarts (a counter must not go back); the
 //! counters of configured services and tunnels are exported from 0 so that `increase()` sees
 //! their first event.
@@ -74,8 +90,48 @@ struct StateLabels {
 }
 
 /// The values of `tunnelkeeper_service_state`'s `state` label: before the first election, with
-/// a healthy primary, and without one.
-const SERVICE_STATES: [&str; 3] = ["starting", "ok", "degraded"];
+/// a healthy primary, with a failing primary kept as a fallback, and with none at all.
+const SERVICE_STATES: [&str; 4] = ["starting", "ok", "degraded", "no_primary"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ChangeLabels {
+    service: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    service: String,
+    direction: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: String,
+}
+
+/// The class of a primary change, from the `reason` of its `primary_changed` event (whose first
+/// word is `election::Reason::word`): `pin` (pinned, unpinned), `failback` (a better tunnel
+/// while the primary was fine: failback, better, better_latency) or `failover` (primary_down,
+/// primary_degraded, no_candidate, anything else).
+pub fn change_class(reason: &str) -> &'static str {
+    let word = reason
+        .split(|c: char| c.is_whitespace() || c == '(')
+        .next()
+        .unwrap_or_default();
+    match word {
+        "pinned" | "unpinned" => "pin",
+        "failback" | "better" | "better_latency" => "failback",
+        _ => "failover",
+    }
+}
+
+/// Seconds since the Unix epoch, for timestamp gauges.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TunnelLabels {
@@ -105,18 +161,34 @@ fn latency_histogram() -> Histogram {
 #[derive(Debug)]
 pub struct Metrics {
     failovers: Family<ServiceLabels, Counter>,
+    changes: Family<ChangeLabels, Counter>,
+    probe_failures: Family<TunnelLabels, Counter>,
     restarts: Family<TunnelLabels, Counter>,
     router_reboots: Family<RouterLabels, Counter>,
+    provision_failures: Family<RouterLabels, Counter>,
+    last_verify: Family<RouterLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    reloads: Family<ResultLabels, Counter>,
+    last_reload_ok: Gauge,
+    last_reload_time: Gauge<f64, std::sync::atomic::AtomicU64>,
     latency: HistogramFamily,
 }
 
 impl Metrics {
     /// Empty metrics.
     pub fn new() -> Arc<Metrics> {
+        let last_reload_ok = Gauge::default();
+        last_reload_ok.set(1);
         Arc::new(Metrics {
             failovers: Family::default(),
+            changes: Family::default(),
+            probe_failures: Family::default(),
             restarts: Family::default(),
             router_reboots: Family::default(),
+            provision_failures: Family::default(),
+            last_verify: Family::default(),
+            reloads: Family::default(),
+            last_reload_ok,
+            last_reload_time: Gauge::default(),
             latency: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
         })
     }
@@ -167,13 +239,49 @@ impl Metrics {
         };
         match &event.kind {
             EventKind::PrimaryChanged {
-                service, from, to, ..
+                service,
+                from,
+                to,
+                reason,
             } if from.is_some() && from != to => {
-                self.failovers
-                    .get_or_create(&ServiceLabels {
+                let class = change_class(reason);
+                self.changes
+                    .get_or_create(&ChangeLabels {
                         service: service.clone(),
+                        reason: class.to_owned(),
                     })
                     .inc();
+                if class == "failover" {
+                    self.failovers
+                        .get_or_create(&ServiceLabels {
+                            service: service.clone(),
+                        })
+                        .inc();
+                }
+            }
+            EventKind::RouterProvisionFailed { router, .. } => {
+                self.provision_failures
+                    .get_or_create(&RouterLabels {
+                        router: router.clone(),
+                    })
+                    .inc();
+            }
+            EventKind::RouterVerified { router, .. } => {
+                self.last_verify
+                    .get_or_create(&RouterLabels {
+                        router: router.clone(),
+                    })
+                    .set(unix_now());
+            }
+            EventKind::ConfigReloaded { .. } | EventKind::ConfigReloadFailed { .. } => {
+                let ok = matches!(event.kind, EventKind::ConfigReloaded { .. });
+                self.reloads
+                    .get_or_create(&ResultLabels {
+                        result: if ok { "ok" } else { "failed" }.to_owned(),
+                    })
+                    .inc();
+                self.last_reload_ok.set(i64::from(ok));
+                self.last_reload_time.set(unix_now());
             }
             EventKind::TunnelRestarting {
                 service, tunnel, ..
@@ -196,6 +304,17 @@ impl Metrics {
         }
     }
 
+    /// Counts one failed probe (called by the tunnel task, for every failure: the
+    /// `probe_failed` event only announces the first of a streak).
+    pub fn count_probe_failure(&self, service: &str, tunnel: &str) {
+        self.probe_failures
+            .get_or_create(&TunnelLabels {
+                service: service.to_string(),
+                tunnel: tunnel.to_string(),
+            })
+            .inc();
+    }
+
     /// Records one successful probe's latency (called by the service task).
     pub fn observe_latency(&self, service: &str, tunnel: &str, latency: Duration) {
         self.latency
@@ -214,6 +333,11 @@ impl Metrics {
         let up = Family::<UpLabels, Gauge>::default();
         let primary = Family::<TunnelLabels, Gauge>::default();
         let connections = Family::<ServiceLabels, Gauge>::default();
+        let accepted = Family::<ServiceLabels, Counter>::default();
+        let unserved = Family::<ServiceLabels, Counter>::default();
+        let failed_dials = Family::<TunnelLabels, Counter>::default();
+        let bytes = Family::<DirectionLabels, Counter>::default();
+        let backup = Family::<ServiceLabels, Gauge>::default();
         let states = Family::<StateLabels, Gauge>::default();
         for service in &status.services {
             let service_labels = ServiceLabels {
@@ -221,11 +345,28 @@ impl Metrics {
             };
             let state = if service.starting {
                 "starting"
-            } else if service.degraded || service.primary.is_none() {
+            } else if service.primary.is_none() {
+                "no_primary"
+            } else if service.degraded {
                 "degraded"
             } else {
                 "ok"
             };
+            let first = service.tunnels.iter().min_by_key(|t| t.priority);
+            let on_backup = service
+                .primary
+                .as_deref()
+                .is_some_and(|primary| first.is_some_and(|first| first.name != primary));
+            backup
+                .get_or_create(&service_labels)
+                .set(i64::from(on_backup));
+            // Exported from 0, so that the first change shows as an increase.
+            for class in ["failover", "failback", "pin"] {
+                let _ = self.changes.get_or_create(&ChangeLabels {
+                    service: service.name.clone(),
+                    reason: class.to_owned(),
+                });
+            }
             for name in SERVICE_STATES {
                 states
                     .get_or_create(&StateLabels {
@@ -250,11 +391,43 @@ impl Metrics {
                 let is_primary = service.primary.as_deref() == Some(tunnel.name.as_str());
                 primary.get_or_create(&labels).set(i64::from(is_primary));
                 let _ = self.restarts.get_or_create(&labels);
+                let _ = self.probe_failures.get_or_create(&labels);
             }
             if let Some(listener) = &service.listener {
                 connections
                     .get_or_create(&service_labels)
                     .set(i64::try_from(listener.active).unwrap_or(i64::MAX));
+                accepted
+                    .get_or_create(&service_labels)
+                    .inc_by(listener.total);
+                unserved
+                    .get_or_create(&service_labels)
+                    .inc_by(listener.unserved);
+                for tunnel in &service.tunnels {
+                    failed_dials
+                        .get_or_create(&TunnelLabels {
+                            service: service.name.clone(),
+                            tunnel: tunnel.name.clone(),
+                        })
+                        .inc_by(
+                            listener
+                                .failed_dials
+                                .get(&tunnel.name)
+                                .copied()
+                                .unwrap_or(0),
+                        );
+                }
+                for (direction, value) in [
+                    ("to_service", listener.bytes_to_service),
+                    ("to_client", listener.bytes_to_client),
+                ] {
+                    bytes
+                        .get_or_create(&DirectionLabels {
+                            service: service.name.clone(),
+                            direction: direction.to_owned(),
+                        })
+                        .inc_by(value);
+                }
             }
         }
         let ssh_sessions = Gauge::<i64>::default();
@@ -267,6 +440,25 @@ impl Metrics {
         );
         let dropped = Counter::<u64>::default();
         dropped.inc_by(bus.dropped());
+        let router_connected = Family::<RouterLabels, Gauge>::default();
+        for router in &status.routers {
+            let labels = RouterLabels {
+                router: router.name.clone(),
+            };
+            router_connected
+                .get_or_create(&labels)
+                .set(i64::from(router.connected));
+            let _ = self.provision_failures.get_or_create(&labels);
+            let _ = self.router_reboots.get_or_create(&labels);
+            // 0 until the first pass of every check: an alert on its age fires for a router
+            // never verified too.
+            let _ = self.last_verify.get_or_create(&labels);
+        }
+        for result in ["ok", "failed"] {
+            let _ = self.reloads.get_or_create(&ResultLabels {
+                result: result.to_owned(),
+            });
+        }
 
         registry.register(
             "tunnelkeeper_build",
@@ -295,9 +487,24 @@ impl Metrics {
             states,
         );
         registry.register(
+            "tunnelkeeper_primary_backup",
+            "1 while the primary is not the service's first tunnel by priority",
+            backup,
+        );
+        registry.register(
+            "tunnelkeeper_primary_changes",
+            "Primary changes away from an existing primary, by reason: failover, failback, pin",
+            self.changes.clone(),
+        );
+        registry.register(
             "tunnelkeeper_failovers",
-            "Primary changes away from an existing primary (the first election is not counted)",
+            "Primary changes away from a failing primary (not failbacks, not pins)",
             self.failovers.clone(),
+        );
+        registry.register(
+            "tunnelkeeper_probe_failures",
+            "Failed probes",
+            self.probe_failures.clone(),
         );
         registry.register(
             "tunnelkeeper_tunnel_restarts",
@@ -310,6 +517,27 @@ impl Metrics {
             connections,
         );
         registry.register(
+            "tunnelkeeper_listener_accepted",
+            "Connections accepted by the service's failover listener",
+            accepted,
+        );
+        registry.register(
+            "tunnelkeeper_listener_unserved",
+            "Connections the service's listener accepted but no tunnel could take",
+            unserved,
+        );
+        registry.register(
+            "tunnelkeeper_listener_failed_dials",
+            "Dials of the tunnel by the service's listener that failed",
+            failed_dials,
+        );
+        registry.register_with_unit(
+            "tunnelkeeper_listener",
+            "Bytes relayed by the service's listener, to_service or to_client",
+            Unit::Bytes,
+            bytes,
+        );
+        registry.register(
             "tunnelkeeper_ssh_sessions",
             "Open sessions of the shared SSH pool",
             ssh_sessions,
@@ -318,6 +546,38 @@ impl Metrics {
             "tunnelkeeper_router_reboots",
             "Router reboots detected (boot id changed)",
             self.router_reboots.clone(),
+        );
+        registry.register(
+            "tunnelkeeper_router_connected",
+            "1 while the router answers over SSH",
+            router_connected,
+        );
+        registry.register_with_unit(
+            "tunnelkeeper_router_last_verify_timestamp",
+            "When every verify check of the router last passed (Unix time)",
+            Unit::Seconds,
+            self.last_verify.clone(),
+        );
+        registry.register(
+            "tunnelkeeper_router_provision_failures",
+            "Failed provision commands of the router",
+            self.provision_failures.clone(),
+        );
+        registry.register(
+            "tunnelkeeper_config_reloads",
+            "Configuration reloads, by result: ok or failed",
+            self.reloads.clone(),
+        );
+        registry.register(
+            "tunnelkeeper_config_last_reload_success",
+            "1 when the last reload succeeded (or none was tried), 0 when it failed",
+            self.last_reload_ok.clone(),
+        );
+        registry.register_with_unit(
+            "tunnelkeeper_config_last_reload_timestamp",
+            "When the last reload was tried (Unix time; 0 before any)",
+            Unit::Seconds,
+            self.last_reload_time.clone(),
         );
         registry.register(
             "tunnelkeeper_events_dropped",
@@ -521,11 +781,15 @@ mod tests {
     }
 
     fn changed(service: &str, from: Option<&str>, to: Option<&str>) -> EventKind {
+        changed_for(service, from, to, "primary_down (hard: killed by signal 9)")
+    }
+
+    fn changed_for(service: &str, from: Option<&str>, to: Option<&str>, reason: &str) -> EventKind {
         EventKind::PrimaryChanged {
             service: service.into(),
             from: from.map(Into::into),
             to: to.map(Into::into),
-            reason: "test".into(),
+            reason: reason.into(),
         }
     }
 
@@ -568,7 +832,11 @@ mod tests {
             vec![
                 changed("web", None, Some("a")), // first election: not a failover
                 changed("web", Some("a"), Some("b")),
-                changed("web", Some("b"), Some("a")), // failback
+                changed_for("web", Some("b"), Some("a"), "failback"),
+                changed_for("web", Some("a"), Some("b"), "pinned"),
+                changed_for("web", Some("b"), Some("a"), "unpinned"),
+                changed_for("web", Some("a"), Some("b"), "better_latency"),
+                changed_for("web", Some("b"), Some("a"), "primary_degraded"),
                 changed("db", None, Some("x")),
                 changed("db", Some("x"), None), // lost with no replacement
                 restarting("web", "b"),
@@ -595,7 +863,19 @@ mod tests {
             [("service", "db"), ("tunnel", "y")],
         );
 
+        // Failbacks and pins are primary changes, not failovers.
         assert_eq!(v("tunnelkeeper_failovers_total", &web), Some(2.0));
+        let change = |service: &str, reason: &str| {
+            v(
+                "tunnelkeeper_primary_changes_total",
+                &[("service", service), ("reason", reason)],
+            )
+        };
+        assert_eq!(change("web", "failover"), Some(2.0));
+        assert_eq!(change("web", "failback"), Some(2.0));
+        assert_eq!(change("web", "pin"), Some(2.0));
+        assert_eq!(change("db", "failover"), Some(1.0));
+        assert_eq!(change("db", "pin"), Some(0.0));
         assert_eq!(
             v("tunnelkeeper_failovers_total", &[("service", "db")]),
             Some(1.0)
@@ -769,7 +1049,7 @@ mod tests {
                 .collect()
         };
         assert_eq!(state("web"), ["ok"]);
-        assert_eq!(state("db"), ["degraded"]);
+        assert_eq!(state("db"), ["no_primary"]);
         assert_eq!(state("new"), ["starting"]);
     }
 
@@ -883,5 +1163,166 @@ mod tests {
         drop(held);
         cancel.cancel();
         server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn probe_failures_routers_reloads_listener_figures_and_the_backup_gauge() {
+        let bus = Bus::new(64);
+        let metrics = Metrics::new();
+        collect(
+            &metrics,
+            &bus,
+            vec![
+                EventKind::RouterProvisionFailed {
+                    router: "gw".into(),
+                    command: "x".into(),
+                    exit_status: Some(1),
+                    reason: "no".into(),
+                    retry_in_ms: 1000,
+                },
+                EventKind::RouterProvisionFailed {
+                    router: "gw".into(),
+                    command: "x".into(),
+                    exit_status: Some(1),
+                    reason: "no".into(),
+                    retry_in_ms: 2000,
+                },
+                EventKind::RouterVerified {
+                    router: "gw".into(),
+                    checks: 2,
+                },
+                EventKind::ConfigReloaded {
+                    added: vec![],
+                    removed: vec![],
+                    changed: vec![],
+                },
+                EventKind::ConfigReloadFailed {
+                    error: "bad".into(),
+                },
+            ],
+        )
+        .await;
+        for _ in 0..3 {
+            metrics.count_probe_failure("web", "b");
+        }
+        let mut status = two_services();
+        // `web` runs on `b`, its second tunnel by priority.
+        status.services[0].primary = Some("b".into());
+        status.services[0].tunnels[1].priority = 20;
+        if let Some(listener) = &mut status.services[0].listener {
+            listener.failed_dials.insert("a".into(), 5);
+            listener.bytes_to_service = 100;
+            listener.bytes_to_client = 2000;
+            listener.unserved = 1;
+        }
+        let mut router: crate::router::RouterStatus = serde_json::from_value(serde_json::json!({
+            "name": "gw", "connected": true, "boot_id": null, "last_reboot": null,
+            "last_provision": null, "checks": [], "reason": null,
+        }))
+        .unwrap();
+        status.routers.push(router.clone());
+        router.name = "down".into();
+        router.connected = false;
+        status.routers.push(router);
+        let scrape = parse(&metrics.render(&status, &bus));
+        let v = |m: &str, l: &[(&str, &str)]| value(&scrape, m, l);
+        let web = [("service", "web")];
+        assert_eq!(
+            v(
+                "tunnelkeeper_probe_failures_total",
+                &[("service", "web"), ("tunnel", "b")]
+            ),
+            Some(3.0)
+        );
+        assert_eq!(
+            v(
+                "tunnelkeeper_probe_failures_total",
+                &[("service", "db"), ("tunnel", "x")]
+            ),
+            Some(0.0)
+        );
+        assert_eq!(v("tunnelkeeper_primary_backup", &web), Some(1.0));
+        assert_eq!(
+            v("tunnelkeeper_primary_backup", &[("service", "db")]),
+            Some(0.0)
+        );
+        assert_eq!(v("tunnelkeeper_listener_accepted_total", &web), Some(9.0));
+        assert_eq!(v("tunnelkeeper_listener_unserved_total", &web), Some(1.0));
+        assert_eq!(
+            v(
+                "tunnelkeeper_listener_failed_dials_total",
+                &[("service", "web"), ("tunnel", "a")]
+            ),
+            Some(5.0)
+        );
+        assert_eq!(
+            v(
+                "tunnelkeeper_listener_failed_dials_total",
+                &[("service", "web"), ("tunnel", "b")]
+            ),
+            Some(0.0)
+        );
+        assert_eq!(
+            v(
+                "tunnelkeeper_listener_bytes_total",
+                &[("service", "web"), ("direction", "to_client")]
+            ),
+            Some(2000.0)
+        );
+        assert_eq!(
+            v("tunnelkeeper_router_connected", &[("router", "gw")]),
+            Some(1.0)
+        );
+        assert_eq!(
+            v("tunnelkeeper_router_connected", &[("router", "down")]),
+            Some(0.0)
+        );
+        assert_eq!(
+            v(
+                "tunnelkeeper_router_provision_failures_total",
+                &[("router", "gw")]
+            ),
+            Some(2.0)
+        );
+        assert_eq!(
+            v(
+                "tunnelkeeper_router_provision_failures_total",
+                &[("router", "down")]
+            ),
+            Some(0.0)
+        );
+        let verified = v(
+            "tunnelkeeper_router_last_verify_timestamp_seconds",
+            &[("router", "gw")],
+        )
+        .expect("a verify time");
+        assert!(verified > 1.7e9, "{verified}");
+        assert_eq!(
+            v("tunnelkeeper_config_reloads_total", &[("result", "ok")]),
+            Some(1.0)
+        );
+        assert_eq!(
+            v("tunnelkeeper_config_reloads_total", &[("result", "failed")]),
+            Some(1.0)
+        );
+        assert_eq!(v("tunnelkeeper_config_last_reload_success", &[]), Some(0.0));
+        assert!(v("tunnelkeeper_config_last_reload_timestamp_seconds", &[]).unwrap() > 1.7e9);
+    }
+
+    #[test]
+    fn primary_changes_are_classed_by_the_reason_word() {
+        for (reason, class) in [
+            ("primary_down (hard: killed by signal 9)", "failover"),
+            ("primary_down", "failover"),
+            ("primary_degraded", "failover"),
+            ("no_candidate", "failover"),
+            ("failback", "failback"),
+            ("better", "failback"),
+            ("better_latency", "failback"),
+            ("pinned", "pin"),
+            ("unpinned", "pin"),
+        ] {
+            assert_eq!(change_class(reason), class, "{reason}");
+        }
     }
 }

@@ -400,6 +400,8 @@ impl TunnelTask {
                     None
                 }
                 Err(reason) => {
+                    self.metrics
+                        .count_probe_failure(&self.service, &self.spec.name);
                     // Announce the first failure of a streak only: once a second is plenty.
                     if failures_before == 0 && counter.is_up() {
                         self.publish(EventKind::ProbeFailed {

@@ -348,17 +348,27 @@ services:
     };
     assert_eq!(primary("b"), Some(1.0));
     assert_eq!(primary("a"), Some(0.0));
-    // Every move away from an existing primary counts: the pin, and a failback if `b` happened
-    // to be elected first.
+    // A pin is a primary change of reason `pin`, not a failover; a failback (if `b` happened to
+    // be elected first) is a `failback`.
     let moves = events
         .seen
         .iter()
         .filter(|(_, v)| v["type"] == "primary_changed" && !v["from"].is_null())
         .count();
     assert!(moves >= 1);
+    let changes = |reason: &str| {
+        value(
+            &tcp,
+            "tunnelkeeper_primary_changes_total",
+            &[("service", "web"), ("reason", reason)],
+        )
+    };
+    assert_eq!(changes("pin"), Some(1.0));
+    assert_eq!(changes("failback"), Some(moves as f64 - 1.0));
+    assert_eq!(changes("failover"), Some(0.0));
     assert_eq!(
         value(&tcp, "tunnelkeeper_failovers_total", &[("service", "web")]),
-        Some(moves as f64)
+        Some(0.0)
     );
     let probes = tcp
         .samples
@@ -391,4 +401,137 @@ services:
     let unix = Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("parseable");
     assert_eq!(up(&unix, "a"), Some(1.0));
     assert!(daemon.terminate().success());
+}
+
+/// The metric names an exposition declares (`# TYPE` lines), each with the sample names it
+/// may produce (`_total`, `_bucket`, ...).
+fn exported_names(exposition: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    for line in exposition.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let family = rest.split_whitespace().next().unwrap_or_default();
+            names.insert(family.to_owned());
+            for suffix in ["_total", "_bucket", "_count", "_sum", "_info", "_created"] {
+                names.insert(format!("{family}{suffix}"));
+            }
+        }
+    }
+    names
+}
+
+/// Every `tunnelkeeper_*` name in `text`.
+fn metric_names(text: &str) -> Vec<String> {
+    let pattern = regex::Regex::new(r"tunnelkeeper_[a-z0-9_]+").unwrap();
+    pattern
+        .find_iter(text)
+        .map(|m| m.as_str().to_owned())
+        .collect()
+}
+
+fn contrib(path: &str) -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The shipped Grafana dashboard is valid JSON with panels that Grafana can place, and every
+/// query (and every alert rule) names a metric a live daemon — with a listener, a router and a
+/// reload behind it — exports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_and_the_alerts_name_only_metrics_the_daemon_exports() {
+    let echo = support::echo_server().await;
+    let port = support::free_port();
+    let listen = support::free_port();
+    let router_port = support::free_port();
+    let config = format!(
+        r#"version: 1
+daemon: {{ control_socket: "@DIR@/control.sock", state_dir: "@DIR@/state", metrics_listen: "127.0.0.1:{port}" }}
+defaults:
+  probe: {{ interval: 100ms, timeout: 100ms, rise: 1, fall: 2 }}
+routers:
+  - name: rtr
+    ssh: {{ host: 127.0.0.1, port: {router_port}, user: root, identity_file: "@DIR@/key",
+           known_hosts: "@DIR@/known_hosts", connect_timeout: 1s }}
+services:
+  - name: web
+    listen: "127.0.0.1:{listen}"
+    tunnels:
+      - {{ name: a, provider: direct, address: "{echo}" }}
+"#
+    );
+    let mut daemon = support::Daemon::start(&config).await;
+    let mut events = daemon.follow();
+    events.wait_elected(&["web"]).await;
+    daemon.client.reload().await.unwrap();
+    let answer = request(SocketAddr::from(([127, 0, 0, 1], port)), "GET", "/metrics").await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let exported = exported_names(&answer.body);
+
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&contrib("contrib/grafana/tunnelkeeper.json"))
+            .expect("the dashboard is valid JSON");
+    assert_eq!(dashboard["uid"], "tunnelkeeper");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 10, "{} panels", panels.len());
+    let mut queried = Vec::new();
+    for panel in panels {
+        let title = panel["title"].as_str().expect("a panel title");
+        for key in ["x", "y", "w", "h"] {
+            assert!(panel["gridPos"][key].is_u64(), "{title}: gridPos.{key}");
+        }
+        let targets = panel["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "{title}: no query");
+        for target in targets {
+            let expr = target["expr"].as_str().expect("a PromQL expression");
+            let names = metric_names(expr);
+            assert!(!names.is_empty(), "{title}: {expr} names no metric");
+            queried.extend(names);
+        }
+    }
+    let alerts = contrib("contrib/prometheus/alerts.yml");
+    // Its YAML and PromQL are parsed by promtool in the test below.
+    queried.extend(metric_names(&alerts));
+    let missing: Vec<&String> = queried.iter().filter(|n| !exported.contains(*n)).collect();
+    assert!(
+        missing.is_empty(),
+        "not exported: {missing:?}\n{}",
+        answer.body
+    );
+    // The panels cover the issue's list: service state, probe failures, primary changes,
+    // listener figures, routers and reloads.
+    for wanted in [
+        "tunnelkeeper_service_state",
+        "tunnelkeeper_probe_failures_total",
+        "tunnelkeeper_primary_changes_total",
+        "tunnelkeeper_listener_failed_dials_total",
+        "tunnelkeeper_listener_bytes_total",
+        "tunnelkeeper_router_connected",
+        "tunnelkeeper_router_last_verify_timestamp_seconds",
+        "tunnelkeeper_router_provision_failures_total",
+        "tunnelkeeper_config_last_reload_success",
+    ] {
+        assert!(
+            queried.iter().any(|q| q == wanted),
+            "no panel shows {wanted}"
+        );
+    }
+    assert!(daemon.terminate().success());
+}
+
+/// `contrib/prometheus/alerts.yml` passes its `promtool test rules` unit tests. promtool comes
+/// with Debian's `prometheus` package, which scripts/test installs.
+#[test]
+fn the_alert_rules_pass_their_promtool_unit_tests() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/prometheus");
+    let out = std::process::Command::new("promtool")
+        .args(["test", "rules", "alerts_test.yml"])
+        .current_dir(&dir)
+        .output()
+        .expect("promtool (Debian package `prometheus`; scripts/test installs it)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("SUCCESS"), "{text}");
 }

@@ -52,8 +52,11 @@ const KILL_WAIT: Duration = Duration::from_secs(5);
 /// How long `run` keeps reading output after the command exited, in case something outside
 /// its group still holds the pipes.
 const DRAIN_WAIT: Duration = Duration::from_secs(1);
-/// The hint given when a program is not installed.
-const MISSING_HINT: &str = "install it or set `binary:` to its full path";
+/// The hint given when a program is not installed. Generic: it also reaches `command` tunnels,
+/// hooks and `exec` probes, which have no `binary:` key (agents' providers give their own).
+const MISSING_HINT: &str =
+    "install it, or name it by its full path (`run[0]` of a command tunnel, `binary:` of an \
+     agent); `tunnelkeeper check --deep` finds every missing program";
 
 /// What to start as a long-running child.
 #[derive(Clone, Default)]

@@ -37,6 +37,31 @@ pub fn find_version(text: &str) -> Option<Version> {
     })
 }
 
+/// Runs `argv` (a CLI's version command, from its spec's `version_argv`) and returns the
+/// version its first line names, if any: for `tunnelkeeper check --deep`, which reports
+/// versions without knowing any provider's flags.
+pub async fn probe(argv: Vec<String>, tag: &str) -> Result<Option<Version>, ProviderError> {
+    let (status, first_line) = run_version(argv, tag).await?;
+    Ok(find_version(&first_line).filter(|_| status.success()))
+}
+
+/// Runs a version command: its exit status, and the first line it printed (stdout, else
+/// stderr).
+async fn run_version(
+    argv: Vec<String>,
+    tag: &str,
+) -> Result<(process::ExitInfo, String), ProviderError> {
+    let mut spec = RunSpec::new(argv);
+    spec.timeout = VERSION_TIMEOUT;
+    spec.output_cap = 16 * 1024;
+    spec.tag = tag.to_string();
+    let out = process::run(spec).await?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let first_line = stdout.lines().chain(stderr.lines()).next().unwrap_or("");
+    Ok((out.status, first_line.to_owned()))
+}
+
 /// Runs `argv` (the CLI's version command) and checks that its version is at least `floor`.
 /// `needs` says what needs that version, for the message.
 pub async fn require(
@@ -46,16 +71,9 @@ pub async fn require(
     needs: &str,
 ) -> Result<Version, ProviderError> {
     let shown = argv.join(" ");
-    let mut spec = RunSpec::new(argv);
-    spec.timeout = VERSION_TIMEOUT;
-    spec.output_cap = 16 * 1024;
-    spec.tag = tag.to_string();
-    let out = process::run(spec).await?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let first_line = stdout.lines().chain(stderr.lines()).next().unwrap_or("");
-    let found = if out.status.success() {
-        find_version(first_line)
+    let (status, first_line) = run_version(argv, tag).await?;
+    let found = if status.success() {
+        find_version(&first_line)
     } else {
         None
     };
@@ -67,7 +85,7 @@ pub async fn require(
         None => Err(ProviderError::Config(format!(
             "`{shown}` {} and printed no version ({:?}); tunnelkeeper needs at least {floor} \
              ({needs})",
-            out.status,
+            status,
             first_line.chars().take(200).collect::<String>()
         ))),
     }

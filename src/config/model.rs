@@ -34,6 +34,9 @@ pub struct ConfigFile {
     /// The services kept reachable.
     #[serde(default)]
     pub services: Vec<ServiceSection>,
+    /// Hooks run once per event for router and daemon events (and any service's events).
+    #[serde(default)]
+    pub hooks: Vec<HookSection>,
 }
 
 /// `daemon:`

@@ -97,6 +97,8 @@ pub struct Config {
     pub services: Vec<ServiceSpec>,
     /// Routers watched for reboots and drift, in file order.
     pub routers: Vec<RouterSpec>,
+    /// Top-level hooks: run once per event, for router and daemon events.
+    pub hooks: Vec<HookSpec>,
 }
 
 /// A router (or any SSH-managed host the tunnels depend on) watched for reboots and drift.

@@ -159,6 +159,37 @@ impl Daemon {
         }
     }
 
+    /// Stops the daemon (SIGTERM, clean exit) and runs it again on the same config and
+    /// directory, waiting until it answers: what an operator's `systemctl restart` does.
+    pub async fn restart(&mut self) {
+        assert!(self.terminate().success(), "{}", self.log());
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.path().join("daemon.log"))
+            .unwrap();
+        self.child = Command::new(env!("CARGO_BIN_EXE_tunnelkeeper"))
+            .args(["run", "-c"])
+            .arg(self.dir.path().join("config.yaml"))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.client.status_json().await.is_err() {
+            if let Ok(Some(exit)) = self.child.try_wait() {
+                panic!("daemon exited ({exit}) after a restart:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no answer after a restart:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub fn socket_exists(&self) -> bool {
         Path::new(&self.socket).exists()
     }

@@ -115,7 +115,7 @@ impl Provider for CloudflareProvider {
             CloudflareMode::Named { token_file, .. } => {
                 check_token_file(token_file)?;
                 version::require(
-                    vec![binary.clone(), "--version".to_string()],
+                    self.spec.version_argv(),
                     &tag,
                     MIN_VERSION_TOKEN_FILE,
                     "`tunnel run --token-file`",

@@ -54,6 +54,12 @@ pub struct CloudflareSpec {
 }
 
 impl CloudflareSpec {
+    /// The command that prints cloudflared's version (its first argument is the program).
+    pub fn version_argv(&self) -> Vec<String> {
+        let binary = self.binary.as_deref().unwrap_or(super::DEFAULT_BINARY);
+        vec![binary.to_owned(), "--version".to_owned()]
+    }
+
     /// Settings for `mode` with every option at its default.
     pub fn new(mode: CloudflareMode) -> Self {
         CloudflareSpec {

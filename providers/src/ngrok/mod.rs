@@ -112,7 +112,7 @@ impl Provider for NgrokProvider {
         let spec = &self.spec;
         let tag = ctx.tag();
         version::require(
-            vec![spec.binary().to_string(), "version".to_string()],
+            spec.version_argv(),
             &tag,
             MIN_VERSION,
             "the agent config `version: 3` with `agent:`, and `--url`",

@@ -92,6 +92,11 @@ impl NgrokSpec {
         }
     }
 
+    /// The command that prints the agent's version (its first argument is the program).
+    pub fn version_argv(&self) -> Vec<String> {
+        vec![self.binary().to_owned(), "version".to_owned()]
+    }
+
     /// The program to run.
     pub(super) fn binary(&self) -> &str {
         self.binary.as_deref().unwrap_or(DEFAULT_BINARY)

@@ -31,6 +31,12 @@ pub mod spec;
 mod stream;
 
 pub use exec::ExecOutput;
+
+/// Whether `known_hosts` records a key for `host:port` (for `tunnelkeeper check --deep`; an
+/// unreadable file records nothing).
+pub fn has_known_host(known_hosts: &std::path::Path, host: &str, port: u16) -> bool {
+    !hostkeys::known_algorithms(known_hosts, host, port).is_empty()
+}
 pub use pool::{PoolStats, SessionEvents, SshPool, TargetStats};
 pub use provider::SshProvider;
 pub use spec::*;

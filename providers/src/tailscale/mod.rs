@@ -129,7 +129,7 @@ impl Provider for TailscaleProvider {
         let handler = match exposed {
             Some((command, handler)) => {
                 version::require(
-                    vec![cli.binary.clone(), "version".to_string()],
+                    spec.version_argv(),
                     &cli.tag,
                     MIN_VERSION_SERVE,
                     "`serve`/`funnel` with `--bg`, `--https` and `--set-path`",

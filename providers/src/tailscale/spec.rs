@@ -92,6 +92,12 @@ pub struct TailscaleSpec {
 }
 
 impl TailscaleSpec {
+    /// The command that prints the CLI's version (its first argument is the program).
+    pub fn version_argv(&self) -> Vec<String> {
+        let binary = self.binary.as_deref().unwrap_or(super::DEFAULT_BINARY);
+        vec![binary.to_owned(), "version".to_owned()]
+    }
+
     /// Settings for `mode` and `port` with the default binary and timeouts, no socket and no
     /// dial override.
     pub fn new(mode: TailscaleMode, port: u16) -> Self {

@@ -103,6 +103,14 @@ pub(crate) fn validate(file: &ConfigFile, source: &Path) -> Result<Config, Vec<I
         services.push(v.service(service, &path, &file.defaults, &router_names));
     }
 
+    let hooks_path = root.key("hooks");
+    let hooks = file
+        .hooks
+        .iter()
+        .enumerate()
+        .map(|(i, hook)| v.hook(hook, &hooks_path.index(i)))
+        .collect();
+
     if !v.issues.is_empty() {
         return Err(v.issues);
     }
@@ -112,6 +120,7 @@ pub(crate) fn validate(file: &ConfigFile, source: &Path) -> Result<Config, Vec<I
         nameservers,
         services,
         routers,
+        hooks,
     };
     let clashes = collisions::collisions(&config);
     if !clashes.is_empty() {
@@ -693,8 +702,22 @@ impl Validator {
                 "must name at least one event type".to_owned(),
             );
         }
+        // A service's hooks see that service's events only: router and daemon events run the
+        // top-level hooks, once each.
+        let of_service = matches!(
+            path.segments().first(),
+            Some(crate::config::path::Segment::Key(k)) if k == "services"
+        );
         for (i, event) in hook.on.iter().enumerate() {
-            if !EVENT_TYPES.contains(&event.as_str()) {
+            if of_service && crate::bus::is_service_event(event) == Some(false) {
+                self.error(
+                    on_path.index(i),
+                    format!(
+                        "`{event}` is not an event of a service: list it under the top-level \
+                         `hooks:`, which runs once per event"
+                    ),
+                );
+            } else if !EVENT_TYPES.contains(&event.as_str()) {
                 self.error(
                     on_path.index(i),
                     format!(
