@@ -7,6 +7,8 @@
 //! change on the [`bus`], which feeds [`hooks`], the [`control`] socket and the journal.
 
 #![forbid(unsafe_code)]
+// No `unwrap`/`expect` in shipped code: a bad input is an error with context, never a panic.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod assets;
 pub mod bus;

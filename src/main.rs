@@ -1,5 +1,8 @@
 //! The `tunnelkeeper` command: parses the command line and calls into the library.
 
+// No `unwrap`/`expect` in shipped code: a bad input is an error with context, never a panic.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

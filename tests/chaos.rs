@@ -103,10 +103,11 @@ async fn the_daemon_survives_a_storm_of_faults() {
         eprintln!("NOTE: {why}: the `dns` tunnel and the DNS fault are left out");
     }
     let dns = dns.ok();
+    let [listen_port, relay_ports @ ..] = quiet_ports::<4>();
     let setup = Setup {
         echo,
-        listen_port: quiet_port(),
-        relay_ports: [quiet_port(), quiet_port(), quiet_port()],
+        listen_port,
+        relay_ports,
         ssh: ssh_section(&sshd),
         nameserver: dns.as_ref().map(|d| d.ip),
     };
@@ -533,6 +534,21 @@ fn ssh_section(sshd: &sshd::Sshd) -> String {
 
 /// A free loopback port below the ephemeral range (32768+): no outgoing connection can hold
 /// it while its relay is down, so a restarted relay always gets its port back.
+/// `N` different quiet ports (two drawn alike would make the listener a tunnel's endpoint,
+/// which `check` refuses).
+fn quiet_ports<const N: usize>() -> [u16; N] {
+    let mut ports = [0u16; N];
+    for i in 0..N {
+        ports[i] = loop {
+            let port = quiet_port();
+            if !ports[..i].contains(&port) {
+                break port;
+            }
+        };
+    }
+    ports
+}
+
 fn quiet_port() -> u16 {
     loop {
         let port = rand::random_range(20_000..32_000u16);

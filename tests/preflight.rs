@@ -59,7 +59,7 @@ routers:
     ssh: {{ host: 127.0.0.1, port: {port}, user: {user}, identity_file: "{key}", known_hosts: "{kh}" }}
 services:
   - name: web
-    listen: 127.0.0.1:2222
+    listen: 127.0.0.1:2224
     tunnels:
       - {{ name: relay, provider: command, run: [socat, "TCP-LISTEN:2222", "TCP:127.0.0.1:22"], endpoint: "127.0.0.1:2222" }}
       - {{ name: gone, provider: command, run: [/nonexistent/agent, x], endpoint: "127.0.0.1:1", env_file: "{d}/env" }}
@@ -84,7 +84,6 @@ services:
             "no line with {needle:?}:\n{out}"
         )
     };
-    has("error: services[0].listen: 127.0.0.1:2222 is also the endpoint 127.0.0.1:2222 of tunnel `relay`");
     has("error: services[0].tunnels[1] (web/gone) run[0]: `/nonexistent/agent` not found");
     has(&format!("error: services[0].tunnels[1] (web/gone) env_file: {d}/env is readable by group or others (mode 0640)"));
     has(&format!("error: services[0].tunnels[2] (web/vps) identity_file: {d}/loose_key is readable by group or others (mode 0644)"));
@@ -102,6 +101,19 @@ services:
     has("error: services[0].tunnels[2] (web/vps) login: cannot log in");
     assert!(!out.contains("routers[0] (rtr) known_hosts"), "{out}");
     assert!(!out.contains("(web/ng) authtoken_file"), "{out}");
+
+    // A listener on a tunnel's endpoint is the one collision rule `check` already applies:
+    // refused before any deep check, at its key.
+    let colliding = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("listen: 127.0.0.1:2224", "listen: 127.0.0.1:2222");
+    std::fs::write(&path, colliding).unwrap();
+    let (code, out) = check(&path, false);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains(":8:5: services[0].listen: 127.0.0.1:2222 is also the endpoint of tunnel `relay`"),
+        "{out}"
+    );
 
     // Everything in order: exit 0.
     let config = format!(

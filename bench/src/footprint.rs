@@ -747,6 +747,6 @@ mod tests {
         assert_eq!(text.matches("provider: ssh").count(), FORWARDS);
         assert_eq!(text.matches("remote_forward").count(), REMOTE_FORWARDS);
         let parsed = tunnelkeeper::config::parse(&text, Path::new("/tmp/x/footprint.yaml"));
-        assert!(parsed.is_ok(), "{text}");
+        assert!(parsed.is_ok(), "{text}\n{:?}", parsed.err());
     }
 }

@@ -12,6 +12,8 @@
 
 // `unsafe` is denied everywhere except `sys`, the small syscall module that needs a `pre_exec` hook.
 #![deny(unsafe_code)]
+// No `unwrap`/`expect` in shipped code: a bad input is an error with context, never a panic.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod cloudflare;
 pub mod command;

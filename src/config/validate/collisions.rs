@@ -35,7 +35,8 @@ fn host_port(text: &str) -> Option<(String, u16)> {
 /// Whether a listener bound to `listen` takes the address `host:port` written elsewhere: the
 /// same port, and the same IP, or a wildcard listener, or `localhost` for a loopback one.
 fn takes(listen: SocketAddr, host: &str, port: u16) -> bool {
-    if listen.port() != port {
+    // Port 0 asks the kernel for a free port: it never takes anyone's.
+    if listen.port() != port || port == 0 {
         return false;
     }
     if listen.ip().is_unspecified() {
@@ -142,5 +143,7 @@ mod tests {
         assert!(!takes(addr("127.0.0.1:2222"), "127.0.0.2", 2222));
         assert!(!takes(addr("127.0.0.1:2222"), "relay.example.com", 2222));
         assert!(takes(addr("[::1]:22"), "::1", 22));
+        // Port 0 is "any free port": two listeners on it get two different ports.
+        assert!(!takes(addr("127.0.0.1:0"), "127.0.0.1", 0));
     }
 }
