@@ -502,6 +502,7 @@ pub struct TunnelArgs {
     pub service: String,
     /// Tunnel name.
     pub tunnel: String,
+    /// Where the daemon's control socket is.
     #[command(flatten)]
     pub socket: SocketArgs,
 }

@@ -111,7 +111,9 @@ services:
     let (code, out) = check(&path, false);
     assert_eq!(code, 2, "{out}");
     assert!(
-        out.contains(":8:5: services[0].listen: 127.0.0.1:2222 is also the endpoint of tunnel `relay`"),
+        out.contains(
+            ":8:5: services[0].listen: 127.0.0.1:2222 is also the endpoint of tunnel `relay`"
+        ),
         "{out}"
     );
 

@@ -45,7 +45,7 @@ pub struct Dropbear {
 }
 
 impl Dropbear {
-    /// Starts dropbear; `None` if it cannot run here (see [`crate::skip`]).
+    /// Starts dropbear; `None` if it cannot run here (see [`crate::skip()`]).
     pub async fn start() -> Option<Dropbear> {
         for tool in [DROPBEAR, "/usr/bin/dropbearkey", "/usr/bin/unshare"] {
             if !Path::new(tool).exists() {

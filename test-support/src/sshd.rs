@@ -71,7 +71,7 @@ pub struct Sshd {
 
 impl Sshd {
     /// For tests: starts sshd in a temporary directory with the default configuration plus
-    /// `extra` lines (which come first). `None` if sshd is not installed (see [`crate::skip`]: a failure under `CI=true`); panics on any other
+    /// `extra` lines (which come first). `None` if sshd is not installed (see [`crate::skip()`]: a failure under `CI=true`); panics on any other
     /// failure.
     pub async fn start(extra: &str) -> Option<Sshd> {
         if !Path::new(SSHD).exists() {
