@@ -1,7 +1,9 @@
 //! Logging: `tracing` events to stderr as human text, JSON lines, or journald's stderr protocol.
 //!
-//! The filter comes from `$TUNNELKEEPER_LOG`, else `$RUST_LOG`, else `info` (any `EnvFilter`
-//! directives, e.g. `info,tunnelkeeper::probe=debug`). `TUNNELKEEPER_LOG` exists because child
+//! The filter comes from `$TUNNELKEEPER_LOG`, else `$RUST_LOG`, else `info`: a default level
+//! and per-target levels, e.g. `info,tunnelkeeper::probe=debug` (`tracing-subscriber`'s
+//! `Targets`; a target without a default level leaves the others at `info`). Span and field
+//! directives of `EnvFilter` are not taken: they would cost the daemon a regex engine. `TUNNELKEEPER_LOG` exists because child
 //! processes inherit the environment: `RUST_LOG=debug` would also make Rust-written tunnel
 //! clients (such as `bore`) verbose, `TUNNELKEEPER_LOG=debug` affects only the daemon.
 //!
@@ -29,7 +31,7 @@ use anyhow::Context as _;
 use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
-use tracing_subscriber::filter::{EnvFilter, LevelFilter};
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::fmt::format::{DefaultVisitor, JsonFields, Writer};
 use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields, MakeWriter};
@@ -114,16 +116,21 @@ where
 
 /// The filter from the value of `$TUNNELKEEPER_LOG` (preferred) or `$RUST_LOG`; empty values
 /// count as unset.
-fn filter(tunnelkeeper_log: Option<String>, rust_log: Option<String>) -> anyhow::Result<EnvFilter> {
+fn filter(tunnelkeeper_log: Option<String>, rust_log: Option<String>) -> anyhow::Result<Targets> {
     let (name, value) = match (tunnelkeeper_log, rust_log) {
         (Some(value), _) => (FILTER_ENV, value),
         (None, Some(value)) => ("RUST_LOG", value),
-        (None, None) => return Ok(EnvFilter::new(DEFAULT_FILTER)),
+        (None, None) => (FILTER_ENV, DEFAULT_FILTER.to_owned()),
     };
-    EnvFilter::builder()
-        .with_default_directive(LevelFilter::INFO.into())
-        .parse(&value)
-        .with_context(|| format!("invalid log filter {name}={value:?}"))
+    let targets: Targets = value.parse().with_context(|| {
+        format!(
+            "invalid log filter {name}={value:?}: give a level (trace, debug, info, warn, error,              off) and/or TARGET=LEVEL pairs, comma-separated"
+        )
+    })?;
+    Ok(match targets.default_level() {
+        Some(_) => targets,
+        None => targets.with_default(LevelFilter::INFO),
+    })
 }
 
 /// An environment variable's value; None when unset or empty.
@@ -430,7 +437,7 @@ mod tests {
     fn capture(format: LogFormat, ansi: bool, emit: impl FnOnce()) -> String {
         let buffer = Buffer::default();
         let subscriber = tracing_subscriber::registry()
-            .with(EnvFilter::new("trace"))
+            .with(Targets::new().with_default(LevelFilter::TRACE))
             .with(layer(format, ansi, buffer.clone()));
         tracing::subscriber::with_default(subscriber, emit);
         let bytes = buffer.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -599,7 +606,7 @@ mod tests {
         let buffer = Buffer::default();
         let dispatch = tracing::Dispatch::new(
             tracing_subscriber::registry()
-                .with(EnvFilter::new("info"))
+                .with(Targets::new().with_default(LevelFilter::INFO))
                 .with(layer(LogFormat::Json, false, buffer.clone())),
         );
         let bus = crate::bus::Bus::new(4096);
@@ -662,9 +669,14 @@ mod tests {
     fn filter_prefers_tunnelkeeper_log_and_rejects_nonsense() {
         assert!(filter(None, None).is_ok());
         let f = filter(Some("debug".into()), Some("error".into())).expect("valid");
-        assert_eq!(f.max_level_hint(), Some(LevelFilter::DEBUG));
+        assert_eq!(f.default_level(), Some(LevelFilter::DEBUG));
         let f = filter(None, Some("warn".into())).expect("valid");
-        assert_eq!(f.max_level_hint(), Some(LevelFilter::WARN));
+        assert_eq!(f.default_level(), Some(LevelFilter::WARN));
+        // A target alone leaves everything else at info, as EnvFilter did.
+        let f = filter(Some("tunnelkeeper::probe=debug".into()), None).expect("valid");
+        assert_eq!(f.default_level(), Some(LevelFilter::INFO));
+        assert!(f.would_enable("tunnelkeeper::probe", &tracing::Level::DEBUG));
+        assert!(!f.would_enable("russh", &tracing::Level::DEBUG));
         let err = filter(Some("tunnelkeeper=loud".into()), None).expect_err("invalid level");
         assert!(err.to_string().contains("TUNNELKEEPER_LOG"), "{err}");
     }

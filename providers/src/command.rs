@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use regex::Regex;
+use regex_lite::Regex;
 use tokio::time::Instant;
 
 use crate::process::{self, ExitInfo, Lines, SpawnSpec, Supervised};

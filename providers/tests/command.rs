@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use common::{argv, ctx, echo_server, eventually, free_port, gone, round_trip, PATIENCE};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use regex::Regex;
+use regex_lite::Regex;
 use tunnelkeeper_providers::command::{CommandProvider, CommandSpec, EndpointSource};
 use tunnelkeeper_providers::{Provider, ProviderError};
 

@@ -6,7 +6,7 @@
 use std::net::Ipv6Addr;
 
 use nix::unistd::{Group, User};
-use regex::Regex;
+use regex_lite::Regex;
 use tunnelkeeper_providers::spec::Hostname;
 
 use super::spec::Reader;
