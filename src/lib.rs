@@ -10,7 +10,7 @@
 // No `unwrap`/`expect` in shipped code: a bad input is an error with context, never a panic.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
-pub mod assets;
+pub mod args;
 pub mod bus;
 pub mod cli;
 pub mod config;
