@@ -261,9 +261,15 @@ fn render_escaped(status: &DaemonStatus) -> String {
                 .filter(|(_, n)| **n > 0)
                 .map(|(t, n)| format!("{t}={n}"))
                 .collect();
+            let by_tunnel: Vec<String> = l
+                .bytes_per_tunnel
+                .iter()
+                .filter(|(_, b)| b.to_service + b.to_client > 0)
+                .map(|(t, b)| format!("{t}={}/{}", b.to_service, b.to_client))
+                .collect();
             let _ = writeln!(
                 out,
-                "  listener {}: {} open, {} total, {} moved, {} unserved, {} B in, {} B out{}",
+                "  listener {}: {} open, {} total, {} moved, {} unserved, {} B in, {} B out{}{}",
                 l.address,
                 l.active,
                 l.total,
@@ -275,6 +281,11 @@ fn render_escaped(status: &DaemonStatus) -> String {
                     String::new()
                 } else {
                     format!(", failed dials: {}", failed.join(" "))
+                },
+                if by_tunnel.is_empty() {
+                    String::new()
+                } else {
+                    format!(", B in/out by tunnel: {}", by_tunnel.join(" "))
                 }
             );
         }

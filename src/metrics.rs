@@ -26,6 +26,7 @@
 //! | `tunnelkeeper_listener_unserved_total` | service | counter, connections no tunnel could take |
 //! | `tunnelkeeper_listener_failed_dials_total` | service, tunnel | counter, dials of the tunnel that failed |
 //! | `tunnelkeeper_listener_bytes_total` | service, direction | counter, `to_service` / `to_client` |
+//! | `tunnelkeeper_tunnel_bytes_total` | service, tunnel, direction | counter, bytes the listener relayed through the tunnel, `to_service` / `to_client` (a replayed request counts against each tunnel it was sent through) |
 //! | `tunnelkeeper_ssh_sessions` | | gauge, open sessions of the SSH pool |
 //! | `tunnelkeeper_router_connected` | router | gauge, 1 while the router answers |
 //! | `tunnelkeeper_router_last_verify_timestamp_seconds` | router | gauge, when every `verify` check last passed (0: never) |
@@ -68,6 +69,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Bus, Delivery, EventKind};
+use crate::forward::TunnelBytes;
 use crate::status::{DaemonStatus, TunnelState};
 
 /// Upper bounds of the latency histogram, in seconds: 0.1 ms to 2 s.
@@ -102,6 +104,13 @@ struct ChangeLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DirectionLabels {
     service: String,
+    direction: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TunnelDirectionLabels {
+    service: String,
+    tunnel: String,
     direction: String,
 }
 
@@ -337,6 +346,7 @@ impl Metrics {
         let unserved = Family::<ServiceLabels, Counter>::default();
         let failed_dials = Family::<TunnelLabels, Counter>::default();
         let bytes = Family::<DirectionLabels, Counter>::default();
+        let tunnel_bytes = Family::<TunnelDirectionLabels, Counter>::default();
         let backup = Family::<ServiceLabels, Gauge>::default();
         let states = Family::<StateLabels, Gauge>::default();
         for service in &status.services {
@@ -427,6 +437,33 @@ impl Metrics {
                             direction: direction.to_owned(),
                         })
                         .inc_by(value);
+                }
+                // Configured tunnels from 0, then what the listener counted (which may name a
+                // tunnel a reload removed since).
+                let mut per_tunnel: std::collections::BTreeMap<&str, TunnelBytes> = service
+                    .tunnels
+                    .iter()
+                    .map(|t| (t.name.as_str(), TunnelBytes::default()))
+                    .collect();
+                per_tunnel.extend(
+                    listener
+                        .bytes_per_tunnel
+                        .iter()
+                        .map(|(name, carried)| (name.as_str(), *carried)),
+                );
+                for (tunnel, carried) in per_tunnel {
+                    for (direction, value) in [
+                        ("to_service", carried.to_service),
+                        ("to_client", carried.to_client),
+                    ] {
+                        tunnel_bytes
+                            .get_or_create(&TunnelDirectionLabels {
+                                service: service.name.clone(),
+                                tunnel: tunnel.to_owned(),
+                                direction: direction.to_owned(),
+                            })
+                            .inc_by(value);
+                    }
                 }
             }
         }
@@ -536,6 +573,12 @@ impl Metrics {
             "Bytes relayed by the service's listener, to_service or to_client",
             Unit::Bytes,
             bytes,
+        );
+        registry.register_with_unit(
+            "tunnelkeeper_tunnel",
+            "Bytes the service's listener relayed through the tunnel, to_service or to_client",
+            Unit::Bytes,
+            tunnel_bytes,
         );
         registry.register(
             "tunnelkeeper_ssh_sessions",
@@ -1214,6 +1257,18 @@ mod tests {
             listener.bytes_to_service = 100;
             listener.bytes_to_client = 2000;
             listener.unserved = 1;
+            // `a` carried 30 + 500 bytes, then `b` the rest; `b` also got a 10-byte replay,
+            // and `old` (removed by a reload since) carried some before.
+            let carried = |to_service, to_client| crate::forward::TunnelBytes {
+                to_service,
+                to_client,
+            };
+            listener.bytes_per_tunnel = [
+                ("a".to_owned(), carried(30, 500)),
+                ("b".to_owned(), carried(80, 1400)),
+                ("old".to_owned(), carried(0, 100)),
+            ]
+            .into();
         }
         let mut router: crate::router::RouterStatus = serde_json::from_value(serde_json::json!({
             "name": "gw", "connected": true, "boot_id": null, "last_reboot": null,
@@ -1268,6 +1323,45 @@ mod tests {
                 &[("service", "web"), ("direction", "to_client")]
             ),
             Some(2000.0)
+        );
+        for (tunnel, direction, bytes) in [
+            ("a", "to_service", 30.0),
+            ("a", "to_client", 500.0),
+            ("b", "to_service", 80.0),
+            ("b", "to_client", 1400.0),
+            ("old", "to_service", 0.0),
+            ("old", "to_client", 100.0),
+        ] {
+            let labels = [
+                ("service", "web"),
+                ("tunnel", tunnel),
+                ("direction", direction),
+            ];
+            assert_eq!(
+                v("tunnelkeeper_tunnel_bytes_total", &labels),
+                Some(bytes),
+                "{labels:?}"
+            );
+        }
+        // No listener, no byte series.
+        assert_eq!(
+            v(
+                "tunnelkeeper_tunnel_bytes_total",
+                &[
+                    ("service", "db"),
+                    ("tunnel", "x"),
+                    ("direction", "to_client")
+                ]
+            ),
+            None
+        );
+        assert_eq!(
+            scrape
+                .samples
+                .iter()
+                .filter(|s| s.metric == "tunnelkeeper_tunnel_bytes_total")
+                .count(),
+            6
         );
         assert_eq!(
             v("tunnelkeeper_router_connected", &[("router", "gw")]),

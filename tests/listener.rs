@@ -13,6 +13,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use support::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tunnelkeeper::forward::TunnelBytes;
 
 const SOCAT: &str = "/usr/bin/socat";
 
@@ -112,6 +113,34 @@ async fn listener_status(daemon: &Daemon) -> tunnelkeeper::forward::ListenerStat
         .listener
         .clone()
         .expect("listener status")
+}
+
+/// Waits (up to 10 s: the listener counts a chunk just after passing it on) until the
+/// listener's bytes per tunnel are exactly `want` (tunnel, to_service, to_client), then checks
+/// that the replies add up to the listener's total (requests may add up to more: a replayed
+/// one counts against every tunnel it was sent through).
+async fn wait_for_tunnel_bytes(daemon: &Daemon, want: &[(&str, u64, u64)]) {
+    let want: std::collections::BTreeMap<String, TunnelBytes> = want
+        .iter()
+        .map(|&(name, to_service, to_client)| {
+            let bytes = TunnelBytes {
+                to_service,
+                to_client,
+            };
+            (name.to_owned(), bytes)
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let status = listener_status(daemon).await;
+        if status.bytes_per_tunnel == want || Instant::now() > deadline {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.bytes_per_tunnel, want, "{status:?}");
+    let sum = |f: fn(&TunnelBytes) -> u64| want.values().map(f).sum::<u64>();
+    assert_eq!(status.bytes_to_client, sum(|b| b.to_client), "{status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -524,6 +553,7 @@ async fn status_shows_the_listener_figures() {
         .await
         .unwrap();
     exchange(s, 7).await.unwrap();
+    wait_for_tunnel_bytes(&daemon, &[("lan", 8, 8)]).await;
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tunnelkeeper"))
         .args(["status", "--socket"])
         .arg(&daemon.socket)
@@ -534,6 +564,7 @@ async fn status_shows_the_listener_figures() {
         text.contains(&format!("listener 127.0.0.1:{port}: ")) && text.contains("1 total"),
         "{text}"
     );
+    assert!(text.contains("B in/out by tunnel: lan=8/8"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -561,6 +592,37 @@ async fn a_connection_waiting_on_a_blackholed_primary_moves_when_it_is_declared_
     );
     let status = listener_status(&daemon).await;
     assert!(status.replayed >= 1, "{status:?}");
+    // "hello 42\n" went into a, then again into b (the replay), which answered: a client byte
+    // counts once in the listener's total, and against each tunnel it was sent through.
+    wait_for_tunnel_bytes(&daemon, &[("a", 9, 0), ("b", 9, 9)]).await;
+    assert_eq!(listener_status(&daemon).await.bytes_to_service, 9);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_count_against_the_tunnel_that_carried_them_while_connections_are_open() {
+    // `conn` went through a (one exchange of "hello 1\n", 8 bytes each way) and is still
+    // open; a is down by its probes and b is the primary now.
+    let (daemon, mut conn) = failover_without_killing("keep").await;
+    wait_for_tunnel_bytes(&daemon, &[("a", 8, 8), ("b", 0, 0)]).await;
+
+    // A new connection goes through b; it stays open too.
+    let address = listener_status(&daemon).await.address;
+    let mut fresh = tokio::net::TcpStream::connect(address.as_str())
+        .await
+        .unwrap();
+    exchange(&mut fresh, 2).await.unwrap();
+    wait_for_tunnel_bytes(&daemon, &[("a", 8, 8), ("b", 8, 8)]).await;
+
+    // The old connection, streaming now (splice), stays on a; the new one on b.
+    exchange(&mut conn, 3).await.unwrap();
+    wait_for_tunnel_bytes(&daemon, &[("a", 16, 16), ("b", 8, 8)]).await;
+    exchange(&mut fresh, 1_000_000).await.unwrap();
+    wait_for_tunnel_bytes(&daemon, &[("a", 16, 16), ("b", 22, 22)]).await;
+    assert_eq!(listener_status(&daemon).await.bytes_to_service, 38);
+
+    // Closing them changes nothing: the bytes were counted as they moved.
+    drop((conn, fresh));
+    wait_for_tunnel_bytes(&daemon, &[("a", 16, 16), ("b", 22, 22)]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

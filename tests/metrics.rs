@@ -497,13 +497,14 @@ services:
         answer.body
     );
     // The panels cover the list: service state, probe failures, primary changes,
-    // listener figures, routers and reloads.
+    // listener figures (bytes per tunnel too), routers and reloads.
     for wanted in [
         "tunnelkeeper_service_state",
         "tunnelkeeper_probe_failures_total",
         "tunnelkeeper_primary_changes_total",
         "tunnelkeeper_listener_failed_dials_total",
         "tunnelkeeper_listener_bytes_total",
+        "tunnelkeeper_tunnel_bytes_total",
         "tunnelkeeper_router_connected",
         "tunnelkeeper_router_last_verify_timestamp_seconds",
         "tunnelkeeper_router_provision_failures_total",

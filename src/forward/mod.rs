@@ -23,6 +23,10 @@
 //! starts accepting on the new socket before it closes the old one, while the connections
 //! already accepted go on untouched. The counters belong to the listener, not to its socket, so
 //! they survive both.
+//!
+//! Bytes are counted per direction for the listener and, once a dial succeeded, for the tunnel
+//! that carries the connection too (its counters are looked up once per dial; each chunk is two
+//! atomic adds), as they move: a long-lived connection shows while it is open.
 
 mod splice;
 
@@ -148,6 +152,93 @@ pub struct Counters {
     to_client: AtomicU64,
     /// Per tunnel name (names follow reloads, so not an index).
     failed_dials: Mutex<BTreeMap<String, u64>>,
+    /// Bytes per tunnel name, looked up once per dial (never per chunk).
+    per_tunnel: Mutex<BTreeMap<String, Arc<TunnelTraffic>>>,
+}
+
+impl Counters {
+    /// The byte counters of `tunnel`, made on its first connection.
+    fn tunnel(&self, tunnel: &str) -> Arc<TunnelTraffic> {
+        let mut map = self.per_tunnel.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(traffic) = map.get(tunnel) {
+            return traffic.clone();
+        }
+        let traffic = Arc::new(TunnelTraffic::default());
+        map.insert(tunnel.to_owned(), traffic.clone());
+        traffic
+    }
+}
+
+/// The bytes one tunnel carried for a listener, per direction.
+#[derive(Debug, Default)]
+struct TunnelTraffic {
+    to_service: AtomicU64,
+    to_client: AtomicU64,
+}
+
+/// Where the bytes of one connection go once a tunnel's dial succeeded: the listener's totals
+/// and that tunnel's counters, both added to as the bytes move (an open connection shows).
+struct Traffic<'a> {
+    counters: &'a Counters,
+    tunnel: Arc<TunnelTraffic>,
+}
+
+impl<'a> Traffic<'a> {
+    /// Looks up `tunnel`'s counters, once per connection attempt.
+    fn new(counters: &'a Counters, tunnel: &str) -> Traffic<'a> {
+        Traffic {
+            counters,
+            tunnel: counters.tunnel(tunnel),
+        }
+    }
+
+    /// Client → service.
+    fn to_service(&self) -> Tally<'_> {
+        Tally {
+            listener: &self.counters.to_service,
+            tunnel: &self.tunnel.to_service,
+        }
+    }
+
+    /// Service → client.
+    fn to_client(&self) -> Tally<'_> {
+        Tally {
+            listener: &self.counters.to_client,
+            tunnel: &self.tunnel.to_client,
+        }
+    }
+
+    /// A replayed request: sent through this tunnel too, but counted in the listener's total
+    /// when the client first sent it.
+    fn replayed(&self, n: usize) {
+        self.tunnel
+            .to_service
+            .fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// One direction of one connection: each chunk moved is added to the listener's total and to
+/// the tunnel's, two relaxed atomic adds and nothing else.
+#[derive(Clone, Copy)]
+struct Tally<'a> {
+    listener: &'a AtomicU64,
+    tunnel: &'a AtomicU64,
+}
+
+impl Tally<'_> {
+    fn add(&self, n: usize) {
+        self.listener.fetch_add(n as u64, Ordering::Relaxed);
+        self.tunnel.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// The bytes one tunnel carried for a listener, in `/v1/status`.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TunnelBytes {
+    /// Bytes from clients to the service through this tunnel.
+    pub to_service: u64,
+    /// Bytes from the service to clients through this tunnel.
+    pub to_client: u64,
 }
 
 /// The listener figures in `/v1/status`.
@@ -169,6 +260,12 @@ pub struct ListenerStatus {
     pub bytes_to_client: u64,
     /// Failed dials (and failures before the first reply) per tunnel.
     pub failed_dials: BTreeMap<String, u64>,
+    /// Bytes per tunnel: every configured tunnel (0 until it carries a connection) and any
+    /// tunnel that carried bytes since the listener started (a reload may have removed it).
+    /// Each client byte counts once in `bytes_to_service` but against every tunnel it was sent
+    /// through: a request replayed after a failure counts against both tunnels.
+    #[serde(default)]
+    pub bytes_per_tunnel: BTreeMap<String, TunnelBytes>,
 }
 
 /// A cheap handle on a listener's figures, for the status document.
@@ -331,6 +428,25 @@ impl ListenerStats {
                         (n, count)
                     })
                     .collect()
+            },
+            bytes_per_tunnel: {
+                let per_tunnel = c.per_tunnel.lock().unwrap_or_else(|p| p.into_inner());
+                let mut bytes: BTreeMap<String, TunnelBytes> = self
+                    .routes
+                    .names()
+                    .into_iter()
+                    .map(|n| (n, TunnelBytes::default()))
+                    .collect();
+                for (name, traffic) in per_tunnel.iter() {
+                    bytes.insert(
+                        name.clone(),
+                        TunnelBytes {
+                            to_service: load(&traffic.to_service),
+                            to_client: load(&traffic.to_client),
+                        },
+                    );
+                }
+                bytes
             },
         }
     }
@@ -500,6 +616,7 @@ async fn relay_connection(
         if tried > 1 {
             counters.replayed.fetch_add(1, Ordering::Relaxed);
         }
+        let traffic = Traffic::new(counters, &route.name);
         shared
             .open
             .lock()
@@ -509,9 +626,10 @@ async fn relay_connection(
             fail(shared, &route, format!("replay: {e}"));
             continue;
         }
+        traffic.replayed(sent.len());
         let first = tokio::select! {
             _ = token.cancelled() => return,
-            r = first_reply(&mut client, &mut upstream, &mut sent, &mut replayable, &mut client_done, counters, activity) => r,
+            r = first_reply(&mut client, &mut upstream, &mut sent, &mut replayable, &mut client_done, &traffic, activity) => r,
             // A blackholed tunnel accepts and then says nothing; once the service declares it
             // down, a connection still waiting for its first reply moves on (the request is
             // replayed), instead of hanging until the client gives up.
@@ -521,7 +639,7 @@ async fn relay_connection(
         };
         match first {
             FirstReply::Answered | FirstReply::Unbuffered => {
-                stream(client, upstream, client_done, shared, token, activity).await;
+                stream(client, upstream, client_done, &traffic, token, activity).await;
                 return;
             }
             FirstReply::Done => return,
@@ -618,7 +736,7 @@ async fn first_reply(
     sent: &mut Vec<u8>,
     replayable: &mut bool,
     client_done: &mut bool,
-    counters: &Counters,
+    traffic: &Traffic<'_>,
     activity: &Activity<'_>,
 ) -> FirstReply {
     // Client bytes are read straight into the replay copy, and neither buffer is zeroed: most
@@ -645,7 +763,7 @@ async fn first_reply(
                     if let Err(e) = upstream.write_all(&sent[before..]).await {
                         return FirstReply::Failed(format!("write: {e}"));
                     }
-                    counters.to_service.fetch_add(n as u64, Ordering::Relaxed);
+                    traffic.to_service().add(n);
                     if sent.len() > REPLAY_LIMIT {
                         // Too big to keep: what was sent cannot be replayed.
                         *replayable = false;
@@ -666,7 +784,7 @@ async fn first_reply(
                     if client.write_all(&from_upstream).await.is_err() {
                         return FirstReply::Done;
                     }
-                    counters.to_client.fetch_add(n as u64, Ordering::Relaxed);
+                    traffic.to_client().add(n);
                     return FirstReply::Answered;
                 }
                 Err(e) => return FirstReply::Failed(format!("read: {e}")),
@@ -681,11 +799,10 @@ async fn stream(
     client: Dial,
     upstream: Dial,
     client_done: bool,
-    shared: &Shared,
+    traffic: &Traffic<'_>,
     token: &CancellationToken,
     activity: &Activity<'_>,
 ) {
-    let counters = &shared.counters;
     let touch = || activity.touch();
     touch();
     let copy = async {
@@ -693,11 +810,11 @@ async fn stream(
             (Dial::Tcp(c), Dial::Tcp(u)) => {
                 let up = async {
                     if !client_done {
-                        splice::one_way(&c, &u, &counters.to_service, &touch).await?;
+                        splice::one_way(&c, &u, traffic.to_service(), &touch).await?;
                     }
                     Ok::<(), io::Error>(())
                 };
-                let down = splice::one_way(&u, &c, &counters.to_client, &touch);
+                let down = splice::one_way(&u, &c, traffic.to_client(), &touch);
                 let _ = tokio::try_join!(up, down);
             }
             (c, u) => {
@@ -705,11 +822,11 @@ async fn stream(
                 let (mut ur, mut uw) = tokio::io::split(u);
                 let up = async {
                     if !client_done {
-                        copy_one_way(&mut cr, &mut uw, &counters.to_service, &touch).await?;
+                        copy_one_way(&mut cr, &mut uw, traffic.to_service(), &touch).await?;
                     }
                     Ok::<(), io::Error>(())
                 };
-                let down = copy_one_way(&mut ur, &mut cw, &counters.to_client, &touch);
+                let down = copy_one_way(&mut ur, &mut cw, traffic.to_client(), &touch);
                 let _ = tokio::try_join!(up, down);
             }
         }
@@ -725,7 +842,7 @@ async fn stream(
 async fn copy_one_way<R, W>(
     reader: &mut R,
     writer: &mut W,
-    counter: &AtomicU64,
+    counter: Tally<'_>,
     touch: &(dyn Fn() + Sync),
 ) -> io::Result<()>
 where
@@ -740,7 +857,137 @@ where
             return Ok(());
         }
         writer.write_all(&buf[..n]).await?;
-        counter.fetch_add(n as u64, Ordering::Relaxed);
+        counter.add(n);
         touch();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routes::LiveTunnel;
+
+    /// Polls `done` until it holds, for up to 10 s (a loaded machine may be slow to schedule).
+    async fn eventually(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn load(a: &AtomicU64) -> u64 {
+        a.load(Ordering::Relaxed)
+    }
+
+    /// A connected loopback pair: (the end the test drives, the end the listener would hold).
+    async fn tcp_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let near = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (far, _) = listener.accept().await.unwrap();
+        (near, far)
+    }
+
+    #[tokio::test]
+    async fn the_copy_path_counts_for_the_listener_and_the_tunnel_while_open() {
+        let counters = Counters::default();
+        let traffic = Traffic::new(&counters, "a");
+        let (mut client, listener_side) = tokio::io::duplex(4096);
+        let (mut reader, _) = tokio::io::split(listener_side);
+        let mut sink = tokio::io::sink();
+        let copy = copy_one_way(&mut reader, &mut sink, traffic.to_client(), &|| {});
+        let drive = async {
+            client.write_all(&[7u8; 3000]).await.unwrap();
+            eventually("3000 bytes counted while open", || {
+                load(&traffic.tunnel.to_client) == 3000
+            })
+            .await;
+            assert_eq!(load(&counters.to_client), 3000);
+            client.write_all(&[7u8; 1234]).await.unwrap();
+            drop(client);
+        };
+        let (copied, ()) = tokio::join!(copy, drive);
+        copied.unwrap();
+        assert_eq!(load(&counters.to_client), 4234);
+        assert_eq!(load(&counters.tunnel("a").to_client), 4234);
+        assert_eq!(load(&counters.to_service), 0);
+        assert_eq!(load(&counters.tunnel("a").to_service), 0);
+    }
+
+    #[tokio::test]
+    async fn the_splice_path_counts_for_the_listener_and_the_tunnel_while_open() {
+        let counters = Counters::default();
+        let traffic = Traffic::new(&counters, "b");
+        let (mut client, from) = tcp_pair().await;
+        let (mut service, to) = tcp_pair().await;
+        let copy = splice::one_way(&from, &to, traffic.to_service(), &|| {});
+        let drive = async {
+            let chunk = vec![1u8; 100_000];
+            client.write_all(&chunk).await.unwrap();
+            let mut got = vec![0u8; chunk.len()];
+            service.read_exact(&mut got).await.unwrap();
+            eventually("100000 bytes counted while open", || {
+                load(&traffic.tunnel.to_service) == 100_000
+            })
+            .await;
+            assert_eq!(load(&counters.to_service), 100_000);
+            client.write_all(&chunk[..777]).await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            service.read_to_end(&mut rest).await.unwrap();
+            assert_eq!(rest.len(), 777);
+        };
+        let (copied, ()) = tokio::join!(copy, drive);
+        copied.unwrap();
+        assert_eq!(load(&counters.to_service), 100_777);
+        assert_eq!(load(&counters.tunnel("b").to_service), 100_777);
+        assert_eq!(load(&counters.tunnel("b").to_client), 0);
+    }
+
+    #[test]
+    fn status_lists_bytes_per_tunnel_and_a_replay_counts_against_each_tunnel() {
+        let (_primary, watch) = tokio::sync::watch::channel(Primary::default());
+        let (passive, _reports) = tokio::sync::mpsc::unbounded_channel();
+        let route = |name: &str| Route::new(name.into(), LiveTunnel::default(), passive.clone());
+        let routes = Routes::new(vec![route("a"), route("b"), route("c")], watch);
+        let stats = ListenerStats {
+            address: "127.0.0.1:1".into(),
+            counters: Arc::default(),
+            routes,
+        };
+        // A 10-byte request through `a`, which fails before answering; replayed through `b`,
+        // which answers 25 bytes; then `gone` (no longer configured) carried 5 + 6.
+        let a = Traffic::new(&stats.counters, "a");
+        a.to_service().add(10);
+        let b = Traffic::new(&stats.counters, "b");
+        b.replayed(10);
+        b.to_client().add(25);
+        let gone = Traffic::new(&stats.counters, "gone");
+        gone.to_service().add(5);
+        gone.to_client().add(6);
+
+        let status = stats.status();
+        let bytes = |to_service, to_client| TunnelBytes {
+            to_service,
+            to_client,
+        };
+        assert_eq!(
+            status.bytes_per_tunnel,
+            BTreeMap::from([
+                ("a".to_owned(), bytes(10, 0)),
+                ("b".to_owned(), bytes(10, 25)),
+                ("c".to_owned(), bytes(0, 0)),
+                ("gone".to_owned(), bytes(5, 6)),
+            ])
+        );
+        assert_eq!((status.bytes_to_service, status.bytes_to_client), (15, 31));
+
+        // A status document from before per-tunnel bytes still parses.
+        let mut old = serde_json::to_value(&status).unwrap();
+        old.as_object_mut().unwrap().remove("bytes_per_tunnel");
+        let parsed: ListenerStatus = serde_json::from_value(old).unwrap();
+        assert!(parsed.bytes_per_tunnel.is_empty());
     }
 }

@@ -12,12 +12,13 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::fcntl::{splice, OFlag, SpliceFFlags};
 use nix::sys::socket::{shutdown, Shutdown};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
+
+use super::Tally;
 
 /// Pipe capacity asked for: larger chunks mean fewer splices and wake-ups per gigabyte. The
 /// kernel may grant less (`/proc/sys/fs/pipe-max-size` for unprivileged users); the actual
@@ -27,11 +28,12 @@ const PIPE_SIZE: usize = 1024 * 1024;
 const DEFAULT_PIPE: usize = 64 * 1024;
 
 /// Copies `from` → `to` until `from` reaches end of stream, then half-closes `to`. Adds every
-/// chunk moved to `counter` and calls `touch` (idle tracking) once per chunk.
+/// chunk moved to `counter` (the listener's total and the tunnel's) and calls `touch` (idle
+/// tracking) once per chunk.
 pub async fn one_way(
     from: &TcpStream,
     to: &TcpStream,
-    counter: &AtomicU64,
+    counter: Tally<'_>,
     touch: &(dyn Fn() + Sync),
 ) -> io::Result<()> {
     if from.peek(&mut [0u8; 1]).await? == 0 {
@@ -55,7 +57,7 @@ pub async fn one_way(
             return Ok(());
         }
         drain(&pipe_r, to, moved, flags).await?;
-        counter.fetch_add(moved as u64, Ordering::Relaxed);
+        counter.add(moved);
         touch();
     }
 }
