@@ -58,67 +58,45 @@ pub async fn run(config: &Config, connect: bool) -> Vec<Finding> {
                 "services[{i}].tunnels[{j}] ({}/{})",
                 service.name, tunnel.name
             );
+            // The agent CLIs: found, and their version (the floor is the provider's to judge).
+            let agent = match &tunnel.provider {
+                ProviderSpec::Cloudflare(spec) => Some(spec.version_argv()),
+                ProviderSpec::Tailscale(spec) => Some(spec.version_argv()),
+                ProviderSpec::Ngrok(spec) => Some(spec.version_argv()),
+                ProviderSpec::Direct(_) | ProviderSpec::Command(_) | ProviderSpec::Ssh(_) => None,
+            };
+            if let Some(argv) = agent {
+                let program = argv[0].clone();
+                program_found(&mut out, &format!("{subject} binary"), &program, Some(argv)).await;
+            }
+            // Programs and files each provider reads.
+            let mut secrets: Vec<(&str, &Path)> = Vec::new();
             match &tunnel.provider {
-                ProviderSpec::Direct(_) => {}
+                ProviderSpec::Direct(_) | ProviderSpec::Tailscale(_) => {}
                 ProviderSpec::Command(spec) => {
                     if let Some(program) = spec.run.first() {
                         program_found(&mut out, &format!("{subject} run[0]"), program, None).await;
                     }
                     if let Some(file) = &spec.env_file {
-                        file_check(&mut out, &format!("{subject} env_file"), file, true);
+                        secrets.push(("env_file", file));
                     }
                 }
                 ProviderSpec::Ssh(spec) => {
                     ssh_target(&mut out, &subject, &spec.target, connect.then_some(&pool)).await;
                 }
                 ProviderSpec::Cloudflare(spec) => {
-                    let argv = spec.version_argv();
-                    program_found(
-                        &mut out,
-                        &format!("{subject} binary"),
-                        &argv[0],
-                        Some(argv.clone()),
-                    )
-                    .await;
                     if let CloudflareMode::Named { token_file, .. } = &spec.mode {
-                        file_check(&mut out, &format!("{subject} token_file"), token_file, true);
+                        secrets.push(("token_file", token_file));
                     }
                     if let Some((id, secret)) = spec.service_token() {
-                        file_check(&mut out, &format!("{subject} service token id"), id, true);
-                        file_check(
-                            &mut out,
-                            &format!("{subject} service token secret"),
-                            secret,
-                            true,
-                        );
+                        secrets.push(("service token id", id));
+                        secrets.push(("service token secret", secret));
                     }
                 }
-                ProviderSpec::Tailscale(spec) => {
-                    let argv = spec.version_argv();
-                    program_found(
-                        &mut out,
-                        &format!("{subject} binary"),
-                        &argv[0],
-                        Some(argv.clone()),
-                    )
-                    .await;
-                }
-                ProviderSpec::Ngrok(spec) => {
-                    let argv = spec.version_argv();
-                    program_found(
-                        &mut out,
-                        &format!("{subject} binary"),
-                        &argv[0],
-                        Some(argv.clone()),
-                    )
-                    .await;
-                    file_check(
-                        &mut out,
-                        &format!("{subject} authtoken_file"),
-                        &spec.authtoken_file,
-                        true,
-                    );
-                }
+                ProviderSpec::Ngrok(spec) => secrets.push(("authtoken_file", &spec.authtoken_file)),
+            }
+            for (what, file) in secrets {
+                file_check(&mut out, &format!("{subject} {what}"), file, true);
             }
         }
     }
