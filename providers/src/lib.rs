@@ -18,6 +18,7 @@
 pub mod cloudflare;
 pub mod command;
 pub mod direct;
+mod dns;
 pub mod http;
 pub mod process;
 pub mod resolve;

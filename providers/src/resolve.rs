@@ -2,33 +2,38 @@
 //!
 //! Tunnel endpoints are often names (`vps.example.com:22`, a tailnet host such as `homebox`, an
 //! ngrok URL), and some of them only resolve through a particular nameserver (Tailscale's
-//! `100.100.100.100`). A [`Resolver`] wraps one hickory resolver configured either from the
-//! system (`/etc/resolv.conf` and `/etc/hosts`) or from an explicit nameserver list, so every
-//! provider resolves names the same way. IP literals never cause a query, `localhost` works
-//! offline, and every lookup is bounded by the caller's timeout.
+//! `100.100.100.100`). A [`Resolver`] resolves either the system's way or through an explicit
+//! nameserver list, so every provider resolves names the same way:
+//! - without nameservers, the C library's resolver (`getaddrinfo`: `/etc/hosts`, the search list
+//!   and `ndots` of `/etc/resolv.conf`, nsswitch, systemd-resolved);
+//! - with nameservers, `/etc/hosts` first, then the small stub resolver in `dns.rs`, which asks
+//!   the listed servers in order for A and AAAA records (names are asked as given: no search
+//!   list).
+//!
+//! IP literals never cause a query, `localhost` (and `*.localhost`, RFC 6761 §6.3) is the
+//! loopback without any query, every lookup is bounded by the caller's timeout, and addresses
+//! come IPv4 first (relays and local listeners are far more often reachable over IPv4, and
+//! `dial` falls back to the rest anyway).
 
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hickory_resolver::config::{LookupIpStrategy, NameServerConfig, ResolverConfig};
-use hickory_resolver::net::runtime::TokioRuntimeProvider;
-use hickory_resolver::TokioResolver;
-
 use tokio::time::Instant;
 
+use crate::dns;
 use crate::util::{connect_any, ConnectFailure};
 use crate::{Dial, ProviderError};
 
-/// How long one query to one nameserver may take before the next attempt. Short, so that a dead
-/// first nameserver leaves time for the next one within a probe's one-second budget.
-const PER_QUERY_TIMEOUT: Duration = Duration::from_secs(2);
+/// The hosts file consulted before the listed nameservers (getaddrinfo reads it in system mode).
+const HOSTS_FILE: &str = "/etc/hosts";
 
 /// A shared, cheaply clonable name resolver.
 #[derive(Clone)]
 pub struct Resolver {
-    inner: Arc<TokioResolver>,
+    /// The nameservers to ask; empty for the system's resolver.
+    nameservers: Arc<[SocketAddr]>,
     /// What the resolver asks, for `Debug` and error messages.
     source: Arc<str>,
 }
@@ -42,10 +47,10 @@ impl fmt::Debug for Resolver {
 }
 
 impl Resolver {
-    /// Builds a resolver. An empty `nameservers` list means the system configuration
-    /// (`/etc/resolv.conf`, and the hosts file); if that cannot be read, the resolver still
-    /// answers from `/etc/hosts` and for IP literals, and reports every other name as
-    /// unresolvable. Otherwise each address is asked on port 53 (UDP, then TCP).
+    /// Builds a resolver. An empty `nameservers` list means the system's resolver (the C
+    /// library's `getaddrinfo`: `/etc/hosts`, `/etc/resolv.conf`, nsswitch). Otherwise
+    /// `/etc/hosts` is read first and then each address is asked on port 53 (UDP, and TCP when a
+    /// reply is truncated).
     pub fn new(nameservers: &[IpAddr]) -> Result<Resolver, ProviderError> {
         let addrs: Vec<SocketAddr> = nameservers
             .iter()
@@ -57,60 +62,23 @@ impl Resolver {
     /// Like [`Resolver::new`], but with an explicit port per nameserver (a local stub resolver
     /// on a non-standard port, or a test pointing at an unused port).
     pub fn with_nameserver_addrs(nameservers: &[SocketAddr]) -> Result<Resolver, ProviderError> {
-        let provider = TokioRuntimeProvider::default();
-        let (mut builder, source) = if nameservers.is_empty() {
-            match TokioResolver::builder_tokio() {
-                Ok(builder) => (builder, "system".to_string()),
-                Err(err) => {
-                    // A box without resolv.conf (a minimal container) still has /etc/hosts and
-                    // literals; failing the whole daemon for that would help nobody.
-                    tracing::warn!(error = %err, "cannot read the system DNS configuration; only /etc/hosts and IP literals will resolve");
-                    (
-                        TokioResolver::builder_with_config(ResolverConfig::default(), provider),
-                        "none (system configuration unreadable)".to_string(),
-                    )
-                }
-            }
+        let source = if nameservers.is_empty() {
+            "system".to_string()
         } else {
-            let servers = nameservers
-                .iter()
-                .map(|addr| {
-                    let mut server = NameServerConfig::udp_and_tcp(addr.ip());
-                    for connection in &mut server.connections {
-                        connection.port = addr.port();
-                    }
-                    server
-                })
-                .collect();
-            let listed = nameservers
+            nameservers
                 .iter()
                 .map(ToString::to_string)
                 .collect::<Vec<_>>()
-                .join(", ");
-            (
-                TokioResolver::builder_with_config(
-                    ResolverConfig::from_name_servers(servers),
-                    provider,
-                ),
-                listed,
-            )
+                .join(", ")
         };
-        let options = builder.options_mut();
-        options.timeout = options.timeout.min(PER_QUERY_TIMEOUT);
-        // Both families, IPv4 listed first: relays and local listeners are far more often
-        // reachable over IPv4, and `dial` falls back to the rest anyway.
-        options.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
-        let inner = builder.build().map_err(|err| {
-            ProviderError::Config(format!("cannot build the DNS resolver ({source}): {err}"))
-        })?;
         Ok(Resolver {
-            inner: Arc::new(inner),
+            nameservers: nameservers.into(),
             source: source.into(),
         })
     }
 
-    /// Looks up the addresses of `name` within `timeout`. IP literals (also `[v6]`) are returned
-    /// as they are, without any query.
+    /// Looks up the addresses of `name` within `timeout`, IPv4 first. IP literals (also `[v6]`)
+    /// are returned as they are, without any query.
     pub async fn lookup_ip(
         &self,
         name: &str,
@@ -123,20 +91,27 @@ impl Resolver {
         if let Ok(ip) = bare.parse::<IpAddr>() {
             return Ok(vec![ip]);
         }
+        if is_localhost(bare) {
+            return Ok(vec![
+                IpAddr::V4(Ipv4Addr::LOCALHOST),
+                IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ]);
+        }
         let failed = |detail: String| ProviderError::Resolve {
             name: name.to_string(),
-            detail,
+            detail: format!("{detail} (nameservers: {})", self.source),
         };
-        let lookup = tokio::time::timeout(timeout, self.inner.lookup_ip(bare))
-            .await
-            .map_err(|_| {
-                failed(format!(
-                    "no answer within {timeout:?} (nameservers: {})",
-                    self.source
-                ))
-            })?
-            .map_err(|err| failed(format!("{err} (nameservers: {})", self.source)))?;
-        let addrs: Vec<IpAddr> = lookup.iter().collect();
+        let addrs = if self.nameservers.is_empty() {
+            lookup_system(bare, timeout).await.map_err(failed)?
+        } else {
+            let deadline = Instant::now() + timeout;
+            match hosts_file_lookup(bare).await {
+                Some(addrs) => addrs,
+                None => dns::lookup(bare, &self.nameservers, deadline)
+                    .await
+                    .map_err(|err| failed(err.to_string()))?,
+            }
+        };
         if addrs.is_empty() {
             return Err(failed("no addresses".to_string()));
         }
@@ -201,6 +176,52 @@ impl Resolver {
     }
 }
 
+/// `localhost` and names under it, which RFC 6761 §6.3 reserves for the loopback.
+fn is_localhost(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    name == "localhost" || name.ends_with(".localhost")
+}
+
+/// The system's way: the C library's `getaddrinfo`, run by tokio on its blocking pool. When
+/// `timeout` fires first, the call cannot be cancelled: it finishes in the background (bounded by
+/// the C library's own resolv.conf timeout and attempts) and its result is dropped.
+async fn lookup_system(name: &str, timeout: Duration) -> Result<Vec<IpAddr>, String> {
+    match tokio::time::timeout(timeout, tokio::net::lookup_host((name, 0))).await {
+        Err(_) => Err(format!("no answer within {timeout:?}")),
+        Ok(Err(err)) => Err(err.to_string()),
+        // getaddrinfo lists each address once per socket type: `ipv4_first` removes repeats.
+        Ok(Ok(addrs)) => Ok(dns::ipv4_first(addrs.map(|addr| addr.ip()))),
+    }
+}
+
+/// The addresses `/etc/hosts` gives `name`, if it names it (`None` when the file is missing).
+async fn hosts_file_lookup(name: &str) -> Option<Vec<IpAddr>> {
+    let hosts = tokio::fs::read_to_string(HOSTS_FILE).await.ok()?;
+    hosts_lookup(&hosts, name)
+}
+
+/// The addresses a hosts file (`hosts(5)`: an address, then names; `#` comments) gives `name`,
+/// IPv4 first; `None` if no line names it. Names compare without case and trailing dot.
+fn hosts_lookup(hosts: &str, name: &str) -> Option<Vec<IpAddr>> {
+    let wanted = name.strip_suffix('.').unwrap_or(name);
+    let mut addrs = Vec::new();
+    for line in hosts.lines() {
+        let line = line.split('#').next().unwrap_or_default();
+        let mut fields = line.split_whitespace();
+        let Some(Ok(ip)) = fields.next().map(str::parse::<IpAddr>) else {
+            continue;
+        };
+        if fields.any(|n| {
+            n.strip_suffix('.')
+                .unwrap_or(n)
+                .eq_ignore_ascii_case(wanted)
+        }) {
+            addrs.push(ip);
+        }
+    }
+    (!addrs.is_empty()).then(|| dns::ipv4_first(addrs))
+}
+
 /// Splits an endpoint as printed by a tunnel tool into host and port.
 fn split_host_port(endpoint: &str) -> Result<(&str, u16), ProviderError> {
     let invalid = |why: &str| {
@@ -256,7 +277,31 @@ fn split_host_port(endpoint: &str) -> Result<(&str, u16), ProviderError> {
 
 #[cfg(test)]
 mod tests {
-    use super::split_host_port;
+    use super::{hosts_lookup, is_localhost, split_host_port};
+
+    #[test]
+    fn reads_a_hosts_file() {
+        let hosts = "127.0.0.1 localhost\n# 10.9.9.9 router\n::1 ip6-localhost router.lan\n\
+                     10.0.0.1\trouter.lan router # the box\nnot-an-ip router\n";
+        let ips = |v: &[&str]| v.iter().map(|s| s.parse().unwrap()).collect::<Vec<_>>();
+        assert_eq!(
+            hosts_lookup(hosts, "Router.LAN."),
+            Some(ips(&["10.0.0.1", "::1"]))
+        );
+        assert_eq!(hosts_lookup(hosts, "router"), Some(ips(&["10.0.0.1"])));
+        assert_eq!(hosts_lookup(hosts, "box"), None);
+        assert_eq!(hosts_lookup(hosts, "elsewhere"), None);
+    }
+
+    #[test]
+    fn knows_the_localhost_names() {
+        for name in ["localhost", "LOCALHOST.", "a.localhost"] {
+            assert!(is_localhost(name), "{name}");
+        }
+        for name in ["localhost.example", "notlocalhost", "mylocalhost"] {
+            assert!(!is_localhost(name), "{name}");
+        }
+    }
 
     #[test]
     fn splits_the_forms_tunnel_tools_print() {

@@ -1,7 +1,13 @@
-//! Name resolution without the network: literals, localhost, and a dead nameserver.
+//! Name resolution without the network: literals, localhost, a dead nameserver, and the stub
+//! resolver against a scripted nameserver on loopback (UDP and TCP on one port).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, UdpSocket};
 
 use tunnelkeeper_providers::{ProviderError, Resolver};
 
@@ -108,4 +114,239 @@ fn debug_names_the_nameservers() {
     let resolver =
         Resolver::new(&[IpAddr::V4(Ipv4Addr::new(100, 100, 100, 100))]).expect("resolver");
     assert!(format!("{resolver:?}").contains("100.100.100.100:53"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The stub resolver against a scripted nameserver.
+
+const V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+const V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 10);
+/// What a forged or stale reply offers; never to be taken.
+const BOGUS: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 66);
+
+/// How the scripted nameserver answers over UDP (over TCP it always answers).
+#[derive(Clone, Copy, PartialEq)]
+enum Script {
+    /// A and AAAA records.
+    Answer,
+    /// First a reply with another id, then one with another question (both offering BOGUS),
+    /// then the real one.
+    ForgedFirst,
+    /// An empty reply with the TC bit: the client must ask again over TCP.
+    Truncate,
+    /// NXDOMAIN.
+    NxDomain,
+    /// SERVFAIL.
+    ServFail,
+}
+
+struct Nameserver {
+    addr: SocketAddr,
+    udp: Arc<AtomicUsize>,
+    tcp: Arc<AtomicUsize>,
+}
+
+/// Starts a nameserver on 127.0.0.1 (UDP and TCP on the same free port) that follows `script`.
+async fn nameserver(script: Script) -> Nameserver {
+    let (udp_socket, listener) = loop {
+        let udp_socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind udp");
+        let addr = udp_socket.local_addr().expect("udp addr");
+        if let Ok(listener) = TcpListener::bind(addr).await {
+            break (udp_socket, listener);
+        }
+    };
+    let addr = udp_socket.local_addr().expect("udp addr");
+    let (udp, tcp) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let count = udp.clone();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 1500];
+        while let Ok((n, from)) = udp_socket.recv_from(&mut buf).await {
+            count.fetch_add(1, Ordering::SeqCst);
+            let Some(query) = Query::parse(&buf[..n]) else {
+                continue;
+            };
+            let reply = match script {
+                Script::Answer => query.reply(0, false, V4, V6),
+                Script::Truncate => query.reply(0, true, V4, V6),
+                Script::NxDomain => query.reply(3, false, V4, V6),
+                Script::ServFail => query.reply(2, false, V4, V6),
+                Script::ForgedFirst => {
+                    let mut wrong_id = query.reply(0, false, BOGUS, Ipv6Addr::LOCALHOST);
+                    wrong_id[0] ^= 0xFF;
+                    let _ = udp_socket.send_to(&wrong_id, from).await;
+                    let mut other = query.clone();
+                    other.question[1] = b'z'; // another name (`homebox` → `zomebox`)
+                    let _ = udp_socket
+                        .send_to(&other.reply(0, false, BOGUS, Ipv6Addr::LOCALHOST), from)
+                        .await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    query.reply(0, false, V4, V6)
+                }
+            };
+            let _ = udp_socket.send_to(&reply, from).await;
+        }
+    });
+    let count = tcp.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut len = [0u8; 2];
+                stream.read_exact(&mut len).await.ok()?;
+                let mut message = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                stream.read_exact(&mut message).await.ok()?;
+                let reply = Query::parse(&message)?.reply(0, false, V4, V6);
+                let mut framed = (reply.len() as u16).to_be_bytes().to_vec();
+                framed.extend_from_slice(&reply);
+                stream.write_all(&framed).await.ok()
+            });
+        }
+    });
+    Nameserver { addr, udp, tcp }
+}
+
+/// A query as the nameserver reads it: id, the question's bytes, its type.
+#[derive(Clone)]
+struct Query {
+    id: [u8; 2],
+    rd: bool,
+    question: Vec<u8>,
+    qtype: u16,
+}
+
+impl Query {
+    fn parse(message: &[u8]) -> Option<Query> {
+        let mut at = 12;
+        loop {
+            let len = usize::from(*message.get(at)?);
+            at += 1 + len;
+            if len == 0 {
+                break;
+            }
+        }
+        let question = message.get(12..at + 4)?.to_vec();
+        Some(Query {
+            id: [message[0], message[1]],
+            rd: message[2] & 0x01 != 0,
+            qtype: u16::from_be_bytes([message[at], message[at + 1]]),
+            question,
+        })
+    }
+
+    /// The reply: `rcode`, the TC bit, and (NOERROR, not truncated) the record the type asks.
+    fn reply(&self, rcode: u8, truncated: bool, v4: Ipv4Addr, v6: Ipv6Addr) -> Vec<u8> {
+        assert!(self.rd, "the stub resolver asks for recursion");
+        let rdata = match self.qtype {
+            1 => v4.octets().to_vec(),
+            28 => v6.octets().to_vec(),
+            _ => Vec::new(),
+        };
+        let answer = rcode == 0 && !truncated && !rdata.is_empty();
+        let mut m = self.id.to_vec();
+        m.push(0x81 | if truncated { 0x02 } else { 0 });
+        m.push(0x80 | rcode);
+        m.extend_from_slice(&[0, 1, 0, u8::from(answer), 0, 0, 0, 0]);
+        m.extend_from_slice(&self.question);
+        if answer {
+            m.extend_from_slice(&[0xC0, 12]);
+            m.extend_from_slice(&self.qtype.to_be_bytes());
+            m.extend_from_slice(&[0, 1, 0, 0, 0, 60, 0, rdata.len() as u8]);
+            m.extend_from_slice(&rdata);
+        }
+        m
+    }
+}
+
+fn both() -> Vec<IpAddr> {
+    vec![IpAddr::V4(V4), IpAddr::V6(V6)]
+}
+
+/// Looks `name` up through `nameservers` within `timeout`; also returns how long it took.
+async fn lookup(
+    nameservers: &[SocketAddr],
+    name: &str,
+    timeout: Duration,
+) -> (Result<Vec<IpAddr>, ProviderError>, Duration) {
+    let resolver = Resolver::with_nameserver_addrs(nameservers).expect("resolver");
+    let started = Instant::now();
+    let result = resolver.lookup_ip(name, timeout).await;
+    (result, started.elapsed())
+}
+
+const FIVE_S: Duration = Duration::from_secs(5);
+
+#[tokio::test]
+async fn a_and_aaaa_come_from_the_listed_nameserver() {
+    let server = nameserver(Script::Answer).await;
+    let (addrs, took) = lookup(&[server.addr], "homebox.tailnet.example", FIVE_S).await;
+    assert_eq!(addrs.expect("answered"), both());
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    let queries = server.udp.load(Ordering::SeqCst);
+    assert_eq!(queries, 2, "one A and one AAAA query");
+    assert_eq!(server.tcp.load(Ordering::SeqCst), 0);
+    let resolver = Resolver::with_nameserver_addrs(&[server.addr]).expect("resolver");
+    let sockets = resolver
+        .resolve_sockets("homebox.tailnet.example:22", FIVE_S)
+        .await
+        .expect("sockets");
+    let want = [(IpAddr::V4(V4), 22).into(), (IpAddr::V6(V6), 22).into()];
+    assert_eq!(sockets, want);
+}
+
+#[tokio::test]
+async fn forged_replies_are_ignored_and_the_real_one_taken() {
+    let server = nameserver(Script::ForgedFirst).await;
+    let (addrs, _) = lookup(&[server.addr], "homebox.example", FIVE_S).await;
+    let addrs = addrs.expect("answered");
+    assert_eq!(
+        addrs,
+        both(),
+        "a reply with another id or question was taken"
+    );
+}
+
+#[tokio::test]
+async fn a_truncated_reply_is_asked_again_over_tcp() {
+    let server = nameserver(Script::Truncate).await;
+    let (addrs, _) = lookup(&[server.addr], "big.example", FIVE_S).await;
+    assert_eq!(addrs.expect("answered over TCP"), both());
+    assert_eq!(server.tcp.load(Ordering::SeqCst), 2, "A and AAAA over TCP");
+}
+
+#[tokio::test]
+async fn nxdomain_is_a_clear_error_and_no_other_nameserver_is_asked() {
+    let nx = nameserver(Script::NxDomain).await;
+    let next = nameserver(Script::Answer).await;
+    let (result, _) = lookup(&[nx.addr, next.addr], "nothing.example", FIVE_S).await;
+    let text = result.expect_err("NXDOMAIN").to_string();
+    assert!(text.contains("nothing.example"), "{text}");
+    assert!(text.contains("no such name"), "{text}");
+    assert!(text.contains(&nx.addr.to_string()), "{text}");
+    assert_eq!(next.udp.load(Ordering::SeqCst), 0, "asked past an NXDOMAIN");
+}
+
+#[tokio::test]
+async fn a_dead_or_failing_nameserver_gives_way_to_the_next() {
+    let failing = nameserver(Script::ServFail).await;
+    let good = nameserver(Script::Answer).await;
+    let (addrs, took) = lookup(&[failing.addr, good.addr], "homebox.example", FIVE_S).await;
+    assert_eq!(addrs.expect("the second answers"), both());
+    assert!(took < Duration::from_secs(2), "{took:?}");
+
+    // A dead one costs at most the per-query timeout (2 s), then the next answers.
+    let dead = dead_nameserver();
+    let (addrs, took) = lookup(&[dead, good.addr], "homebox.example", FIVE_S).await;
+    assert_eq!(addrs.expect("the second answers"), both());
+    assert!(took < Duration::from_secs(4), "{took:?}");
+
+    // When all fail, the error names each nameserver and what it did, within the timeout.
+    let budget = Duration::from_millis(800);
+    let (result, took) = lookup(&[failing.addr, dead], "homebox.example", budget).await;
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    let text = result.expect_err("nobody answers").to_string();
+    assert!(text.contains("SERVFAIL"), "{text}");
+    assert!(
+        text.contains(&format!("{dead}: no answer within")),
+        "{text}"
+    );
 }
