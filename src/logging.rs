@@ -672,7 +672,7 @@ mod tests {
         assert_eq!(f.default_level(), Some(LevelFilter::DEBUG));
         let f = filter(None, Some("warn".into())).expect("valid");
         assert_eq!(f.default_level(), Some(LevelFilter::WARN));
-        // A target alone leaves everything else at info, as EnvFilter did.
+        // A target alone leaves everything else at info (rather than silencing it).
         let f = filter(Some("tunnelkeeper::probe=debug".into()), None).expect("valid");
         assert_eq!(f.default_level(), Some(LevelFilter::INFO));
         assert!(f.would_enable("tunnelkeeper::probe", &tracing::Level::DEBUG));
