@@ -282,6 +282,9 @@ impl Recent {
     }
 }
 
+/// What a start timeout reports when cloudflared never answered its `/ready`.
+const NO_ANSWER: &str = "no answer yet";
+
 /// Watches a fresh child until it is usable, exits, or `deadline` passes. Returns the
 /// tunnel's hostname.
 async fn wait_until_up(
@@ -294,7 +297,7 @@ async fn wait_until_up(
     let mut seen = Recent::default();
     let mut open = true;
     let mut banner: Option<String> = None;
-    let mut last_answer = "no answer yet".to_string();
+    let mut last_answer = NO_ANSWER.to_string();
     let mut next_poll = Instant::now();
     loop {
         tokio::select! {
@@ -318,9 +321,18 @@ async fn wait_until_up(
             // Polling comes before reading output, so a chatty child cannot starve it.
             () = tokio::time::sleep_until(next_poll) => {
                 let budget = API_TIMEOUT.min(deadline.saturating_duration_since(Instant::now()));
+                let asked = Instant::now();
                 match probe_start(plan, local, budget, banner.as_deref()).await {
                     Ok(hostname) => return Ok(hostname),
-                    Err(why) => last_answer = why,
+                    Err(why) => {
+                        // A poll the deadline cut short that then ran out of time says nothing
+                        // about cloudflared: the operator is told its last real answer (its
+                        // 503 and `readyConnections=0`), not "timed out after 40µs".
+                        let cut_short = budget < API_TIMEOUT && asked.elapsed() >= budget;
+                        if !cut_short || last_answer == NO_ANSWER {
+                            last_answer = why;
+                        }
+                    }
                 }
                 next_poll = Instant::now() + READY_POLL;
             }
