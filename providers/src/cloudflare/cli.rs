@@ -37,39 +37,40 @@ pub(super) fn argv(
     grace: Duration,
 ) -> Vec<String> {
     let mut argv = vec![binary.to_string()];
-    let words: Vec<String> = match mode {
-        CloudflareMode::Named { token_file, .. } => vec![
+    // The flags both tunnel modes take, before their own.
+    let tunnel = |argv: &mut Vec<String>| {
+        argv.extend([
             "tunnel".into(),
             "--no-autoupdate".into(),
             "--metrics".into(),
             local.to_string(),
             "--grace-period".into(),
             go_duration(grace),
-            "run".into(),
+        ]);
+    };
+    match mode {
+        CloudflareMode::Named { token_file, .. } => {
+            tunnel(&mut argv);
             // The path, not the token: cloudflared reads the file itself (never argv).
-            "--token-file".into(),
-            token_file.display().to_string(),
-        ],
-        CloudflareMode::Quick { url } => vec![
-            "tunnel".into(),
-            "--no-autoupdate".into(),
-            "--metrics".into(),
-            local.to_string(),
-            "--grace-period".into(),
-            go_duration(grace),
-            "--url".into(),
-            url.clone(),
-        ],
-        CloudflareMode::Access { hostname, .. } => vec![
+            argv.extend([
+                "run".into(),
+                "--token-file".into(),
+                token_file.display().to_string(),
+            ]);
+        }
+        CloudflareMode::Quick { url } => {
+            tunnel(&mut argv);
+            argv.extend(["--url".into(), url.clone()]);
+        }
+        CloudflareMode::Access { hostname, .. } => argv.extend([
             "access".into(),
             "tcp".into(),
             "--hostname".into(),
             hostname.to_string(),
             "--url".into(),
             local.to_string(),
-        ],
-    };
-    argv.extend(words);
+        ]),
+    }
     argv
 }
 
